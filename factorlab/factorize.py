@@ -1,0 +1,229 @@
+"""Split strategies -> a Partition (one neuron permutation per layer); build the MoE model from it."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models import check_supported, decoder_layers
+from .moe import OUTPUT_MODES, FactorizedMLP
+
+STRATEGIES = ("contiguous", "random", "cluster")
+
+
+@dataclass
+class Partition:
+    """Per factorized layer, a permutation of the FFN's I neurons: [shared S | expert 0 | ... | expert N-1]."""
+    num_experts: int
+    strategy: str
+    intermediate_size: int
+    permutations: dict[int, torch.Tensor] = field(default_factory=dict)
+    seed: int = 0
+    shared_size: int = 0
+
+    def __post_init__(self) -> None:
+        validate_experts(self.intermediate_size, self.num_experts, self.shared_size)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown split strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.permutations)
+
+    @property
+    def expert_size(self) -> int:
+        return (self.intermediate_size - self.shared_size) // self.num_experts
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"permutation.{i}": p.to(torch.int64).contiguous() for i, p in self.permutations.items()}
+
+    def to_config(self) -> dict:
+        return {"num_experts": self.num_experts, "strategy": self.strategy, "seed": self.seed,
+                "intermediate_size": self.intermediate_size, "shared_size": self.shared_size,
+                "layers": self.layers}
+
+    @classmethod
+    def from_saved(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "Partition":
+        perms = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("permutation.")}
+        return cls(config["num_experts"], config["strategy"], config["intermediate_size"], perms,
+                   config.get("seed", 0), config.get("shared_size", 0))
+
+
+def validate_experts(intermediate_size: int, num_experts: int, shared_size: int = 0) -> None:
+    """N must divide the routed width; say which N would work otherwise."""
+    routed = intermediate_size - shared_size
+    if not 0 <= shared_size < intermediate_size:
+        raise ValueError(f"shared_size must be in 0..{intermediate_size - 1}, got {shared_size}")
+    if num_experts < 1 or routed % num_experts:
+        options = [n for n in range(2, 65) if routed % n == 0][:10]
+        raise ValueError(f"{num_experts} experts do not divide the FFN width {routed}"
+                         f"{f' (after {shared_size} shared neurons)' if shared_size else ''}: "
+                         f"choose N from {options}.")
+
+
+def validate_top_k(top_k: int, num_experts: int) -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"K must be in 1..{num_experts} (the number of experts), got {top_k}.")
+
+
+def resolve_layers(layers: list[int] | str | None, num_layers: int) -> list[int]:
+    """None/'all' -> every layer; '0-3,7' or a list -> those layers, checked."""
+    if layers is None or layers == "all" or layers == "":
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        out: list[int] = []
+        for part in layers.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+        layers = out
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} out of range: this model has layers 0..{num_layers - 1}")
+    return sorted(set(int(i) for i in layers))
+
+
+def _mlp_inputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """FFN inputs (post-norm hidden states) of the given layers on calibration tokens: (T, H) each."""
+    found: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    mods = decoder_layers(model)
+    handles = [mods[i].mlp.register_forward_pre_hook(
+        lambda _m, args, i=i: found[i].append(args[0].reshape(-1, args[0].shape[-1]).detach()))
+        for i in layers]
+    try:
+        with torch.no_grad():
+            for row in input_ids:
+                model(row.unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in found.items()}
+
+
+def _activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # (T, I)
+
+
+def balanced_kmeans(features: torch.Tensor, num_clusters: int, seed: int, iters: int = 30) -> torch.Tensor:
+    """Cluster rows of features (I, F) into equal-size groups; returns a cluster id per row.
+
+    Spherical k-means (cosine) with a capacity constraint: each round assigns (row, cluster) pairs
+    greedily by similarity, a cluster closing when it holds I/num_clusters rows.
+    """
+    n = features.shape[0]
+    cap = n // num_clusters
+    x = torch.nn.functional.normalize(features.float(), dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(n, generator=gen)[:num_clusters]].clone()  # (C, F)
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        sim = x @ centroids.t()  # (I, C)
+        order = sim.flatten().argsort(descending=True)
+        rows, cols = order // num_clusters, order % num_clusters
+        new = torch.full((n,), -1, dtype=torch.long)
+        fill = [0] * num_clusters
+        placed = 0
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            if new[r] >= 0 or fill[c] >= cap:
+                continue
+            new[r] = c
+            fill[c] += 1
+            placed += 1
+            if placed == n:
+                break
+        if torch.equal(new, assign):
+            break
+        assign = new
+        for c in range(num_clusters):
+            centroids[c] = torch.nn.functional.normalize(x[assign == c].mean(0), dim=0)
+    return assign
+
+
+def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguous",
+                   layers: list[int] | str | None = None, seed: int = 0,
+                   calibration_ids: torch.Tensor | None = None, shared_size: int = 0) -> Partition:
+    """Build a Partition of the chosen layers with one of STRATEGIES.
+
+    cluster: neurons are grouped by co-activation (cosine of their |activation| profiles over the
+    calibration tokens, balanced k-means); shared_size > 0 makes the S most frequently active
+    neurons an always-on shared expert (needs calibration tokens for every strategy).
+    """
+    check_supported(model)
+    mods = decoder_layers(model)
+    inter = mods[0].mlp.gate_proj.weight.shape[0]
+    validate_experts(inter, num_experts, shared_size)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown split strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    chosen = resolve_layers(layers, len(mods))
+    needs_calibration = strategy == "cluster" or shared_size > 0
+    if needs_calibration and calibration_ids is None:
+        raise ValueError("the cluster split and shared experts need calibration tokens (calibration_ids)")
+    inputs = _mlp_inputs(model, calibration_ids, chosen) if needs_calibration else {}
+    gen = torch.Generator().manual_seed(seed)
+    perms: dict[int, torch.Tensor] = {}
+    for i in chosen:
+        if needs_calibration:
+            with torch.no_grad():
+                act = _activations(mods[i].mlp, inputs[i]).abs()  # (T, I)
+            shared = _shared_neurons(act, shared_size)
+        else:
+            act, shared = None, torch.empty(0, dtype=torch.long)
+        rest = _complement(shared, inter)
+        if strategy == "contiguous":
+            routed = rest
+        elif strategy == "random":
+            routed = rest[torch.randperm(rest.numel(), generator=gen)]
+        else:
+            assign = balanced_kmeans(act[:, rest].t(), num_experts, seed + i)
+            routed = rest[torch.cat([torch.nonzero(assign == c).flatten() for c in range(num_experts)])]
+        perms[i] = torch.cat([shared, routed])
+    return Partition(num_experts, strategy, inter, perms, seed, shared_size)
+
+
+def _shared_neurons(act: torch.Tensor, shared_size: int) -> torch.Tensor:
+    """The shared_size neurons most often among each token's strongest quarter of neurons (CMoE)."""
+    if shared_size == 0:
+        return torch.empty(0, dtype=torch.long)
+    k = max(1, act.shape[1] // 4)
+    top = act.topk(k, dim=1).indices  # (T, k)
+    freq = torch.bincount(top.flatten(), minlength=act.shape[1])
+    return freq.argsort(descending=True, stable=True)[:shared_size].sort().values
+
+
+def _complement(shared: torch.Tensor, size: int) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[shared] = False
+    return torch.arange(size)[keep]
+
+
+def build_moe(dense: nn.Module, partition: Partition, top_k: int, output_mode: str = "scaled",
+              router_seed: int = 0) -> nn.Module:
+    """A new model equal to `dense` with FactorizedMLPs at the partition's layers.
+
+    Attention, embeddings, norms, lm_head and unfactorized MLPs are shared with `dense` (not
+    copied); the FFN weights of factorized layers are permuted copies, so `dense` is untouched.
+    """
+    validate_top_k(top_k, partition.num_experts)
+    if output_mode not in OUTPUT_MODES:
+        raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
+    check_supported(dense)
+    memo = {id(t): t for t in list(dense.parameters()) + list(dense.buffers())}
+    moe = copy.deepcopy(dense, memo)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(router_seed)
+    try:
+        mods = decoder_layers(moe)
+        for i in partition.layers:
+            mods[i].mlp = FactorizedMLP(mods[i].mlp, partition.permutations[i], partition.num_experts,
+                                        top_k, output_mode, partition.shared_size)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    moe.eval()
+    moe.requires_grad_(False)
+    moe.factorlab_partition = partition
+    return moe

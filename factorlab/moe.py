@@ -1,0 +1,233 @@
+"""FactorizedMLP: a dense gated FFN cut into N experts, a router, top-K and gathered dispatch.
+
+Letters used in shape comments:
+T=tokens H=hidden I=dense FFN width N=experts K=top_k D=expert width ((I-S)/N) S=shared width
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+OUTPUT_MODES = ("scaled", "gated")
+# At or below this many (token, expert) pairs, gathering the selected experts' weights and doing
+# one batched matmul beats sorting tokens by expert (decode).
+GATHER_WEIGHTS_MAX_PAIRS = 4
+
+
+class TopKRouter(nn.Module):
+    """Linear(hidden, N) scores -> fp32 softmax -> top-K experts per token."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_experts, bias=False)
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = self.linear(x)  # (T, N)
+        probs = router_logits.float().softmax(dim=-1)  # fp32 softmax for stable probabilities
+        top_k_probs, top_k_index = probs.topk(self.top_k, dim=-1)  # (T, K)
+        return router_logits, probs, top_k_probs, top_k_index
+
+
+def scaled_weights(top_k_probs: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """FactorLLM: each selected expert counts N/K (no gate weighting)."""
+    return torch.full_like(top_k_probs, num_experts / top_k_probs.shape[-1])
+
+
+def gated_weights(top_k_probs: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Router probabilities of the selected experts, renormalised to sum to 1."""
+    return top_k_probs / top_k_probs.sum(dim=-1, keepdim=True)
+
+
+COMBINE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "scaled": scaled_weights, "gated": gated_weights}
+
+
+class FactorizedMLP(nn.Module):
+    """Drop-in replacement for a Llama-style MLP: down(act(gate(x)) * up(x)) split into experts.
+
+    The neurons are permuted once (a permutation does not change the function); expert e owns the
+    contiguous block e of the permuted neurons. Optional shared neurons (the first S of the
+    permutation) are always active.
+    """
+
+    def __init__(self, mlp: nn.Module, permutation: torch.Tensor, num_experts: int, top_k: int,
+                 output_mode: str = "scaled", shared_size: int = 0):
+        super().__init__()
+        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # (I,H) (I,H) (H,I)
+        inter, hidden = gate.shape
+        routed = inter - shared_size
+        if sorted(permutation.tolist()) != list(range(inter)):
+            raise ValueError(f"permutation must be a permutation of 0..{inter - 1}")
+        if num_experts < 1 or routed % num_experts:
+            raise ValueError(f"{num_experts} experts do not divide the {routed} routed neurons "
+                             f"(FFN width {inter}, {shared_size} shared): choose N that divides {routed}.")
+        self.hidden_size, self.num_experts, self.shared_size = hidden, num_experts, shared_size
+        self.expert_size = routed // num_experts
+        self.act_fn = mlp.act_fn
+        perm = permutation.to(gate.device)
+        g, u, d_t = gate[perm], up[perm], down[:, perm].t()  # permuted copies, (I, H) each
+        n, dsz = num_experts, self.expert_size
+        # Experts as stacked 3-D parameters: expert e is gate_up[e] / down[e] (views, no copy).
+        self.gate_up = nn.Parameter(torch.cat(
+            [g[shared_size:].reshape(n, dsz, hidden), u[shared_size:].reshape(n, dsz, hidden)], dim=1))  # (N, 2D, H)
+        self.down = nn.Parameter(d_t[shared_size:].reshape(n, dsz, hidden).contiguous())  # (N, D, H)
+        self.shared_gate_up = nn.Parameter(torch.cat([g[:shared_size], u[:shared_size]], dim=0))  # (2S, H)
+        self.shared_down = nn.Parameter(d_t[:shared_size].contiguous())  # (S, H)
+        self.register_buffer("permutation", perm.clone(), persistent=False)
+        self.router = TopKRouter(hidden, num_experts, top_k).to(device=gate.device, dtype=gate.dtype)
+        self.set_output_mode(output_mode)
+        self.set_top_k(top_k)
+
+    # ---- configuration (chosen once, outside the hot path) ----
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def set_top_k(self, top_k: int) -> None:
+        if not 1 <= top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..{self.num_experts}, got {top_k}")
+        self.router.top_k = top_k
+
+    def set_output_mode(self, output_mode: str) -> None:
+        if output_mode not in COMBINE:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
+        self.output_mode = output_mode
+        self._combine = COMBINE[output_mode]
+        self._shared = self._shared_ffn if self.shared_size else _zero_like_input
+
+    # ---- forward ----
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, self.hidden_size)  # (T, H)
+        _, _, top_k_probs, top_k_index = self.router(x)
+        weights = self._combine(top_k_probs, self.num_experts).to(x.dtype)  # (T, K)
+        out = self.dispatch(x, top_k_index, weights) + self._shared(x)
+        return out.view(hidden_states.shape)
+
+    def dispatch(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Run only the selected experts: sum_k weights[t,k] * E_{index[t,k]}(x_t)."""
+        if top_k_index.numel() <= GATHER_WEIGHTS_MAX_PAIRS:
+            return self._dispatch_gather_weights(x, top_k_index, weights)
+        return self._dispatch_sorted(x, top_k_index, weights)
+
+    def _dispatch_sorted(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        top_k = top_k_index.shape[1]
+        flat_expert = top_k_index.reshape(-1)  # (T*K,)
+        order = flat_expert.argsort(stable=True)  # (T*K,) pairs sorted by expert
+        token = order // top_k  # token of each sorted pair
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        xs = x.index_select(0, token)  # (T*K, H)
+        ws = weights.reshape(-1, 1).index_select(0, order)  # (T*K, 1)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            y = self._expert(xs[start:end], e) * ws[start:end]  # (c, H)
+            out.index_add_(0, token[start:end], y)
+            start = end
+        return out
+
+    def _dispatch_gather_weights(self, x: torch.Tensor, top_k_index: torch.Tensor,
+                                 weights: torch.Tensor) -> torch.Tensor:
+        d = self.expert_size
+        w1 = self.gate_up[top_k_index]  # (T, K, 2D, H)
+        h = torch.einsum("th,tkdh->tkd", x, w1)  # (T, K, 2D)
+        a = self.act_fn(h[..., :d]) * h[..., d:] * weights.unsqueeze(-1)  # (T, K, D)
+        return torch.einsum("tkd,tkdh->th", a, self.down[top_k_index])  # (T, H)
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        h = x @ self.gate_up[e].t()  # (c, 2D)
+        a = self.act_fn(h[:, :self.expert_size]) * h[:, self.expert_size:]  # (c, D)
+        return a @ self.down[e]  # (c, H)
+
+    def _shared_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.shared_gate_up.t()  # (T, 2S)
+        return (self.act_fn(h[:, :self.shared_size]) * h[:, self.shared_size:]) @ self.shared_down  # (T, H)
+
+    # ---- analysis helpers (used by training, tests and the dense reference) ----
+    def expert_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's intermediate activation act(gate) * up: (T, H) -> (T, N, D)."""
+        h = torch.einsum("th,ndh->tnd", x, self.gate_up)  # (T, N, 2D)
+        return self.act_fn(h[..., :self.expert_size]) * h[..., self.expert_size:]
+
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's unscaled output: (T, H) -> (T, N, H)."""
+        return torch.einsum("tnd,ndh->tnh", self.expert_activations(x), self.down)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the always-on shared neurons (zeros when there are none): (T, H)."""
+        return self._shared(x)
+
+    def forward_reference(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Compute every expert and mask: the slow reference that dispatch must equal."""
+        x = hidden_states.reshape(-1, self.hidden_size)
+        _, _, top_k_probs, top_k_index = self.router(x)
+        weights = self._combine(top_k_probs, self.num_experts).to(x.dtype)  # (T, K)
+        dense_w = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        dense_w.scatter_(1, top_k_index, weights)  # (T, N), zero for unselected experts
+        out = torch.einsum("tn,tnh->th", dense_w, self.expert_outputs(x)) + self._shared(x)
+        return out.view(hidden_states.shape)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, expert_size={self.expert_size}, "
+                f"shared={self.shared_size}, output_mode={self.output_mode}")
+
+
+def _zero_like_input(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(())
+
+
+# ---- model-level helpers ----
+def factorized_layers(model: nn.Module) -> dict[int, FactorizedMLP]:
+    """Decoder-layer index -> FactorizedMLP, for every factorized layer of the model."""
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, FactorizedMLP)}
+
+
+def set_top_k(model: nn.Module, top_k: int | dict[int, int]) -> None:
+    """Change K at run time, for all factorized layers (int) or per layer ({layer: K})."""
+    for i, mlp in factorized_layers(model).items():
+        mlp.set_top_k(top_k[i] if isinstance(top_k, dict) else top_k)
+
+
+@dataclass
+class RoutingTrace:
+    """Per factorized layer: chosen experts (T, K) and router probabilities (T, N), per forward."""
+    top_k_index: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    probs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def stacked(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Concatenate the forwards of each layer along tokens."""
+        cat = {i: torch.cat(v) for i, v in self.top_k_index.items()}
+        return cat, {i: torch.cat(v) for i, v in self.probs.items()}
+
+
+@contextmanager
+def record_routing(model: nn.Module) -> Iterator[RoutingTrace]:
+    """Record routing decisions while active (forward hooks: nothing is added when off)."""
+    trace = RoutingTrace()
+    handles = []
+    for i, mlp in factorized_layers(model).items():
+        trace.top_k_index[i], trace.probs[i] = [], []
+
+        def hook(_module, _inputs, output, i=i):
+            _, probs, _, top_k_index = output
+            trace.top_k_index[i].append(top_k_index.detach().cpu())
+            trace.probs[i].append(probs.detach().cpu())
+
+        handles.append(mlp.router.register_forward_hook(hook))
+    try:
+        yield trace
+    finally:
+        for h in handles:
+            h.remove()
+
+
+__all__ = ["FactorizedMLP", "TopKRouter", "OUTPUT_MODES", "factorized_layers", "set_top_k",
+           "record_routing", "RoutingTrace", "scaled_weights", "gated_weights"]

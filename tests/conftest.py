@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random Llama models (milliseconds) and the embedded model (loaded once)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+def tiny_llama(layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 128, seed: int = 0):
+    """A random LlamaForCausalLM small enough for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct (LoadedModel), one copy for the whole session."""
+    from factorlab.models import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    d = tmp_path / "runs"
+    monkeypatch.setenv("FACTORLAB_RUNS", str(d))
+    return d
