@@ -13,9 +13,6 @@ import torch
 from torch import nn
 
 OUTPUT_MODES = ("scaled", "gated")
-# At or below this many (token, expert) pairs, gathering the selected experts' weights and doing
-# one batched matmul beats sorting tokens by expert (decode).
-GATHER_WEIGHTS_MAX_PAIRS = 4
 
 
 class TopKRouter(nn.Module):
@@ -100,42 +97,79 @@ class FactorizedMLP(nn.Module):
         self.output_mode = output_mode
         self._combine = COMBINE[output_mode]
         self._shared = self._shared_ffn if self.shared_size else _zero_like_input
+        self._add_shared = self._add_shared_ffn if self.shared_size else _first
 
     # ---- forward ----
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)  # (T, H)
         _, _, top_k_probs, top_k_index = self.router(x)
         weights = self._combine(top_k_probs, self.num_experts).to(x.dtype)  # (T, K)
-        out = self.dispatch(x, top_k_index, weights) + self._shared(x)
+        out = self._add_shared(self.dispatch(x, top_k_index, weights), x)
         return out.view(hidden_states.shape)
 
     def dispatch(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Run only the selected experts: sum_k weights[t,k] * E_{index[t,k]}(x_t)."""
-        if top_k_index.numel() <= GATHER_WEIGHTS_MAX_PAIRS:
+        """Run only the selected experts: sum_k weights[t,k] * E_{index[t,k]}(x_t), (T, H) -> (T, H)."""
+        if torch.is_grad_enabled():  # training: out-of-place ops that autograd can follow
+            return self._dispatch_sorted(x, top_k_index, weights, self._experts_autograd)
+        if top_k_index.shape[0] == 1:  # decode: read only the K selected experts' weights
+            if x.device.type == "cpu":  # CPU: indexing by Python ints costs no device sync
+                return self._dispatch_one_token(x, top_k_index, weights)
             return self._dispatch_gather_weights(x, top_k_index, weights)
-        return self._dispatch_sorted(x, top_k_index, weights)
+        return self._dispatch_sorted(x, top_k_index, weights, self._experts_inplace)
 
-    def _dispatch_sorted(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        top_k = top_k_index.shape[1]
+    def _dispatch_sorted(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor,
+                         run_experts: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+                         ) -> torch.Tensor:
+        """Sort (token, expert) pairs by expert, run each expert once on its rows, unsort and sum over K."""
+        tokens, top_k = top_k_index.shape
         flat_expert = top_k_index.reshape(-1)  # (T*K,)
         order = flat_expert.argsort(stable=True)  # (T*K,) pairs sorted by expert
-        token = order // top_k  # token of each sorted pair
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        xs = x.index_select(0, token)  # (T*K, H)
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync
+        xs = x.index_select(0, order // top_k)  # (T*K, H) each pair's token, grouped by expert
         ws = weights.reshape(-1, 1).index_select(0, order)  # (T*K, 1)
-        out = torch.zeros_like(x)
+        ys = run_experts(xs, ws, counts)  # (T*K, H) in sorted order
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        out = ys.index_select(0, inverse)  # (T*K, H) back in (token, k) order: a gather, no scatter-add
+        return out if top_k == 1 else out.view(tokens, top_k, -1).sum(dim=1)
+
+    def _experts_inplace(self, xs: torch.Tensor, ws: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Inference: every expert writes its rows straight into one output buffer (no cat, fewer temporaries)."""
+        d = self.expert_size
+        ys = torch.empty_like(xs)  # (T*K, H)
         start = 0
         for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            end = start + count
-            y = self._expert(xs[start:end], e) * ws[start:end]  # (c, H)
-            out.index_add_(0, token[start:end], y)
-            start = end
+            if count:
+                end = start + count
+                h = xs[start:end] @ self.gate_up[e].t()  # (c, 2D)
+                a = self.act_fn(h[:, :d]).mul_(h[:, d:]).mul_(ws[start:end])  # (c, D)
+                torch.mm(a, self.down[e], out=ys[start:end])  # (c, H)
+                start = end
+        return ys
+
+    def _experts_autograd(self, xs: torch.Tensor, ws: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Training: the same computation with out-of-place ops."""
+        parts, start = [], 0
+        for e, count in enumerate(counts):
+            if count:
+                end = start + count
+                parts.append(self._expert(xs[start:end], e) * ws[start:end])  # (c, H)
+                start = end
+        return torch.cat(parts)
+
+    def _dispatch_one_token(self, x: torch.Tensor, top_k_index: torch.Tensor,
+                            weights: torch.Tensor) -> torch.Tensor:
+        """One token (decode): K matrix-vector products on views of the selected experts, no weight copy."""
+        d = self.expert_size
+        out = None
+        for k, e in enumerate(top_k_index[0].tolist()):
+            h = x @ self.gate_up[e].t()  # (1, 2D)
+            a = self.act_fn(h[:, :d]).mul_(h[:, d:]).mul_(weights[:, k:k + 1])  # (1, D)
+            out = a @ self.down[e] if out is None else out.addmm_(a, self.down[e])  # (1, H)
         return out
 
     def _dispatch_gather_weights(self, x: torch.Tensor, top_k_index: torch.Tensor,
                                  weights: torch.Tensor) -> torch.Tensor:
+        """Few tokens on an accelerator: gather the selected experts' weights, two batched matmuls, no sync."""
         d = self.expert_size
         w1 = self.gate_up[top_k_index]  # (T, K, 2D, H)
         h = torch.einsum("th,tkdh->tkd", x, w1)  # (T, K, 2D)
@@ -150,6 +184,9 @@ class FactorizedMLP(nn.Module):
     def _shared_ffn(self, x: torch.Tensor) -> torch.Tensor:
         h = x @ self.shared_gate_up.t()  # (T, 2S)
         return (self.act_fn(h[:, :self.shared_size]) * h[:, self.shared_size:]) @ self.shared_down  # (T, H)
+
+    def _add_shared_ffn(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out + self._shared_ffn(x)
 
     # ---- analysis helpers (used by training, tests and the dense reference) ----
     def expert_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +219,10 @@ class FactorizedMLP(nn.Module):
 
 def _zero_like_input(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(())
+
+
+def _first(out: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
+    return out
 
 
 # ---- model-level helpers ----

@@ -1,0 +1,303 @@
+"""`python -m factorlab <command>`: the headless lab. Every command has --json."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .factorize import STRATEGIES
+from .moe import OUTPUT_MODES
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _emit_json(args: argparse.Namespace, obj: dict) -> None:
+    """--json alone prints to stdout; --json PATH writes the file (and says where)."""
+    text = json.dumps(obj, indent=2, default=str)
+    if args.json is True:
+        print(text)
+    else:
+        Path(args.json).write_text(text)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", nargs="?", const=True, default=None, metavar="PATH",
+                   help="machine-readable output (stdout, or written to PATH)")
+
+
+def _runs_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default=None, help="runs folder (default: $FACTORLAB_RUNS or ./runs)")
+
+
+def _fmt_flops(x: float) -> str:
+    return f"{x / 1e6:10.2f} M"
+
+
+# ---- info ----
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="model shapes (layers, hidden, FFN width, heads, vocab)")
+    p.add_argument("--model", default="default", help="'default' (embedded), a Hub id or a local folder")
+    _add_json(p)
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from .models import load_model, model_info
+
+    loaded = load_model(args.model)
+    info = {**model_info(loaded.model), "model": args.model, "source": loaded.source,
+            "load_seconds": round(loaded.load_seconds, 3)}
+    if args.json:
+        _emit_json(args, info)
+    else:
+        for k, v in info.items():
+            print(f"{k:22s} {v}")
+    return 0
+
+
+# ---- factorize ----
+def add_factorize(sub) -> None:
+    p = sub.add_parser("factorize", help="partition each FFN into N experts, check exactness, save the run")
+    p.add_argument("--model", default="default")
+    p.add_argument("--experts", "-n", type=int, default=4, help="N experts (must divide the FFN width)")
+    p.add_argument("--k", type=int, default=2, help="top-K experts per token stored with the run")
+    p.add_argument("--split", choices=STRATEGIES, default="cluster")
+    p.add_argument("--layers", default="all", help="'all' or e.g. '0-9,12'")
+    p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
+    p.add_argument("--shared", type=int, default=0, help="always-on shared neurons per layer (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="run name (saved under the runs folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
+    _runs_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_factorize)
+
+
+def cmd_factorize(args) -> int:
+    from .workflows import FactorizeSpec, factorize_run
+
+    spec = FactorizeSpec(model=args.model, num_experts=args.experts, top_k=args.k, split=args.split,
+                         layers=args.layers, output_mode=args.output_mode, seed=args.seed,
+                         shared_size=args.shared)
+    result = factorize_run(spec, args.name, runs_dir=args.runs_dir, overwrite=args.overwrite)
+    result.pop("_moe", None)
+    if args.json:
+        _emit_json(args, result)
+        return 0
+    print(f"model        {result['model']} ({result['model_source']})")
+    print(f"experts      {result['num_experts']} x {result['expert_size']} neurons "
+          f"(+{result['shared_size']} shared), split={result['split']}, layers={len(result['layers'])}")
+    print(f"exactness    K=N max |logit diff| vs dense = {result['max_abs_logit_diff']:.2e} "
+          f"(max |logit| {result['max_abs_logit']:.1f}, {result['tokens']} tokens, fp32)")
+    for k, r in result["ffn_ratio_by_k"].items():
+        print(f"K={k}          FFN FLOPs = {100 * r:.1f}% of dense")
+    print(f"run          {result['run'] or '(not saved: pass --name)'}")
+    return 0
+
+
+# ---- flops ----
+def add_flops(sub) -> None:
+    p = sub.add_parser("flops", help="analytic FLOPs per token, dense vs factorized, by component")
+    p.add_argument("--model", default="default")
+    p.add_argument("--experts", "-n", type=int, default=4)
+    p.add_argument("--k", type=int, default=None, help="one K (default: every K in 1..N)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--layers", default="all")
+    p.add_argument("--shared", type=int, default=0)
+    _add_json(p)
+    p.set_defaults(func=cmd_flops)
+
+
+def cmd_flops(args) -> int:
+    from .factorize import resolve_layers, validate_experts, validate_top_k
+    from .flops import COMPONENTS, flops_per_token, flops_table, shares
+    from .models import load_model, model_info
+
+    if args.seq_len < 1:
+        raise CliError("--seq-len must be at least 1")
+    info = model_info(load_model(args.model).model)
+    validate_experts(info["intermediate_size"], args.experts, args.shared)
+    layers = resolve_layers(args.layers, info["num_layers"])
+    ks = [args.k] if args.k else list(range(1, args.experts + 1))
+    for k in ks:
+        validate_top_k(k, args.experts)
+    table = flops_table(info, args.seq_len, args.experts, ks, layers, args.shared)
+    dense = flops_per_token(info, args.seq_len)
+    if args.json:
+        out = {"model": args.model, "seq_len": args.seq_len, "num_experts": args.experts, "unit": "FLOPs per token",
+               "dense": {**dense, "shares": shares(dense)}, "k": table["k"]}
+        if args.k:
+            out["factorized"] = {c: table["k"][str(args.k)][c] for c in (*COMPONENTS, "total")}
+            out["factorized"]["shares"] = table["k"][str(args.k)]["shares"]
+            out["top_k"] = args.k
+            out["ffn_ratio"] = table["k"][str(args.k)]["ffn_ratio"]
+            out["total_ratio"] = table["k"][str(args.k)]["total_ratio"]
+        _emit_json(args, out)
+        return 0
+    print(f"FLOPs per token at sequence length {args.seq_len} ({args.model}, {args.experts} experts)")
+    header = f"{'component':18s}{'dense':>14s}" + "".join(f"{'K=' + str(k):>14s}" for k in ks)
+    print(header)
+    for c in (*COMPONENTS, "total"):
+        print(f"{c:18s}{_fmt_flops(dense[c]):>14s}" + "".join(f"{_fmt_flops(table['k'][str(k)][c]):>14s}" for k in ks))
+    print(f"{'FFN vs dense':18s}{'100.0%':>14s}" + "".join(f"{100 * table['k'][str(k)]['ffn_ratio']:13.1f}%" for k in ks))
+    print(f"{'total vs dense':18s}{'100.0%':>14s}" + "".join(f"{100 * table['k'][str(k)]['total_ratio']:13.1f}%" for k in ks))
+    return 0
+
+
+# ---- runs ----
+def add_runs(sub) -> None:
+    p = sub.add_parser("runs", help="list runs (corrupt ones are marked), or delete one")
+    p.add_argument("--delete", default=None, metavar="NAME")
+    _runs_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_runs)
+
+
+def cmd_runs(args) -> int:
+    from .runs import delete_run, list_runs
+
+    if args.delete:
+        delete_run(args.delete, args.runs_dir)
+    runs = list_runs(args.runs_dir)
+    if args.json:
+        _emit_json(args, {"runs": [{"name": r.name, "path": str(r.path), "ok": r.ok, "error": r.error,
+                                    "config": r.config, "metrics": r.metrics} for r in runs]})
+        return 0
+    for r in runs:
+        if r.ok:
+            c = r.config
+            print(f"{r.name:24s} {c.get('model')}  {c.get('num_experts')}E{c.get('top_k')}K "
+                  f"split={c.get('split')} mode={c.get('mode')}")
+        else:
+            print(f"{r.name:24s} CORRUPT: {r.error}")
+    if not runs:
+        print("no runs yet: create one with `python -m factorlab factorize --name NAME`")
+    return 0
+
+
+# ---- eval ----
+def add_eval(sub) -> None:
+    from .tasks import TASK_NAMES
+
+    p = sub.add_parser("eval", help="benchmarks scored like lm-evaluation-harness: dense vs a run at each K")
+    p.add_argument("name", nargs="?", default=None, help="run name (omit with --dense-only)")
+    p.add_argument("--tasks", default="all", help=f"comma-separated, or 'all': {','.join(TASK_NAMES)}")
+    p.add_argument("--k", default=None, help="K values, e.g. '1,2,4', or 'all' (default: the run's K)")
+    p.add_argument("--limit", type=int, default=None, help="a seeded fixed subset of this many items per task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    p.add_argument("--data-dir", default=None, help="a folder with one sub-folder per task "
+                   "(a saved dataset or .jsonl files with the Hub's field names)")
+    p.add_argument("--batch-size", type=int, default=16, help="documents per forward")
+    p.add_argument("--dense-only", action="store_true", help="score the dense model alone (no run)")
+    p.add_argument("--model", default="default", help="with --dense-only: the model to score")
+    p.add_argument("--no-store", action="store_true", help="do not merge the results into the run's metrics.json")
+    _runs_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def _parse_ks(text: str | None, default: int, num_experts: int) -> list[int]:
+    from .factorize import validate_top_k
+
+    if text is None:
+        return [default]
+    if text.strip() == "all":
+        return list(range(1, num_experts + 1))
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise CliError(f"--k takes integers separated by commas, or 'all' (got {text!r})") from None
+    for k in ks:
+        validate_top_k(k, num_experts)
+    return ks
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _print_sweep(sweep: dict) -> None:
+    for name, t in sweep["tasks"].items():
+        print(f"{name}: n={t['n']} ({t['split']}, {t['source']}), chance {_pct(t['chance'])}%, "
+              f"main metric {t['main_metric']}")
+        print(f"  {'model':7s}{'acc':>7s}{'±':>6s}{'acc_norm':>10s}{'±':>6s}{'relative':>10s}{'rel.acc':>9s}"
+              f"{'above-ch.':>11s}{'GFLOP/tok':>11s}{'s':>7s}")
+        rows = [("dense", t["dense"])] + [(f"K={k}", r) for k, r in t["k"].items()]
+        for label, r in rows:
+            print(f"  {label:7s}{_pct(r['acc']):>7s}{_pct(r['stderr']['acc']):>6s}{_pct(r['acc_norm']):>10s}"
+                  f"{_pct(r['stderr']['acc_norm']):>6s}{_pct(r.get('relative')):>10s}{_pct(r.get('relative_acc')):>9s}"
+                  f"{_pct(r.get('above_chance')):>11s}{r['gflops_per_token']:>11.3f}{r['seconds']:>7.1f}")
+    for k, s in sweep["summary"]["k"].items():
+        excluded = ", ".join(s["above_chance_excluded"]) or "none"
+        print(f"K={k}: mean relative {_pct(s['relative_capped'])}% (each task capped at 100%; uncapped "
+              f"{_pct(s['relative'])}%), above-chance retention {_pct(s['above_chance'])}% over "
+              f"{len(s['above_chance_tasks'])} tasks (undefined, left out: {excluded})")
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_sweep, store_eval
+    from .models import load_model
+    from .moe import factorized_layers
+    from .runs import load_moe, load_run
+    from .tasks import parse_tasks
+
+    tasks = parse_tasks(args.tasks)
+    if args.dense_only:
+        loaded, moe, ks, run = load_model(args.model), None, [], None
+    elif not args.name:
+        raise CliError("give a run NAME, or --dense-only to score the dense model alone")
+    else:
+        run = load_run(args.name, args.runs_dir)
+        loaded = load_model(run.config["model"])
+        moe = load_moe(run, loaded.model)
+        num_experts = next(iter(factorized_layers(moe).values())).num_experts
+        ks = _parse_ks(args.k, run.config.get("top_k", 1), num_experts)
+    sweep = run_sweep(loaded.model, loaded.tokenizer, moe, tasks, ks, args.limit, args.seed, args.data_dir,
+                      args.batch_size, progress=sys.stderr.isatty())
+    sweep["model"] = run.config["model"] if run else args.model
+    sweep["run"] = run.name if run else None
+    if run and not args.no_store:
+        store_eval(run.name, sweep, args.runs_dir)
+    if args.json:
+        _emit_json(args, sweep)
+    else:
+        _print_sweep(sweep)
+    return 0
+
+
+PARSERS = [add_info, add_factorize, add_flops, add_runs, add_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m factorlab", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import ModelLoadError
+    from .runs import RunError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    try:
+        code = args.func(args)
+    except (CliError, ModelLoadError, RunError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    logging.getLogger(__name__).info("%s took %.1f s", args.command, time.perf_counter() - start)
+    return code

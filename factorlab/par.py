@@ -1,0 +1,454 @@
+"""PAR (Prior-Approximate Router) pseudo-labels and losses, and the trainer.
+
+T=tokens H=hidden N=experts K=top_k D=expert width
+Modes: `none` (untrained router, FactorLLM's Ex0), `router` (routers only, on FFN inputs cached from
+one teacher pass), `experts` (layer by layer on the factorized model's own inputs: router, then a
+closed-form least-squares refit of the experts' down projections to the teacher, then optional
+gradient steps on gate/up), with optional end-to-end logit distillation afterwards.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .moe import FactorizedMLP, factorized_layers
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "router", "experts")
+LABEL_LOSSES = ("kl", "bce")
+TARGETS = ("teacher", "residual")
+
+
+# ---------------------------------------------------------------- pure maths
+def pseudo_labels(expert_outputs: torch.Tensor, teacher: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert MSE to teacher/(N/K) and the 0/1 mask of the K lowest (FactorLLM's PAR labels).
+
+    expert_outputs (T, N, H), teacher (T, H) -> mse (T, N), label_mask (T, N)
+    """
+    num_experts = expert_outputs.shape[1]
+    target = teacher / (num_experts / top_k)  # each of K scaled experts should carry 1/(N/K) of it
+    mse = (expert_outputs - target.unsqueeze(1)).pow(2).mean(dim=-1)  # (T, N)
+    label_index = mse.topk(top_k, dim=-1, largest=False).indices  # (T, K)
+    label_mask = torch.zeros_like(mse).scatter_(1, label_index, 1.0)
+    return mse, label_mask
+
+
+def router_kl_loss(router_logits: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(label_mask) || softmax(router_logits)), averaged over tokens (FactorLLM)."""
+    log_probs = F.log_softmax(router_logits.float(), dim=-1)
+    return F.kl_div(log_probs, F.softmax(label_mask.float(), dim=-1), reduction="batchmean")
+
+
+def router_bce_loss(router_logits: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Multi-label BCE: each expert's logit predicts whether it is among the K labels."""
+    return F.binary_cross_entropy_with_logits(router_logits.float(), label_mask.float())
+
+
+ROUTER_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "kl": router_kl_loss, "bce": router_bce_loss}
+
+
+def balance_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """mean(topk_mask(softmax g) * softmax g): penalises confident, concentrated routing."""
+    probs = router_logits.float().softmax(dim=-1)  # (T, N)
+    mask = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
+    return (mask * probs).mean()
+
+
+def label_accuracy(router_logits: torch.Tensor, label_mask: torch.Tensor, top_k: int) -> float:
+    """Share of the router's top-K choices that are among the K pseudo-labels."""
+    chosen = router_logits.topk(top_k, dim=-1).indices
+    return label_mask.gather(1, chosen).mean().item()
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10% of lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ---------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """How to train a factorized model; validated on construction."""
+    mode: str = "experts"
+    top_k: int = 2
+    router_steps: int = 300  # Adam steps per layer for the router
+    router_lr: float = 1e-2
+    router_batch: int = 1024  # tokens per router step
+    route_weight: float = 0.05  # paper weights; only their ratio matters when the router trains alone
+    balance_weight: float = 0.01
+    label_loss: str = "kl"
+    target: str = "residual"  # experts mode: fit the teacher FFN, or the dense residual stream
+    ridge: float = 1e-3  # least-squares regulariser, relative to the mean diagonal of the Gram matrix
+    refit_down: bool = True
+    gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit
+    gate_up_lr: float = 1e-4
+    e2e_steps: int = 0  # optional end-to-end logit distillation steps after the layer-wise pass
+    e2e_lr: float = 2e-5
+    e2e_batch: int = 4  # sequences per e2e step
+    minutes: float | None = None  # wall-clock cap for the gradient phases
+    grad_clip: float = 1.0
+    warmup_frac: float = 0.05
+    seed: int = 0
+    chunk_tokens: int = 4096  # tokens processed at once when streaming layers
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.label_loss not in LABEL_LOSSES:
+            raise ValueError(f"label_loss must be one of {', '.join(LABEL_LOSSES)}, got {self.label_loss!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        for name in ("router_steps", "gate_up_steps", "e2e_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError("minutes must be positive (or None for no time limit)")
+
+
+@dataclass
+class TrainResult:
+    seconds: float
+    tokens: int
+    router_label_accuracy: dict[int, float] = field(default_factory=dict)
+    layer_mse: dict[int, dict[str, float]] = field(default_factory=dict)
+    log: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def summary(self) -> dict:
+        acc = list(self.router_label_accuracy.values())
+        out = asdict(self)
+        out.pop("log")
+        out["mean_router_label_accuracy"] = sum(acc) / len(acc) if acc else None
+        return out
+
+
+class TrainingCancelled(Exception):
+    """Raised when should_stop() asks the trainer to stop; the model is left unchanged or consistent."""
+
+
+Progress = Callable[[dict], None]
+
+
+# ---------------------------------------------------------------- layer streaming
+class LayerStream:
+    """Runs a decoder stack one layer at a time over fixed token rows (no padding, causal)."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask
+
+        inner = model.model
+        self.layers = inner.layers
+        with torch.no_grad():
+            self.hidden = inner.embed_tokens(input_ids)  # (B, L, H)
+            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            self.position_embeddings = inner.rotary_emb(self.hidden, position_ids=position_ids)
+            self.mask = create_causal_mask(config=model.config, inputs_embeds=self.hidden[:1],
+                                           attention_mask=None, past_key_values=None, position_ids=position_ids)
+        self.position_ids = position_ids
+
+    def attention(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Residual stream after layer i's attention block: (B, L, H)."""
+        layer = self.layers[i]
+        out = []
+        for row in hidden.split(8):
+            a, _ = layer.self_attn(hidden_states=layer.input_layernorm(row), attention_mask=self.mask,
+                                   position_ids=self.position_ids, position_embeddings=self.position_embeddings)
+            out.append(row + a)
+        return torch.cat(out)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _apply_mlp(mlp: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    flat = _flat(x)
+    return torch.cat([mlp(part) for part in flat.split(chunk)]).view(x.shape)
+
+
+# ---------------------------------------------------------------- router training
+def train_router(mlp: FactorizedMLP, inputs: torch.Tensor, label_mask: torch.Tensor, cfg: TrainConfig,
+                 check: Callable[[], None], deadline: float | None = None) -> dict:
+    """Adam on one layer's router to predict the pseudo-labels. inputs (T, H), label_mask (T, N)."""
+    router = mlp.router.linear
+    router.weight.requires_grad_(True)
+    opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, k = inputs.shape[0], mlp.top_k
+    loss_fn = ROUTER_LOSSES[cfg.label_loss]
+    total = cfg.router_steps
+    warmup = max(1, int(cfg.warmup_frac * total))
+    last = {"route": float("nan"), "balance": float("nan")}
+    try:
+        for step in range(total):
+            check()
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            idx = torch.randint(0, n, (min(cfg.router_batch, n),), generator=gen)
+            logits = router(inputs[idx])  # (b, N)
+            route = loss_fn(logits, label_mask[idx])
+            bal = balance_loss(logits, k)
+            loss = cfg.route_weight * route + cfg.balance_weight * bal
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg.router_lr, warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(router.parameters(), cfg.grad_clip)
+            opt.step()
+            last = {"route": route.item(), "balance": bal.item()}
+    finally:
+        router.weight.requires_grad_(False)
+    with torch.no_grad():
+        acc = label_accuracy(router(inputs), label_mask, k)
+    return {**last, "label_accuracy": acc}
+
+
+def layer_labels(mlp: FactorizedMLP, inputs: torch.Tensor, teacher: torch.Tensor, top_k: int,
+                 chunk: int) -> torch.Tensor:
+    """PAR label masks for every token, computed in chunks: (T, N)."""
+    masks = []
+    with torch.no_grad():
+        for x, t in zip(inputs.split(chunk), teacher.split(chunk)):
+            masks.append(pseudo_labels(mlp.expert_outputs(x), t - mlp.shared_output(x), top_k)[1])
+    return torch.cat(masks)
+
+
+# ---------------------------------------------------------------- least-squares refit
+def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, ridge: float,
+               chunk: int) -> None:
+    """Closed-form refit of the down projections (experts and shared) to `target` under the current routing.
+
+    Solves min_W ||A W - target||^2 + lam ||W - W0||^2 where A (T, S + N*D) holds each token's shared
+    activations and its selected experts' activations times their output weights (zeros elsewhere).
+    """
+    n, d, s = mlp.num_experts, mlp.expert_size, mlp.shared_size
+    cols = s + n * d
+    gram = torch.zeros(cols, cols, dtype=torch.float64)
+    cross = torch.zeros(cols, target.shape[-1], dtype=torch.float64)
+    with torch.no_grad():
+        for x, t in zip(inputs.split(chunk), target.split(chunk)):
+            a = _design(mlp, x)  # (c, cols)
+            gram += (a.t() @ a).double()
+            cross += (a.t() @ t).double()
+        w0 = torch.cat([mlp.shared_down.reshape(-1, mlp.hidden_size),
+                        mlp.down.reshape(-1, mlp.hidden_size)]).double()  # (cols, H)
+        lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+        gram.diagonal().add_(lam)
+        solution = torch.linalg.solve(gram, cross + lam * w0)
+        mlp.shared_down.copy_(solution[:s].to(mlp.shared_down.dtype))
+        mlp.down.copy_(solution[s:].reshape(n, d, -1).to(mlp.down.dtype))
+
+
+def _design(mlp: FactorizedMLP, x: torch.Tensor) -> torch.Tensor:
+    """Rows of the least-squares design matrix for tokens x (T, H): (T, S + N*D)."""
+    _, _, top_k_probs, top_k_index = mlp.router(x)
+    weights = mlp._combine(top_k_probs, mlp.num_experts).to(x.dtype)  # (T, K)
+    per_expert = torch.zeros(x.shape[0], mlp.num_experts, dtype=x.dtype).scatter_(1, top_k_index, weights)
+    acts = mlp.expert_activations(x) * per_expert.unsqueeze(-1)  # (T, N, D)
+    parts = [acts.reshape(x.shape[0], -1)]
+    if mlp.shared_size:
+        h = x @ mlp.shared_gate_up.t()
+        parts.insert(0, mlp.act_fn(h[:, :mlp.shared_size]) * h[:, mlp.shared_size:])
+    return torch.cat(parts, dim=1)
+
+
+def tune_gate_up(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, cfg: TrainConfig,
+                 check: Callable[[], None], deadline: float | None) -> float:
+    """Adam steps on the experts' gate/up (and down) to reproduce target under the current routing."""
+    params = [mlp.gate_up, mlp.down] + ([mlp.shared_gate_up, mlp.shared_down] if mlp.shared_size else [])
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.gate_up_lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    warmup = max(1, int(cfg.warmup_frac * cfg.gate_up_steps))
+    loss_value = float("nan")
+    try:
+        for step in range(cfg.gate_up_steps):
+            check()
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            idx = torch.randint(0, inputs.shape[0], (min(cfg.router_batch, inputs.shape[0]),), generator=gen)
+            loss = F.mse_loss(mlp(inputs[idx]), target[idx])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.gate_up_steps, cfg.gate_up_lr, warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            loss_value = loss.item()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return loss_value
+
+
+# ---------------------------------------------------------------- the trainer
+def train(dense: nn.Module, moe: nn.Module, train_ids: torch.Tensor, cfg: TrainConfig,
+          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train `moe` (built from `dense` by factorize.build_moe) in place on token rows train_ids (B, L).
+
+    On TrainingCancelled the weights of `moe` may be partly trained: callers keep the saved run,
+    which is only written after a successful return.
+    """
+    torch.manual_seed(cfg.seed)
+    start = time.monotonic()
+    deadline = start + 60 * cfg.minutes if cfg.minutes else None
+    result = TrainResult(seconds=0.0, tokens=int(train_ids.numel()))
+    layers = factorized_layers(moe)
+    from .moe import set_top_k
+    set_top_k(moe, cfg.top_k)
+    total_steps = _total_steps(cfg, len(layers))
+    state = {"step": 0}
+
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled("training cancelled")
+
+    def report(phase: str, layer: int | None, losses: dict, advance: int = 1) -> None:
+        state["step"] += advance
+        rec = {"step": state["step"], "total": total_steps, "phase": phase, "layer": layer,
+               "tokens": result.tokens, "elapsed_s": time.monotonic() - start, "losses": losses}
+        result.log.append(rec)
+        if progress:
+            progress(rec)
+
+    if cfg.mode == "none" or not layers:
+        report("none", None, {}, advance=total_steps)
+    elif cfg.mode == "router":
+        _train_router_mode(dense, moe, train_ids, cfg, layers, result, check, report, deadline)
+    else:
+        _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, deadline)
+        if cfg.e2e_steps:
+            _train_end_to_end(dense, moe, train_ids, cfg, result, check, report, deadline)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _total_steps(cfg: TrainConfig, num_layers: int) -> int:
+    if cfg.mode == "none":
+        return 1
+    per_layer = 1 if cfg.mode == "router" else 2 + (1 if cfg.gate_up_steps else 0)
+    return num_layers * per_layer + (cfg.e2e_steps if cfg.mode == "experts" else 0)
+
+
+def _train_router_mode(dense, moe, train_ids, cfg, layers, result, check, report, deadline) -> None:
+    """Routers only, from FFN inputs cached in one teacher pass of the dense model."""
+    dense_layers = dense.model.layers
+    cached: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    handles = [dense_layers[i].mlp.register_forward_pre_hook(
+        lambda _m, args, i=i: cached[i].append(_flat(args[0]).detach())) for i in layers]
+    try:
+        with torch.no_grad():
+            for rows in train_ids.split(max(1, cfg.chunk_tokens // train_ids.shape[1])):
+                check()
+                dense.model(rows)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, mlp in layers.items():
+        check()
+        inputs = torch.cat(cached.pop(i))  # (T, H)
+        with torch.no_grad():
+            teacher = _apply_mlp(dense_layers[i].mlp, inputs, cfg.chunk_tokens)
+        labels = layer_labels(mlp, inputs, teacher, cfg.top_k, cfg.chunk_tokens)
+        stats = train_router(mlp, inputs, labels, cfg, check, deadline)
+        result.router_label_accuracy[i] = stats["label_accuracy"]
+        report("router", i, stats)
+
+
+def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, deadline) -> None:
+    """Layer by layer on the factorized model's own inputs: router, refit, optional gate/up steps.
+
+    Two residual streams advance together: the factorized model's (its FFN inputs) and the dense
+    model's (for the `residual` target: the FFN output that would put the stream back on dense).
+    """
+    stream = LayerStream(moe, train_ids)
+    hidden = stream.hidden  # (B, L, H) factorized stream
+    dense_hidden = hidden.clone() if cfg.target == "residual" else None
+    for i, layer in enumerate(moe.model.layers):
+        check()
+        dense_mlp = dense.model.layers[i].mlp
+        with torch.no_grad():
+            attn = stream.attention(i, hidden)  # (B, L, H)
+            ffn_in = _flat(layer.post_attention_layernorm(attn))  # (T, H)
+            if dense_hidden is not None:
+                dense_attn = stream.attention(i, dense_hidden)
+                dense_out = _apply_mlp(dense_mlp, layer.post_attention_layernorm(dense_attn), cfg.chunk_tokens)
+                dense_hidden = dense_attn + dense_out
+        if i not in layers:
+            with torch.no_grad():
+                hidden = attn + _apply_mlp(layer.mlp, ffn_in, cfg.chunk_tokens).view(attn.shape)
+            continue
+        mlp = layers[i]
+        with torch.no_grad():
+            if cfg.target == "teacher":
+                target = _apply_mlp(dense_mlp, ffn_in, cfg.chunk_tokens)  # original FFN on own inputs
+            else:
+                target = _flat(dense_hidden - attn)  # what puts the stream back on the dense one
+        labels = layer_labels(mlp, ffn_in, target, cfg.top_k, cfg.chunk_tokens)
+        stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
+        result.router_label_accuracy[i] = stats["label_accuracy"]
+        report("router", i, stats)
+        before = _mse(mlp, ffn_in, target, cfg.chunk_tokens)
+        if cfg.refit_down:
+            refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
+        after = _mse(mlp, ffn_in, target, cfg.chunk_tokens)
+        report("refit", i, {"distill": after, "distill_before": before})
+        if cfg.gate_up_steps:
+            after = tune_gate_up(mlp, ffn_in, target, cfg, check, deadline)
+            report("gate_up", i, {"distill": after})
+        result.layer_mse[i] = {"before": before, "after": _mse(mlp, ffn_in, target, cfg.chunk_tokens)}
+        with torch.no_grad():
+            hidden = attn + _apply_mlp(mlp, ffn_in, cfg.chunk_tokens).view(attn.shape)
+
+
+def _mse(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, chunk: int) -> float:
+    with torch.no_grad():
+        total = sum(F.mse_loss(mlp(x), t, reduction="sum").item() for x, t in zip(inputs.split(chunk), target.split(chunk)))
+    return total / target.numel()
+
+
+def _train_end_to_end(dense, moe, train_ids, cfg, result, check, report, deadline) -> None:
+    """KL(dense || factorized) on next-token distributions; gradients reach expert weights only."""
+    params = []
+    for mlp in factorized_layers(moe).values():
+        params += [mlp.gate_up, mlp.down] + ([mlp.shared_down] if mlp.shared_size else [])
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.e2e_lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    warmup = max(1, int(cfg.warmup_frac * cfg.e2e_steps))
+    moe.train(False)
+    try:
+        for step in range(cfg.e2e_steps):
+            check()
+            if deadline is not None and time.monotonic() > deadline:
+                result.stopped_early = True
+                break
+            rows = train_ids[torch.randint(0, train_ids.shape[0], (cfg.e2e_batch,), generator=gen)]
+            with torch.no_grad():
+                teacher_logp = F.log_softmax(dense(rows).logits.float(), dim=-1)
+            student_logp = F.log_softmax(moe(rows).logits.float(), dim=-1)
+            loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.e2e_steps, cfg.e2e_lr, warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            report("e2e", None, {"kl": loss.item()})
+    finally:
+        for p in params:
+            p.requires_grad_(False)

@@ -1,0 +1,123 @@
+"""End-to-end operations shared by the CLI and the app: factorize a model into a saved run."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .factorize import STRATEGIES, Partition, build_moe, make_partition, resolve_layers, validate_experts, validate_top_k
+from .flops import flops_table
+from .models import DEFAULT_MODEL, load_model, model_info
+from .moe import OUTPUT_MODES, factorized_layers
+from .runs import moe_tensors, sanitize_name, save_run
+
+log = logging.getLogger(__name__)
+
+# A fixed, varied English sample for the exactness check (not benchmark text).
+CHECK_TEXT = (
+    "The history of science is full of surprises. In 1905 Albert Einstein published four papers that changed "
+    "physics, while working as a clerk in a patent office. Water boils at 100 degrees Celsius at sea level, "
+    "but at lower temperatures on a mountain. def add(a, b):\n    return a + b\n"
+    "Q: What is the capital of Japan? A: Tokyo is the capital of Japan, a city of about 14 million people."
+)
+
+
+@dataclass
+class FactorizeSpec:
+    """What to factorize and how; validated before any work starts."""
+    model: str = DEFAULT_MODEL
+    num_experts: int = 4
+    top_k: int = 2
+    split: str = "cluster"
+    layers: str = "all"
+    output_mode: str = "scaled"
+    seed: int = 0
+    shared_size: int = 0
+    calibration_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.split not in STRATEGIES:
+            raise ValueError(f"unknown split {self.split!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.output_mode not in OUTPUT_MODES:
+            raise ValueError(f"unknown output mode {self.output_mode!r}: choose one of {', '.join(OUTPUT_MODES)}")
+        validate_top_k(self.top_k, self.num_experts)
+        if self.calibration_tokens < 256:
+            raise ValueError("calibration_tokens must be at least 256")
+
+
+def calibration_ids(loaded, num_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Calibration token rows from the built-in training text (never benchmark items)."""
+    from .data import calibration_ids as data_calibration_ids
+
+    return data_calibration_ids(loaded.tokenizer, num_tokens=num_tokens, model=loaded, seed=seed)
+
+
+def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, num_experts: int) -> dict:
+    """Max |logit difference| of the factorized model at K=N (scaled) against dense, on CHECK_TEXT."""
+    ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids
+    layers = factorized_layers(moe)
+    saved = {i: (m.top_k, m.output_mode) for i, m in layers.items()}
+    try:
+        for m in layers.values():
+            m.set_top_k(num_experts)
+            m.set_output_mode("scaled")
+        with torch.no_grad():
+            ref = dense(ids).logits
+            out = moe(ids).logits
+    finally:
+        for i, m in layers.items():
+            m.set_top_k(saved[i][0])
+            m.set_output_mode(saved[i][1])
+    diff = (out - ref).abs().max().item()
+    return {"max_abs_logit_diff": diff, "max_abs_logit": ref.abs().max().item(), "tokens": ids.shape[1]}
+
+
+def prepare(spec: FactorizeSpec, loaded=None) -> tuple:
+    """Load the model, validate N against its width, and build the partition + MoE model."""
+    loaded = loaded or load_model(spec.model)
+    info = model_info(loaded.model)
+    validate_experts(info["intermediate_size"], spec.num_experts, spec.shared_size)
+    layers = resolve_layers(spec.layers, info["num_layers"])
+    calib = None
+    if spec.split == "cluster" or spec.shared_size:
+        calib = calibration_ids(loaded, spec.calibration_tokens, spec.seed)
+    partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, calib,
+                               spec.shared_size)
+    moe = build_moe(loaded.model, partition, spec.top_k, spec.output_mode, router_seed=spec.seed)
+    return loaded, partition, moe
+
+
+def run_config(spec: FactorizeSpec, partition: Partition, loaded, **extra) -> dict:
+    return {"model": spec.model, "model_source": loaded.source, "num_experts": spec.num_experts,
+            "top_k": spec.top_k, "split": spec.split, "seed": spec.seed, "output_mode": spec.output_mode,
+            "layers": partition.layers, "shared_size": spec.shared_size, "partition": partition.to_config(),
+            "spec": asdict(spec), **extra}
+
+
+def factorize_run(spec: FactorizeSpec, name: str | None, runs_dir=None, loaded=None,
+                  overwrite: bool = False) -> dict:
+    """Factorize, check exactness at K=N, compute FLOPs per K, and (if named) save the run."""
+    start = time.perf_counter()
+    loaded, partition, moe = prepare(spec, loaded)
+    seconds = time.perf_counter() - start
+    check = exactness_check(loaded.model, moe, loaded.tokenizer, spec.num_experts)
+    info = model_info(loaded.model)
+    flops = flops_table(info, 512, spec.num_experts, factorized_layers=partition.layers,
+                        shared_size=spec.shared_size)
+    result = {"model": spec.model, "model_source": loaded.source, "num_experts": spec.num_experts,
+              "top_k": spec.top_k, "split": spec.split, "layers": partition.layers,
+              "expert_size": partition.expert_size, "shared_size": spec.shared_size,
+              "factorize_seconds": round(seconds, 3), **check, "flops_seq_len": 512,
+              "ffn_ratio_by_k": {k: v["ffn_ratio"] for k, v in flops["k"].items()},
+              "run": None}
+    if name:
+        config = run_config(spec, partition, loaded, mode="none", trained=False)
+        metrics = {"exactness": check, "factorize_seconds": seconds}
+        path = save_run(sanitize_name(name), config, moe_tensors(moe, partition, tuned=False), metrics,
+                        root=runs_dir, overwrite=overwrite)
+        result["run"] = str(path)
+    result["_moe"] = moe
+    return result
