@@ -150,6 +150,110 @@ def cmd_flops(args) -> int:
     return 0
 
 
+# ---- train ----
+def add_train(sub) -> None:
+    from .par import LABEL_LOSSES, MODES, TARGETS
+
+    p = sub.add_parser("train", help="factorize + PAR training + held-out metrics, saved as a run")
+    p.add_argument("name", help="run name")
+    p.add_argument("--model", default="default")
+    p.add_argument("--experts", "-n", type=int, default=4)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--split", choices=STRATEGIES, default="cluster")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
+    p.add_argument("--shared", type=int, default=0, help="always-on shared neurons per layer")
+    p.add_argument("--mode", choices=MODES, default="experts",
+                   help="experts: router + least-squares expert refit (default); router: routers only; "
+                        "none: untrained router (FactorLLM's Ex0)")
+    p.add_argument("--tokens", type=int, default=16384, help="training tokens")
+    p.add_argument("--heldout-tokens", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock cap for the gradient phases")
+    p.add_argument("--data", default="builtin", help="builtin | local | selfgen | PATH(.txt/.jsonl) | hub:ID[:config]")
+    p.add_argument("--router-steps", type=int, default=300)
+    p.add_argument("--label-loss", choices=LABEL_LOSSES, default="kl")
+    p.add_argument("--target", choices=TARGETS, default="residual")
+    p.add_argument("--gate-up-steps", type=int, default=0)
+    p.add_argument("--e2e-steps", type=int, default=0)
+    p.add_argument("--eval-k", default=None, help="K values for held-out metrics, e.g. 1,2,3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    _runs_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from .par import TrainConfig
+    from .workflows import DataSpec, FactorizeSpec, train_run
+
+    spec = FactorizeSpec(model=args.model, num_experts=args.experts, top_k=args.k, split=args.split,
+                         layers=args.layers, output_mode=args.output_mode, seed=args.seed, shared_size=args.shared)
+    cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, label_loss=args.label_loss,
+                      target=args.target, gate_up_steps=args.gate_up_steps, e2e_steps=args.e2e_steps,
+                      minutes=args.minutes, seed=args.seed)
+    data = DataSpec(args.data, args.tokens, args.heldout_tokens, args.seq_len)
+    eval_ks = [int(k) for k in args.eval_k.split(",")] if args.eval_k else None
+    bar = tqdm(total=None, desc="train", unit="step", disable=bool(args.json) and args.json is True)
+
+    def progress(rec: dict) -> None:
+        if rec.get("total") and bar.total != rec["total"]:
+            bar.total = rec["total"]
+        if "step" in rec:
+            bar.n = rec["step"]
+        losses = {k: f"{v:.4g}" for k, v in (rec.get("losses") or {}).items() if isinstance(v, float)}
+        bar.set_postfix(phase=rec.get("phase"), layer=rec.get("layer"), **losses)
+        bar.refresh()
+
+    result = train_run(spec, cfg, data, args.name, runs_dir=args.runs_dir, progress=progress,
+                       overwrite=args.overwrite, eval_ks=eval_ks)
+    bar.close()
+    result.pop("_moe", None)
+    if args.json:
+        _emit_json(args, result)
+        return 0
+    print(f"run {result['run']}: trained in {result['seconds']:.1f} s on {result['tokens']} tokens "
+          f"(router label accuracy {result['train'].get('mean_router_label_accuracy') or float('nan'):.3f})")
+    print(f"{'K':>3s} {'ppl':>10s} {'dense ppl':>10s} {'agreement':>10s} {'KL':>8s}   (held-out text)")
+    for k, h in result["heldout_by_k"].items():
+        if h:
+            print(f"{k:>3s} {h['perplexity']:10.2f} {h['dense_perplexity']:10.2f} {h['agreement']:10.3f} {h['kl']:8.3f}")
+    return 0
+
+
+# ---- experiment ----
+def add_experiment(sub) -> None:
+    p = sub.add_parser("experiment", help="run a resumable grid: factorize -> train -> evaluate, one row per setting")
+    p.add_argument("--config", required=True, help="grid config JSON (see factorlab/experiment.py)")
+    p.add_argument("--json", required=True, metavar="PATH", help="results file (rows already there are skipped)")
+    p.set_defaults(func=cmd_experiment)
+
+
+def cmd_experiment(args) -> int:
+    from .experiment import run_experiment, table
+
+    path = Path(args.config)
+    if not path.exists():
+        raise CliError(f"config file {path} not found")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CliError(f"config file {path} is not valid JSON: {exc}") from exc
+    done = run_experiment(config, args.json, progress=lambda r: print(f"row {r['row']}/{r['rows']}: {r['setting']}",
+                                                                      file=sys.stderr))
+    print(f"{'label':28s} {'K':>2s} {'train s':>8s} {'ppl':>9s} {'agree':>6s} {'rel%':>6s} {'abv%':>6s}")
+    for line in table(done["rows"]):
+        def f(v, fmt):
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        print(f"{line['label'][:28]:28s} {line['K']:>2s} {f(line['train_s'], '8.1f')} {f(line['ppl'], '9.2f')} "
+              f"{f(line['agreement'], '6.3f')} {f(line['relative'] and 100 * line['relative'], '6.1f')} "
+              f"{f(line['above_chance'] and 100 * line['above_chance'], '6.1f')}")
+    return 0
+
+
 # ---- runs ----
 def add_runs(sub) -> None:
     p = sub.add_parser("runs", help="list runs (corrupt ones are marked), or delete one")
@@ -223,6 +327,7 @@ def _pct(x: float | None) -> str:
 
 
 def _print_sweep(sweep: dict) -> None:
+    print("scores, standard errors (±) and ratios in %; relative = factorized / dense on the main metric")
     for name, t in sweep["tasks"].items():
         print(f"{name}: n={t['n']} ({t['split']}, {t['source']}), chance {_pct(t['chance'])}%, "
               f"main metric {t['main_metric']}")
@@ -271,7 +376,71 @@ def cmd_eval(args) -> int:
     return 0
 
 
-PARSERS = [add_info, add_factorize, add_flops, add_runs, add_eval]
+# ---- bench ----
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="wall-clock speed, dense vs factorized: FFN, prefill, decode, batched prefill")
+    p.add_argument("name", nargs="?", default=None, help="run name (or --experts N: a fresh contiguous split)")
+    p.add_argument("--model", default="default", help="without a run: the model to factorize")
+    p.add_argument("--experts", "-n", type=int, default=None,
+                   help="without a run: N experts over every layer, contiguous split, untrained router")
+    p.add_argument("--k", default="all", help="K values, e.g. '1,2', or 'all' (default)")
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurements")
+    p.add_argument("--decode", type=int, default=64, help="greedy tokens per decode sample (0 skips decode)")
+    p.add_argument("--batch", type=int, default=8, help="sequences in the batched prefill (0 skips it)")
+    p.add_argument("--repeats", type=int, default=5, help="alternating repetitions per measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-store", action="store_true", help="do not store the results in the run's metrics.json")
+    _runs_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .bench import format_report, run_benchmark
+    from .factorize import build_moe, make_partition
+    from .models import load_model
+    from .moe import factorized_layers
+    from .runs import load_moe, load_run, update_metrics
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = None
+    if args.name:
+        run = load_run(args.name, args.runs_dir)
+        loaded = load_model(run.config["model"])
+        moe = load_moe(run, loaded.model)
+    elif args.experts:
+        loaded = load_model(args.model)
+        moe = build_moe(loaded.model, make_partition(loaded.model, args.experts, "contiguous"), top_k=1)
+    else:
+        raise CliError("give a run NAME, or --experts N to benchmark a fresh contiguous split of --model")
+    dtype = getattr(torch, args.dtype)
+    dense = loaded.model.to(device=device, dtype=dtype)
+    moe = moe.to(device=device, dtype=dtype)
+    num_experts = next(iter(factorized_layers(moe).values())).num_experts
+    ks = _parse_ks(args.k, 1, num_experts)
+    result = run_benchmark(dense, moe, ks, prefill=args.prefill, decode=args.decode, batch=args.batch,
+                           repeats=args.repeats, progress=lambda p: logging.getLogger(__name__).info(
+                               "bench %(phase)s %(step)d/%(total)d", p))
+    result["model"] = run.config["model"] if run else args.model
+    result["run"] = run.name if run else None
+    if run and not args.no_store:
+        update_metrics(run.name, {"bench": result}, args.runs_dir)
+    if args.json:
+        _emit_json(args, result)
+    else:
+        print(format_report(result))
+    return 0
+
+
+PARSERS = [add_info, add_factorize, add_flops, add_train, add_experiment, add_runs, add_eval, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

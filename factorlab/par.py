@@ -122,7 +122,7 @@ class TrainResult:
     seconds: float
     tokens: int
     router_label_accuracy: dict[int, float] = field(default_factory=dict)
-    layer_mse: dict[int, dict[str, float]] = field(default_factory=dict)
+    layer_mse: dict[int, float] = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
     stopped_early: bool = False
 
@@ -339,7 +339,7 @@ def train(dense: nn.Module, moe: nn.Module, train_ids: torch.Tensor, cfg: TrainC
 def _total_steps(cfg: TrainConfig, num_layers: int) -> int:
     if cfg.mode == "none":
         return 1
-    per_layer = 1 if cfg.mode == "router" else 2 + (1 if cfg.gate_up_steps else 0)
+    per_layer = 1 if cfg.mode == "router" else 2
     return num_layers * per_layer + (cfg.e2e_steps if cfg.mode == "experts" else 0)
 
 
@@ -401,23 +401,16 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
         stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
         result.router_label_accuracy[i] = stats["label_accuracy"]
         report("router", i, stats)
-        before = _mse(mlp, ffn_in, target, cfg.chunk_tokens)
         if cfg.refit_down:
             refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
-        after = _mse(mlp, ffn_in, target, cfg.chunk_tokens)
-        report("refit", i, {"distill": after, "distill_before": before})
         if cfg.gate_up_steps:
-            after = tune_gate_up(mlp, ffn_in, target, cfg, check, deadline)
-            report("gate_up", i, {"distill": after})
-        result.layer_mse[i] = {"before": before, "after": _mse(mlp, ffn_in, target, cfg.chunk_tokens)}
+            tune_gate_up(mlp, ffn_in, target, cfg, check, deadline)
         with torch.no_grad():
-            hidden = attn + _apply_mlp(mlp, ffn_in, cfg.chunk_tokens).view(attn.shape)
-
-
-def _mse(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, chunk: int) -> float:
-    with torch.no_grad():
-        total = sum(F.mse_loss(mlp(x), t, reduction="sum").item() for x, t in zip(inputs.split(chunk), target.split(chunk)))
-    return total / target.numel()
+            out = _apply_mlp(mlp, ffn_in, cfg.chunk_tokens)  # (T, H)
+            mse = F.mse_loss(out, target).item()
+            hidden = attn + out.view(attn.shape)
+        result.layer_mse[i] = mse
+        report("experts", i, {"distill": mse, "distill_rel": mse / target.pow(2).mean().item()})
 
 
 def _train_end_to_end(dense, moe, train_ids, cfg, result, check, report, deadline) -> None:

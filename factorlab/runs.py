@@ -22,6 +22,7 @@ from torch import nn
 from .factorize import Partition, build_moe
 from .moe import factorized_layers
 
+EXPERT_TENSORS = ("gate_up", "down", "shared_gate_up", "shared_down")
 CONFIG, TENSORS, METRICS, LOG = "config.json", "tensors.safetensors", "metrics.json", "train_log.jsonl"
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -97,13 +98,18 @@ def run_path(name: str, root: str | Path | None = None) -> Path:
     return runs_root(root) / sanitize_name(name)
 
 
-def moe_tensors(moe: nn.Module, partition: Partition, tuned: bool) -> dict[str, torch.Tensor]:
-    """What a run stores: the partition, every router, and the expert weights when they were tuned."""
+def moe_tensors(moe: nn.Module, partition: Partition, tuned: tuple[str, ...] | bool = ()) -> dict[str, torch.Tensor]:
+    """What a run stores: the partition, every router, and the expert tensors that training changed.
+
+    tuned: names among gate_up, down, shared_gate_up, shared_down (True = all of them); untuned
+    expert weights are rebuilt from the dense model and the partition on load.
+    """
+    names = EXPERT_TENSORS if tuned is True else tuple(tuned or ())
     tensors = partition.to_tensors()
     for i, mlp in factorized_layers(moe).items():
         tensors[f"router.{i}"] = mlp.router.linear.weight
-        if tuned:
-            for pname in ("gate_up", "down", "shared_gate_up", "shared_down"):
+        for pname in names:
+            if getattr(mlp, pname).numel():
                 tensors[f"{pname}.{i}"] = getattr(mlp, pname)
     return tensors
 
@@ -164,7 +170,7 @@ def load_moe(run: Run | str, dense: nn.Module, root: str | Path | None = None) -
         for i, mlp in factorized_layers(moe).items():
             if f"router.{i}" in tensors:
                 mlp.router.linear.weight.copy_(tensors[f"router.{i}"])
-            for pname in ("gate_up", "down", "shared_gate_up", "shared_down"):
+            for pname in EXPERT_TENSORS:
                 if f"{pname}.{i}" in tensors:
                     getattr(mlp, pname).copy_(tensors[f"{pname}.{i}"])
     moe.factorlab_run = run

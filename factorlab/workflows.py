@@ -52,7 +52,7 @@ def calibration_ids(loaded, num_tokens: int, seed: int = 0) -> torch.Tensor:
     """Calibration token rows from the built-in training text (never benchmark items)."""
     from .data import calibration_ids as data_calibration_ids
 
-    return data_calibration_ids(loaded.tokenizer, num_tokens=num_tokens, model=loaded, seed=seed)
+    return data_calibration_ids(loaded.tokenizer, num_tokens=num_tokens, model=loaded)
 
 
 def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, num_experts: int) -> dict:
@@ -116,8 +116,117 @@ def factorize_run(spec: FactorizeSpec, name: str | None, runs_dir=None, loaded=N
     if name:
         config = run_config(spec, partition, loaded, mode="none", trained=False)
         metrics = {"exactness": check, "factorize_seconds": seconds}
-        path = save_run(sanitize_name(name), config, moe_tensors(moe, partition, tuned=False), metrics,
+        path = save_run(sanitize_name(name), config, moe_tensors(moe, partition, ()), metrics,
                         root=runs_dir, overwrite=overwrite)
         result["run"] = str(path)
     result["_moe"] = moe
     return result
+
+
+@dataclass
+class DataSpec:
+    """Where training and held-out text come from, and how much."""
+    source: str = "builtin"
+    train_tokens: int = 16384
+    heldout_tokens: int = 8192
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 16:
+            raise ValueError("seq_len must be at least 16")
+        if self.train_tokens < self.seq_len:
+            raise ValueError(f"train_tokens must be at least one row of {self.seq_len} tokens")
+        if self.heldout_tokens and self.heldout_tokens < self.seq_len:
+            raise ValueError(f"heldout_tokens must be 0 or at least {self.seq_len}")
+
+
+def load_data(loaded, data: DataSpec, seed: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out token rows from the data source (cached where the source caches)."""
+    from .data import train_heldout
+
+    opts = {"progress": progress} if progress else {}
+    return train_heldout(data.source, loaded.tokenizer, data.train_tokens, data.heldout_tokens, data.seq_len,
+                         seed, model=loaded, **opts)
+
+
+@dataclass
+class Trained:
+    """A factorized model trained in memory, with what is needed to save or evaluate it."""
+    loaded: object
+    partition: Partition
+    moe: nn.Module
+    result: object  # par.TrainResult
+    seconds: float
+    tokens: int
+    heldout: dict  # K -> held-out metrics
+
+
+def tuned_params(train_cfg) -> tuple[str, ...]:
+    """The expert tensors a training config changes (the rest are recomputed from the partition)."""
+    if train_cfg.mode != "experts":
+        return ()
+    names = ("down", "shared_down") if train_cfg.refit_down else ()
+    if train_cfg.gate_up_steps or train_cfg.e2e_steps:
+        names = ("gate_up", "down", "shared_gate_up", "shared_down")
+    return names
+
+
+def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, progress=None, should_stop=None,
+                eval_ks: list[int] | None = None) -> Trained:
+    """Factorize, train with PAR and measure held-out metrics per K, all in memory."""
+    from .evaluate import heldout_metrics
+    from .moe import set_top_k
+    from .par import TrainingCancelled, train
+
+    def emit(rec: dict) -> None:
+        if progress:
+            progress(rec)
+
+    def check() -> None:
+        if should_stop and should_stop():
+            raise TrainingCancelled("training cancelled")
+
+    if train_cfg.top_k != spec.top_k:
+        raise ValueError("the training K and the run's K differ: set both to the same value")
+    loaded = loaded or load_model(spec.model)
+    emit({"phase": "data", "message": f"preparing {data.train_tokens} training tokens from {data.source}"})
+    train_ids, heldout_ids = load_data(loaded, data, spec.seed, lambda done, wanted: emit(
+        {"phase": "data", "message": f"generating training text: {done}/{wanted}"}))
+    check()
+    emit({"phase": "factorize", "message": f"{spec.split} split into {spec.num_experts} experts"})
+    start = time.perf_counter()
+    loaded, partition, moe = prepare(spec, loaded)
+    check()
+    result = train(loaded.model, moe, train_ids, train_cfg, progress=progress, should_stop=should_stop)
+    seconds = time.perf_counter() - start
+    heldout = {}
+    if heldout_ids.numel():
+        for k in eval_ks or sorted({1, spec.top_k, min(spec.num_experts, spec.top_k + 1)}):
+            check()
+            emit({"phase": "heldout", "message": f"held-out metrics at K={k}"})
+            set_top_k(moe, k)
+            heldout[str(k)] = heldout_metrics(loaded.model, moe, heldout_ids)
+        set_top_k(moe, spec.top_k)
+    return Trained(loaded, partition, moe, result, seconds, int(train_ids.numel()), heldout)
+
+
+def train_run(spec: FactorizeSpec, train_cfg, data: DataSpec, name: str, runs_dir=None, loaded=None,
+              progress=None, should_stop=None, overwrite: bool = False, eval_ks: list[int] | None = None) -> dict:
+    """train_model, then save the run (all or nothing: a failed or cancelled job writes nothing)."""
+    from .runs import write_log
+
+    name = sanitize_name(name)
+    from .runs import run_path
+    if run_path(name, runs_dir).exists() and not overwrite:
+        raise ValueError(f"a run named {name!r} already exists: pick another name or delete it first")
+    t = train_model(spec, train_cfg, data, loaded, progress, should_stop, eval_ks)
+    config = run_config(spec, t.partition, t.loaded, mode=train_cfg.mode, trained=train_cfg.mode != "none",
+                        train=asdict(train_cfg), data=asdict(data))
+    summary = t.result.summary()
+    metrics = {"train": {**summary, "seconds": t.seconds, "tokens": t.tokens}, "heldout": t.heldout}
+    path = save_run(name, config, moe_tensors(t.moe, t.partition, tuned_params(train_cfg)), metrics,
+                    root=runs_dir, overwrite=overwrite)
+    write_log(path, t.result.log)
+    return {"run": str(path), "name": path.name, "seconds": t.seconds, "tokens": t.tokens,
+            "heldout": t.heldout.get(str(spec.top_k), {}), "heldout_by_k": t.heldout, "train": summary,
+            "_moe": t.moe}

@@ -1,0 +1,109 @@
+"""A resumable grid of factorize -> train -> evaluate settings, one JSON row per setting.
+
+Config file (JSON):
+  {"base": {...setting...}, "grid": {"key": [values, ...], ...}, "rows": [{...}, ...],
+   "eval": {"tasks": "arc_easy,piqa", "limit": 500, "seed": 0, "ks": [1, 2]},
+   "data": {"source": "builtin", "train_tokens": 16384, "heldout_tokens": 8192, "seq_len": 256}}
+A setting may hold FactorizeSpec fields (model, num_experts, top_k, split, layers, output_mode,
+seed, shared_size), TrainConfig fields (mode, router_steps, target, e2e_steps, ...) and DataSpec
+fields (source, train_tokens, ...). Rows = every combination of grid values over base, plus `rows`.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .par import TrainConfig
+from .runs import atomic_write_json
+from .workflows import DataSpec, FactorizeSpec, train_model
+
+log = logging.getLogger(__name__)
+
+_SPEC_FIELDS = {f.name for f in fields(FactorizeSpec)}
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+_DATA_FIELDS = {f.name for f in fields(DataSpec)}
+
+
+def expand(config: dict) -> list[dict]:
+    """Every setting of the grid (base overridden by each combination), then the explicit rows."""
+    base = config.get("base", {})
+    grid = config.get("grid", {})
+    keys = list(grid)
+    settings = [{**base, **dict(zip(keys, combo))} for combo in itertools.product(*(grid[k] for k in keys))]
+    settings += [{**base, **row} for row in config.get("rows", [])]
+    for s in settings:
+        unknown = set(s) - _SPEC_FIELDS - _TRAIN_FIELDS - _DATA_FIELDS - {"label"}
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}: use FactorizeSpec, TrainConfig or DataSpec fields")
+    return settings
+
+
+def setting_key(setting: dict, config: dict) -> str:
+    """Stable id of a row: its setting plus the shared data and eval settings."""
+    blob = json.dumps({"s": setting, "d": config.get("data", {}), "e": config.get("eval", {})}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _split(setting: dict, config: dict) -> tuple[FactorizeSpec, TrainConfig, DataSpec]:
+    spec = FactorizeSpec(**{k: v for k, v in setting.items() if k in _SPEC_FIELDS})
+    train_kw = {k: v for k, v in setting.items() if k in _TRAIN_FIELDS and k != "seed"}
+    cfg = TrainConfig(**{**train_kw, "top_k": spec.top_k, "seed": spec.seed})
+    data_kw = {**config.get("data", {}), **{k: v for k, v in setting.items() if k in _DATA_FIELDS}}
+    return spec, cfg, DataSpec(**data_kw)
+
+
+def run_experiment(config: dict, out_path: str | Path, progress=None) -> dict:
+    """Run every row not already in out_path (resumable); rewrite out_path after each row."""
+    from .evaluate import run_sweep
+    from .models import load_model
+
+    out_path = Path(out_path)
+    done = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
+    finished = {r["key"] for r in done["rows"] if r.get("status") == "done"}
+    settings = expand(config)
+    ev = config.get("eval", {})
+    dense_caches: dict[str, dict] = {}
+    for n, setting in enumerate(settings):
+        key = setting_key(setting, config)
+        if key in finished:
+            log.info("row %d/%d already done: %s", n + 1, len(settings), setting)
+            continue
+        spec, cfg, data = _split(setting, config)
+        log.info("row %d/%d: %s", n + 1, len(settings), setting)
+        if progress:
+            progress({"row": n + 1, "rows": len(settings), "setting": setting})
+        loaded = load_model(spec.model)
+        start = time.perf_counter()
+        trained = train_model(spec, cfg, data, loaded, eval_ks=ev.get("ks") and sorted(set(ev["ks"])))
+        row = {"key": key, "status": "done", "setting": setting, "train_seconds": round(trained.seconds, 1),
+               "train_tokens": trained.tokens, "heldout": trained.heldout,
+               "router_label_accuracy": trained.result.summary()["mean_router_label_accuracy"]}
+        if ev.get("tasks"):
+            sweep = run_sweep(loaded.model, loaded.tokenizer, trained.moe, ev["tasks"], ev.get("ks") or [spec.top_k],
+                              ev.get("limit"), ev.get("seed", 0), ev.get("data_dir"), ev.get("batch_size", 16),
+                              progress=False, dense_cache=dense_caches.setdefault(spec.model, {}))
+            row["eval"] = sweep
+        row["total_seconds"] = round(time.perf_counter() - start, 1)
+        done["rows"] = [r for r in done["rows"] if r["key"] != key] + [row]
+        atomic_write_json(out_path, done)
+    return done
+
+
+def table(rows: list[dict], k: str | None = None) -> list[dict]:
+    """One flat line per row and K: setting, time, held-out ppl/agreement, eval summary."""
+    out = []
+    for r in rows:
+        ks = [k] if k else sorted(r.get("heldout", {}) or {"": None})
+        for kk in ks:
+            h = (r.get("heldout") or {}).get(kk, {})
+            summ = ((r.get("eval") or {}).get("summary") or {}).get("k", {}).get(kk, {})
+            out.append({"label": r["setting"].get("label", ""), "K": kk, "train_s": r.get("train_seconds"),
+                        "ppl": h.get("perplexity"), "dense_ppl": h.get("dense_perplexity"),
+                        "agreement": h.get("agreement"), "relative": summ.get("relative_capped"),
+                        "above_chance": summ.get("above_chance")})
+    return out

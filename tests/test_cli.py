@@ -1,0 +1,53 @@
+"""The CLI's JSON contracts (fixed keys scripts rely on) and its one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from factorlab.cli import main
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_flops_json(capsys, embedded):
+    out = _json(capsys, ["flops", "--model", "default", "--experts", "4", "--k", "1", "--seq-len", "512", "--json"])
+    for side in ("dense", "factorized"):
+        assert set(out[side]) >= {"attention_proj", "attention_scores", "ffn", "router", "lm_head", "total"}
+    assert out["factorized"]["ffn"] / out["dense"]["ffn"] == pytest.approx(0.25, rel=1e-3)
+    assert out["factorized"]["total"] < out["dense"]["total"]
+
+
+@pytest.mark.slow
+def test_factorize_json_and_run_folder(capsys, embedded, runs_dir):
+    out = _json(capsys, ["factorize", "--model", "default", "--experts", "4", "--split", "random",
+                         "--name", "demo", "--json"])
+    assert out["max_abs_logit_diff"] < 3e-4
+    assert out["run"] == str(runs_dir / "demo")
+    assert (runs_dir / "demo" / "tensors.safetensors").exists()
+    listed = _json(capsys, ["runs", "--json"])
+    assert [r["name"] for r in listed["runs"]] == ["demo"]
+
+
+def test_errors_are_one_line(capsys):
+    assert main(["flops", "--experts", "4", "--seq-len", "0"]) == 2
+    assert "error: --seq-len must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bad_experts_message(capsys, embedded):
+    assert main(["factorize", "--experts", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "5 experts do not divide the FFN width 1536" in err and "Traceback" not in err
+
+
+def test_unreachable_hub_model_is_a_clear_error(capsys):
+    code = subprocess.run([sys.executable, "-m", "factorlab", "info", "--model", "someone/not-a-model"],
+                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert code.returncode == 2
+    assert "cannot be reached" in code.stderr and "embedded default" in code.stderr
+    assert "Traceback" not in code.stderr
