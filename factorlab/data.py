@@ -27,20 +27,20 @@ import random
 import re
 import sys
 import sysconfig
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .models import cache_dir, hub_reachable
+from .selfgen import GEN_BATCH, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SelfGenStream, atomic_write_text, digest
 
 log = logging.getLogger(__name__)
 
-BUILTIN_DEFAULT = "selfgen"  # what `builtin` means; chosen by measuring which trains better
+BUILTIN_DEFAULT = "local"  # what `builtin` means: offline prose already on the machine (fast; see README)
 BUILTIN_SOURCES = ("selfgen", "local")
 MAX_FILE_BYTES = 50 * 1024 * 1024
 MAX_DOC_CHARS = 16_000  # longer documents are cut at line breaks, so any file splits into many
@@ -48,13 +48,9 @@ HUB_MAX_CHARS = 20_000_000  # load_texts() default cap on a streamed Hub dataset
 TEXT_FIELDS = ("text", "content", "document", "article", "body", "passage", "story")
 BENCHMARK_DATASETS = ("ai2_arc", "arc", "piqa", "hellaswag", "boolq", "super_glue", "winogrande",
                       "openbookqa", "mmlu", "mmlu_no_train")
-# selfgen sampling settings; each combination is its own cache
 SELFGEN_SEED = 0  # train_heldout always uses this stream, so every run seed reuses one cache
-TEMPERATURE, TOP_P, MAX_NEW_TOKENS, GEN_BATCH = 0.8, 0.95, 256, 16
 HELDOUT_PROMPT_FRACTION = 0.1  # share of prompts whose replies only ever appear as held-out text
-DEFAULT_HELDOUT_TOKENS = 32_768  # held-out size calibration_ids() steers clear of (Hub streams)
-
-ProgressFn = Callable[[int, int], None]  # selfgen: (amount so far, amount wanted), after each batch
+DEFAULT_HELDOUT_TOKENS = 32_768  # held-out head of a Hub stream that calibration_ids() skips
 
 
 class DataError(ValueError):
@@ -116,7 +112,9 @@ def train_heldout(source: str, tokenizer, train_tokens: int, heldout_tokens: int
 def calibration_ids(tokenizer, num_tokens: int = 4096, seq_len: int = 256, model=None,
                     source: str = BUILTIN_DEFAULT) -> torch.LongTensor:
     """Token rows (num_tokens // seq_len, seq_len) for the cluster split, from the training side only."""
-    _, train_iter = _split_docs(source, tokenizer, DEFAULT_HELDOUT_TOKENS, num_tokens, model, {})
+    # files and `local` already train from the far end; a Hub stream must skip its held-out head
+    skip = DEFAULT_HELDOUT_TOKENS if _resolve(source).startswith("hub:") else 0
+    _, train_iter = _split_docs(source, tokenizer, skip, num_tokens, model, {})
     return _pack(_take(train_iter, tokenizer, num_tokens), tokenizer, seq_len, num_tokens)
 
 
@@ -163,11 +161,11 @@ def _split_docs(source: str, tokenizer, heldout_tokens: int, train_tokens: int, 
         return heldout.iterate(heldout_tokens, progress), train.iterate(train_tokens, progress)
     if name.startswith("hub:"):
         stream = _hub_docs(name, {**opts, "tokenizer": tokenizer})
-        heldout = _take_texts(stream, tokenizer, heldout_tokens)
+        heldout = [text for text, _ in _take(stream, tokenizer, heldout_tokens)]
         return iter(heldout), stream  # training continues after the held-out documents
     docs = sorted(_finite_docs(name, {**opts, "tokenizer": tokenizer}),
                   key=lambda d: hashlib.sha256(d.encode()).digest())
-    heldout = _take_texts(iter(docs), tokenizer, heldout_tokens)
+    heldout = [text for text, _ in _take(iter(docs), tokenizer, heldout_tokens)]
     return iter(heldout), reversed(docs[len(heldout):])  # from the back: never near held-out text
 
 
@@ -192,13 +190,15 @@ def _split_long(text: str) -> list[str]:
         return [text]
     pieces, current = [], ""
     for line in text.splitlines(keepends=True):
-        while len(line) > MAX_DOC_CHARS:
-            pieces.append(line[:MAX_DOC_CHARS])
-            line = line[MAX_DOC_CHARS:]
-        if len(current) + len(line) > MAX_DOC_CHARS:
-            pieces.append(current)
-            current = ""
-        current += line
+        while line:
+            if len(current) + len(line) <= MAX_DOC_CHARS:
+                current, line = current + line, ""
+            elif current:
+                pieces.append(current)
+                current = ""
+            else:
+                pieces.append(line[:MAX_DOC_CHARS])
+                line = line[MAX_DOC_CHARS:]
     return [p.strip() for p in pieces + [current] if p.strip()]
 
 
@@ -280,7 +280,7 @@ def _record_text(record: dict, tokenizer, text_field: str | None = None) -> str 
 
 
 def _file_docs(path: Path, opts: dict) -> list[str]:
-    if path.suffix.lower() not in (".txt", ".md", ".jsonl"):
+    if path.is_file() and path.suffix.lower() not in (".txt", ".md", ".jsonl"):
         raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r}. Use .txt "
                         "(paragraphs separated by blank lines) or .jsonl (a `text` field per line).")
     text = _read_text(path, int(opts.get("max_bytes", MAX_FILE_BYTES)))
@@ -314,7 +314,7 @@ def _hub_docs(name: str, opts: dict) -> Iterator[str]:
     if offline or not hub_reachable():
         raise DataError(f"cannot stream {dataset_id}: the Hugging Face Hub is unreachable (offline"
                         f"{', HF_DATASETS_OFFLINE=1' if offline else ''}). Use the built-in source "
-                        "'builtin' (text the model writes itself) or a local .txt/.jsonl file.")
+                        "'builtin' (needs no download) or a local .txt/.jsonl file.")
     from datasets import load_dataset
 
     try:
@@ -322,6 +322,9 @@ def _hub_docs(name: str, opts: dict) -> Iterator[str]:
     except FileNotFoundError as exc:
         raise DataError(f"dataset {dataset_id!r} was not found on the Hub (or is private): check the id, "
                         "e.g. hub:Salesforce/wikitext:wikitext-103-raw-v1.") from exc
+    except OSError as exc:  # a network failure after the probe succeeded
+        raise DataError(f"cannot reach the Hub to open {dataset_id} ({exc}): check the connection, "
+                        "or use 'builtin' or a local .txt/.jsonl file.") from exc
     except ValueError as exc:  # e.g. an unknown config or split; the message lists the valid ones
         raise DataError(f"cannot open {dataset_id}{':' + config if config else ''}: {exc}") from exc
     return _hub_texts(stream, dataset_id, opts)
@@ -352,14 +355,14 @@ def _hub_texts(stream, dataset_id: str, opts: dict) -> Iterator[str]:
 def _local_docs() -> list[str]:
     """Language reference topics, stdlib docstrings and package READMEs; cached as JSON."""
     dists = sorted((d.metadata["Name"] or "", d.version) for d in importlib.metadata.distributions())
-    key = _digest({"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "dists": dists})
+    key = digest({"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "dists": dists})
     path = cache_dir() / "data" / f"local-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     start = time.perf_counter()
     docs = [d for text in (*_reference_topics(), *_stdlib_docstrings(), *_package_readmes())
             for d in _split_long(text.strip()) if d]
-    _atomic_write(path, json.dumps(docs))
+    atomic_write_text(path, json.dumps(docs))
     log.info("local source: %d documents, %d characters (%.1f s)", len(docs), sum(map(len, docs)),
              time.perf_counter() - start)
     return docs
@@ -420,7 +423,7 @@ def _unpack_model(model, tokenizer) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
-def _selfgen_streams(seed: int, opts: dict) -> tuple["_SelfGen", "_SelfGen"]:
+def _selfgen_streams(seed: int, opts: dict) -> tuple[SelfGenStream, SelfGenStream]:
     """(train, held-out) streams: the prompts split by a content hash, 10% held out."""
     model, tokenizer = _unpack_model(opts.get("model"), opts.get("tokenizer"))
     prompts = load_prompts(opts.get("prompts_file"))
@@ -429,169 +432,35 @@ def _selfgen_streams(seed: int, opts: dict) -> tuple["_SelfGen", "_SelfGen"]:
     heldout = set(ranked[:n_heldout])
     settings = {k: opts.get(k, default) for k, default in (("temperature", TEMPERATURE), ("top_p", TOP_P),
                 ("max_new_tokens", MAX_NEW_TOKENS), ("batch_size", GEN_BATCH))}
-    return (_SelfGen(model, tokenizer, [p for p in prompts if p not in heldout], seed, settings),
-            _SelfGen(model, tokenizer, [p for p in prompts if p in heldout], seed, settings))
-
-
-class _SelfGen:
-    """One deterministic, append-only stream of (prompt, sampled reply) records, cached in batch files.
-
-    Record k answers prompt perm_r[k % P] of round r = k // P (perm_r: a seeded shuffle); batch b
-    holds records [b*B, (b+1)*B) and is sampled with its own seed, so extending the cache later
-    gives exactly the records a single long run would have given.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer, prompts: list[str], seed: int, settings: dict):
-        self.model, self.tokenizer, self.prompts, self.seed, self.settings = model, tokenizer, prompts, seed, settings
-        key = _digest({"model": _model_fingerprint(model), "vocab": len(tokenizer),
-                       "template": getattr(tokenizer, "chat_template", None) or "", "prompts": prompts,
-                       "seed": seed, **settings, "format": 1})
-        self.dir = cache_dir() / "data" / "selfgen" / key
-        self.records: list[dict] = self._read_cache()
-
-    def _read_cache(self) -> list[dict]:
-        records = []
-        for b in range(10**9):
-            path = self.dir / f"batch-{b:06d}.jsonl"
-            if not path.exists():
-                break
-            try:
-                batch = [json.loads(line) for line in path.read_text().splitlines()]
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                log.warning("selfgen cache %s unreadable (%s): regenerating from there", path, exc)
-                break
-            records.extend(batch)
-        return records
-
-    def texts(self, limit: int, unit: str, progress: ProgressFn | None = None) -> list[str]:
-        """The first records whose total `unit` ("tokens", "chars" or "docs") reaches limit; generates the rest."""
-        def covered() -> tuple[int, int]:  # (records needed, amount they hold)
-            total = 0
-            for i, r in enumerate(self.records):
-                if total >= limit:
-                    return i, total
-                total += 1 if unit == "docs" else r[unit]
-            return len(self.records), total
-
-        needed, have = covered()
-        while have < limit:
-            started = time.perf_counter()
-            made = self._generate_batch()
-            log.info("selfgen: %d tokens in %.1f s (%.1f tokens/s) -> %s", made, time.perf_counter() - started,
-                     made / max(time.perf_counter() - started, 1e-9), self.dir)
-            needed, have = covered()
-            if progress is not None:
-                progress(min(have, limit), limit)
-        return [r["text"] for r in self.records[:needed]]
-
-    def iterate(self, first_tokens: int, progress: ProgressFn | None) -> Iterator[str]:
-        """Documents in order, generated lazily: first enough for first_tokens, then 25% more at a time."""
-        target, given = max(1, first_tokens), 0
-        while True:
-            texts = self.texts(target, "tokens", progress)
-            yield from texts[given:]
-            given = len(texts)
-            target = int(target * 1.25) + 1
-
-    def _prompt_order(self, start: int, count: int) -> list[str]:
-        n = len(self.prompts)
-        out = []
-        for k in range(start, start + count):
-            perm = list(range(n))
-            random.Random(f"{self.seed}:{k // n}").shuffle(perm)
-            out.append(self.prompts[perm[k % n]])
-        return out
-
-    def _generate_batch(self) -> int:
-        """Sample the next batch of records, cache it, return how many tokens it generated."""
-        batch_size = int(self.settings["batch_size"])
-        b = len(self.records) // batch_size
-        prompts = self._prompt_order(b * batch_size, batch_size)
-        tok = self.tokenizer
-        chats = [_prompt_text(tok, p) for p in prompts]
-        enc = tok(chats, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        device = next(self.model.parameters()).device
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
-            torch.manual_seed(int.from_bytes(hashlib.sha256(f"{self.seed}:{b}".encode()).digest()[:7], "big"))
-            out = self.model.generate(input_ids=enc["input_ids"].to(device),
-                                      attention_mask=enc["attention_mask"].to(device),
-                                      do_sample=True, temperature=float(self.settings["temperature"]),
-                                      top_p=float(self.settings["top_p"]),
-                                      max_new_tokens=int(self.settings["max_new_tokens"]), pad_token_id=pad)
-        width = enc["input_ids"].shape[1]
-        batch = []
-        for i, prompt in enumerate(prompts):
-            prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-            reply_ids = out[i, width:].tolist()
-            end = next((j + 1 for j, t in enumerate(reply_ids) if t in eos_ids), None)
-            reply_ids = reply_ids[:end] if end else reply_ids
-            text = tok.decode(prompt_ids + reply_ids, skip_special_tokens=False)
-            batch.append({"index": b * batch_size + i, "prompt": prompt, "finished": end is not None,
-                          "reply": tok.decode(reply_ids, skip_special_tokens=True), "text": text,
-                          "tokens": len(prompt_ids) + len(reply_ids), "chars": len(text)})
-        _atomic_write(self.dir / f"batch-{b:06d}.jsonl", "".join(json.dumps(r) + "\n" for r in batch))
-        self.records = self.records[: b * batch_size] + batch
-        return int(sum(r["tokens"] for r in batch) - enc["attention_mask"].sum())
-
-
-def _prompt_text(tokenizer, prompt: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-    return prompt + "\n\n"
-
-
-def _model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of the weights: every parameter's name, shape and 64 sampled values."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-            h.update(f"{name}{tuple(p.shape)}".encode())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()
+    return (SelfGenStream(model, tokenizer, [p for p in prompts if p not in heldout], seed, settings),
+            SelfGenStream(model, tokenizer, [p for p in prompts if p in heldout], seed, settings))
 
 
 # ---------------------------------------------------------------- tokens
 
-def _take(texts: Iterator[str], tokenizer, num_tokens: int) -> list[list[int]]:
-    """Tokenize documents, one at a time (a lazy source generates no more than needed), until
-    they hold num_tokens, counting one EOS after each."""
+def _take(texts: Iterator[str], tokenizer, num_tokens: int) -> list[tuple[str, list[int]]]:
+    """(text, token ids) of documents until they hold num_tokens, counting one EOS after each.
+
+    One document at a time, so a lazy source (selfgen) generates no more than needed.
+    """
     out, total = [], 0
     while total < num_tokens:
         text = next(texts, None)
         if text is None:
             break
-        out.append(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        total += len(out[-1]) + 1
+        out.append((text, tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]))
+        total += len(out[-1][1]) + 1
     return out
 
 
-def _take_texts(texts: Iterator[str], tokenizer, num_tokens: int) -> list[str]:
-    """Like _take, but return the documents themselves."""
-    taken = []
-    total = 0
-    while total < num_tokens:
-        text = next(texts, None)
-        if text is None:
-            break
-        taken.append(text)
-        total += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) + 1
-    return taken
-
-
-def _pack(docs: list[list[int]], tokenizer, seq_len: int, num_tokens: int) -> torch.LongTensor:
-    """Join token lists with EOS and cut into full rows of seq_len: (rows, seq_len)."""
+def _pack(docs: list[tuple[str, list[int]]], tokenizer, seq_len: int, num_tokens: int) -> torch.LongTensor:
+    """Join the documents' token ids with EOS and cut into full rows of seq_len: (rows, seq_len)."""
     if seq_len < 1 or num_tokens < seq_len:
         raise DataError(f"num_tokens ({num_tokens}) must be at least seq_len ({seq_len}) and seq_len >= 1.")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents: set tokenizer.eos_token.")
-    flat = [t for ids in docs for t in (*ids, eos)]
+    flat = [t for _, ids in docs for t in (*ids, eos)]
     rows = min(num_tokens, len(flat)) // seq_len
     if rows == 0:
         raise DataError(f"the text holds only {len(flat)} tokens, fewer than one row of {seq_len}: "
@@ -599,21 +468,3 @@ def _pack(docs: list[list[int]], tokenizer, seq_len: int, num_tokens: int) -> to
     if rows < num_tokens // seq_len:
         log.warning("only %d tokens of text: %d rows instead of %d", len(flat), rows, num_tokens // seq_len)
     return torch.tensor(flat[: rows * seq_len], dtype=torch.long).view(rows, seq_len)  # (B, T)
-
-
-# ---------------------------------------------------------------- files
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

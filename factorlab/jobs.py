@@ -10,7 +10,6 @@ very end, after their last `check_cancel()`, and update metrics only with `runs.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import threading
@@ -86,16 +85,16 @@ class _Job:
     started: float | None = None
     finished: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
-    # where the current phase began (time.monotonic(), step, tokens): rates and ETA are per phase
+    # where the current phase began (progress_clock(), step, tokens): rates and ETA are per phase
     phase_base: tuple[float, int, int] = (0.0, 0, 0)
 
     def snapshot(self) -> JobInfo:
         progress = {**self.progress, "losses": dict(self.progress["losses"])}
         if self.started is not None:  # elapsed time runs on between reports
             progress["elapsed_s"] = (self.finished or time.time()) - self.started
-        return JobInfo(self.id, self.kind, self.name, self.state, copy.deepcopy(self.params),
+        return JobInfo(self.id, self.kind, self.name, self.state, dict(self.params),
                        progress, list(self.history),
-                       self.error, self.traceback, copy.deepcopy(self.result),
+                       self.error, self.traceback, None if self.result is None else dict(self.result),
                        self.created, self.started, self.finished)
 
 
@@ -145,8 +144,12 @@ class JobManager:
         self._worker: threading.Thread | None = None
 
     def submit(self, kind: str, name: str, fn: Callable[[JobContext], dict], params: dict | None = None) -> str:
-        """Queue a job and return its id; it runs after every job submitted before it."""
-        job = _Job(uuid.uuid4().hex[:12], kind, name, fn, copy.deepcopy(params or {}))
+        """Queue a job and return its id; it runs after every job submitted before it.
+
+        params: a small JSON-able description shown by the UI (objects such as models travel in
+        the closure `fn`, not here). fn returns a JSON-able dict, the job's result.
+        """
+        job = _Job(uuid.uuid4().hex[:12], kind, name, fn, dict(params or {}))
         with self._cond:
             self._jobs[job.id] = job
             self._queue.append(job)
