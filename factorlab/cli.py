@@ -291,7 +291,7 @@ def add_eval(sub) -> None:
 
     p = sub.add_parser("eval", help="benchmarks scored like lm-evaluation-harness: dense vs a run at each K")
     p.add_argument("name", nargs="?", default=None, help="run name (omit with --dense-only)")
-    p.add_argument("--tasks", default="all", help=f"comma-separated, or 'all': {','.join(TASK_NAMES)}")
+    p.add_argument("--tasks", default="all", help=f"comma-separated, or 'all' ({', '.join(TASK_NAMES)})")
     p.add_argument("--k", default=None, help="K values, e.g. '1,2,4', or 'all' (default: the run's K)")
     p.add_argument("--limit", type=int, default=None, help="a seeded fixed subset of this many items per task")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
@@ -299,7 +299,7 @@ def add_eval(sub) -> None:
                    "(a saved dataset or .jsonl files with the Hub's field names)")
     p.add_argument("--batch-size", type=int, default=16, help="documents per forward")
     p.add_argument("--dense-only", action="store_true", help="score the dense model alone (no run)")
-    p.add_argument("--model", default="default", help="with --dense-only: the model to score")
+    p.add_argument("--model", default=None, help="with --dense-only: the model to score (default: 'default')")
     p.add_argument("--no-store", action="store_true", help="do not merge the results into the run's metrics.json")
     _runs_dir(p)
     _add_json(p)
@@ -354,9 +354,11 @@ def cmd_eval(args) -> int:
 
     tasks = parse_tasks(args.tasks)
     if args.dense_only:
-        loaded, moe, ks, run = load_model(args.model), None, [], None
+        loaded, moe, ks, run = load_model(args.model or "default"), None, [], None
     elif not args.name:
         raise CliError("give a run NAME, or --dense-only to score the dense model alone")
+    elif args.model:
+        raise CliError("--model goes with --dense-only; a run is scored with the model it was made from")
     else:
         run = load_run(args.name, args.runs_dir)
         loaded = load_model(run.config["model"])
@@ -365,7 +367,7 @@ def cmd_eval(args) -> int:
         ks = _parse_ks(args.k, run.config.get("top_k", 1), num_experts)
     sweep = run_sweep(loaded.model, loaded.tokenizer, moe, tasks, ks, args.limit, args.seed, args.data_dir,
                       args.batch_size, progress=sys.stderr.isatty())
-    sweep["model"] = run.config["model"] if run else args.model
+    sweep["model"] = run.config["model"] if run else (args.model or "default")
     sweep["run"] = run.name if run else None
     if run and not args.no_store:
         store_eval(run.name, sweep, args.runs_dir)

@@ -18,6 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .flops import flops_per_token
+from .models import model_info
+from .moe import factorized_layers, set_top_k
+from .runs import load_run, update_metrics
 from .tasks import TaskData, load_task, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -46,32 +50,55 @@ def max_length(model: nn.Module) -> int:
     return 2048
 
 
-# ---- packed scoring: one sequence per shared context, one branch per continuation ----
+# ---- packed scoring: one sequence per group of requests, their common prefix once, one branch each ----
 @dataclass
 class Packed:
-    """A context followed by branches (each continuation minus its last token, which is never input)."""
+    """A shared prefix followed by branches: each request's input (context + continuation[:-1]) after it."""
     tokens: list[int]
     positions: list[int]
-    branch: list[int]  # -1 for the context, else the branch number
+    branch: list[int]  # -1 for the shared prefix, else the branch number
     targets: list[tuple[int, int, int]] = field(default_factory=list)  # (request, source position, token)
 
 
-def pack(encoded: Sequence[tuple[list[int], list[int]]], limit: int) -> list[Packed]:
-    """Group requests by identical context tokens, longest first. Like lm-eval, a request longer than
-    limit + 1 tokens loses context tokens from the left."""
-    groups: dict[tuple[int, ...], Packed] = {}
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
+def pack(groups: Sequence[Sequence[tuple[int, list[int], list[int]]]], limit: int) -> list[Packed]:
+    """One packed sequence per group of (request, context, continuation) tokens, longest first. Like
+    lm-eval, a request longer than limit + 1 tokens loses context tokens from the left."""
+    packed = []
+    for group in groups:
+        inputs = []
+        for r, ctx, cont in group:
+            if not ctx or not cont:
+                raise ValueError(f"request {r} has an empty context or continuation after tokenization")
+            ctx = ctx[max(0, len(ctx) + len(cont) - limit - 1):]
+            inputs.append((r, ctx + cont[:-1], len(ctx), cont))
+        shared = _common_prefix([x for _, x, _, _ in inputs])
+        p = Packed(inputs[0][1][:shared], list(range(shared)), [-1] * shared)
+        for b, (r, x, ctx_len, cont) in enumerate(inputs):
+            start = len(p.tokens) - shared  # where this branch's own tokens begin, minus the prefix
+            p.tokens += x[shared:]
+            p.positions += range(shared, len(x))
+            p.branch += [b] * (len(x) - shared)
+            # token j of the continuation is predicted at input position ctx_len - 1 + j
+            sources = [q if q < shared else start + q for q in range(ctx_len - 1, ctx_len - 1 + len(cont))]
+            p.targets += [(r, s, t) for s, t in zip(sources, cont)]
+        packed.append(p)
+    return sorted(packed, key=lambda p: -len(p.tokens))
+
+
+def group_by_context(encoded: Sequence[tuple[list[int], list[int]]]) -> list[list[tuple[int, list[int], list[int]]]]:
+    """Requests with identical context tokens in one group (lm-eval's multiple-choice requests)."""
+    groups: dict[tuple[int, ...], list] = {}
     for r, (ctx, cont) in enumerate(encoded):
-        if not ctx or not cont:
-            raise ValueError(f"request {r} has an empty context or continuation after tokenization")
-        ctx = ctx[max(0, len(ctx) + len(cont) - limit - 1):]
-        p = groups.setdefault(tuple(ctx), Packed(list(ctx), list(range(len(ctx))), [-1] * len(ctx)))
-        start, b = len(p.tokens), max(p.branch) + 1
-        p.tokens += cont[:-1]
-        p.positions += range(len(ctx), len(ctx) + len(cont) - 1)
-        p.branch += [b] * (len(cont) - 1)
-        sources = [len(ctx) - 1] + list(range(start, start + len(cont) - 1))
-        p.targets += [(r, s, t) for s, t in zip(sources, cont)]
-    return sorted(groups.values(), key=lambda p: -len(p.tokens))
+        groups.setdefault(tuple(ctx), []).append((r, ctx, cont))
+    return list(groups.values())
 
 
 def tree_mask(branches: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,7 +154,7 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
                    progress: bool = False) -> list[float]:
     """lm-eval's loglikelihood: the summed log-probability of each continuation given its context."""
     encoded = [encode_pair(tokenizer, c, x) for c, x in requests]
-    return score_packed(model, pack(encoded, max_length(model)), len(encoded), batch_size, progress)
+    return score_packed(model, pack(group_by_context(encoded), max_length(model)), len(encoded), batch_size, progress)
 
 
 # ---- task metrics ----
@@ -200,7 +227,11 @@ def prepare(tokenizer, task: TaskData, limit: int = 2048) -> PreparedTask:
         raise ValueError(f"task {task.name} has no items to score")
     encoded = [encode_pair(tokenizer, c, x) for it in task.items for c, x in it.requests]
     mean_tokens = sum(len(c) + len(x) for c, x in encoded) / len(encoded)
-    return PreparedTask(task, pack(encoded, limit), [len(it.requests) for it in task.items], mean_tokens)
+    groups, r = [], 0
+    for it in task.items:  # one packed sequence per document (Winogrande's two contexts share their prefix)
+        groups.append([(r + j, *encoded[r + j]) for j in range(len(it.requests))])
+        r += len(it.requests)
+    return PreparedTask(task, pack(groups, limit), [len(it.requests) for it in task.items], mean_tokens)
 
 
 def score_prepared(model: nn.Module, prepared: PreparedTask, batch_size: int = 16, progress: bool = False,
@@ -236,9 +267,6 @@ def above_chance(factorized: float, dense: float, chance: float) -> float | None
 
 
 def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int | None = None) -> float:
-    from .flops import flops_per_token
-    from .moe import factorized_layers
-
     if moe is None:
         return flops_per_token(info, seq_len)["total"] / 1e9
     layers = factorized_layers(moe)
@@ -274,10 +302,7 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
     "summary": summarize(...), "settings": {...}}. dense_cache (a dict the caller keeps per dense
     model) reuses dense scores across sweeps. Leaves the factorized model at its original K.
     """
-    from .models import model_info
-    from .moe import factorized_layers, set_top_k
-
-    names = parse_tasks(list(tasks) if not isinstance(tasks, str) else tasks)
+    names = parse_tasks(tasks if isinstance(tasks, str) else list(tasks))
     ks = [int(k) for k in ks] if moe is not None else []
     if moe is not None and not ks:
         raise ValueError("give at least one K to score the factorized model at (e.g. ks=[1, 2])")
@@ -303,6 +328,8 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
             if keys[name] not in cache:
                 cache[keys[name]] = score_prepared(dense, prep, batch_size, progress, step(f"{name} dense"))
             d = cache[keys[name]]
+            log.info("%s dense: acc %.4f, %s %.4f on %d items (%.1f s)", name, d.acc, prep.task.spec.main_metric,
+                     d.main, d.n, d.seconds)
             seq_len = max(1, round(prep.mean_tokens))
             entry = {"n": d.n, "limit": limit, "seed": seed, "split": prep.task.split, "source": prep.task.source,
                      "chance": d.chance, "main_metric": prep.task.spec.main_metric, "flops_seq_len": seq_len,
@@ -310,6 +337,8 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
             for k in ks:
                 set_top_k(moe, k)
                 f = score_prepared(moe, prep, batch_size, progress, step(f"{name} K={k}"))
+                log.info("%s K=%d: acc %.4f, %s %.4f (%.1f s)", name, k, f.acc, prep.task.spec.main_metric, f.main,
+                         f.seconds)
                 entry["k"][str(k)] = {**f.as_dict(), "relative": relative(f.main, d.main),
                                       "relative_acc": relative(f.acc, d.acc),
                                       "above_chance": above_chance(f.main, d.main, d.chance),
@@ -325,8 +354,6 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
 def store_eval(run_name: str, sweep: dict, root: str | Path | None = None) -> dict:
     """Merge a sweep into the run's metrics.json under "eval": other tasks and K values are kept; a
     task scored on different items (limit, seed, split, n) replaces the old entry. Returns the merged eval."""
-    from .runs import load_run, update_metrics
-
     current = load_run(run_name, root).metrics.get("eval") or {}
     tasks = dict(current.get("tasks", {}))
     same = ("limit", "seed", "split", "n")

@@ -109,7 +109,8 @@ class FactorizedMLP(nn.Module):
 
     def dispatch(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Run only the selected experts: sum_k weights[t,k] * E_{index[t,k]}(x_t), (T, H) -> (T, H)."""
-        if torch.is_grad_enabled():  # training: out-of-place ops that autograd can follow
+        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or self.gate_up.requires_grad
+                                        or self.down.requires_grad):  # training: ops autograd can follow
             return self._dispatch_sorted(x, top_k_index, weights, self._experts_autograd)
         if top_k_index.shape[0] == 1:  # decode: read only the K selected experts' weights
             if x.device.type == "cpu":  # CPU: indexing by Python ints costs no device sync

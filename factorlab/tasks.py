@@ -189,7 +189,8 @@ def _read_folder(path: Path, split: str) -> list[dict] | None:
         return _read_saved(path, split)
     if (path / f"{split}.jsonl").exists():
         return _read_jsonl(path / f"{split}.jsonl")
-    files = sorted(path.glob("*.jsonl"))
+    other_splits = {"train", "dev", "validation", "test"} - {split}  # never score another split's items
+    files = sorted(f for f in path.glob("*.jsonl") if f.stem not in other_splits)
     return [doc for f in files for doc in _read_jsonl(f)] if files else None
 
 
@@ -200,7 +201,7 @@ def _mmlu_from_folder(path: Path, split: str) -> list[dict] | None:
         found = _read_folder(sub, split)
         docs += [{**d, "subject": d.get("subject") or sub.name} for d in found or []]
     if not docs:
-        for f in sorted(path.glob("*.jsonl")):
+        for f in sorted(path.glob("*.jsonl")):  # one file per subject, or a `subject` field
             docs += [{**d, "subject": d.get("subject") or f.stem} for d in _read_jsonl(f)]
     return docs or None
 

@@ -190,8 +190,11 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
         raise ValueError("the training K and the run's K differ: set both to the same value")
     loaded = loaded or load_model(spec.model)
     emit({"phase": "data", "message": f"preparing {data.train_tokens} training tokens from {data.source}"})
-    train_ids, heldout_ids = load_data(loaded, data, spec.seed, lambda done, wanted: emit(
-        {"phase": "data", "message": f"generating training text: {done}/{wanted}"}))
+    def data_progress(done: int, wanted: int) -> None:
+        check()  # raising here drops the batch being generated cleanly
+        emit({"phase": "data", "message": f"generating training text: {done}/{wanted}"})
+
+    train_ids, heldout_ids = load_data(loaded, data, spec.seed, data_progress)
     check()
     emit({"phase": "factorize", "message": f"{spec.split} split into {spec.num_experts} experts"})
     start = time.perf_counter()

@@ -1,0 +1,583 @@
+"""factorlab lab: factorize an LM's FFNs into experts, train the router with PAR, and look inside.
+
+Layout and wiring only; everything shown comes from factorlab (lab, viz, chat). Run:
+    python app.py            # http://127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override)
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from factorlab import lab, viz
+from factorlab.chat import ModelHandle, Sampling, side_by_side, stream_reply, to_messages
+from factorlab.factorize import STRATEGIES
+from factorlab.jobs import get_manager
+from factorlab.models import hub_reachable
+from factorlab.moe import OUTPUT_MODES
+from factorlab.tasks import TASK_NAMES
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EXAMPLES = json.loads((ASSETS / "examples.json").read_text())
+ROUTING_EXAMPLES = {e["label"]: e["text"] for e in EXAMPLES["routing"]}
+POLL_SECONDS = float(os.environ.get("FACTORLAB_POLL_SECONDS", "1.0"))
+CHAT_CONCURRENCY = int(os.environ.get("FACTORLAB_CHAT_CONCURRENCY", "4"))
+THEME = gr.themes.Soft(primary_hue="orange", secondary_hue="blue")
+JOB_COLUMNS = ["job", "kind", "name", "state", "progress", "elapsed", "error"]
+CSS = (ASSETS / "style.css").read_text()
+
+
+def gpu(fn):
+    """@spaces.GPU on Hugging Face ZeroGPU Spaces only (SPACES_ZERO_GPU set); a no-op elsewhere."""
+    if not lab.env_flag("SPACES_ZERO_GPU"):
+        return fn
+    import spaces
+
+    return spaces.GPU(fn)
+
+
+def shown(fn):
+    """Turn errors the user can fix into a gr.Error message in the page; bugs still raise."""
+    def convert(exc: Exception) -> Exception:
+        message = lab.user_message(exc)
+        return exc if message is None or isinstance(exc, gr.Error) else gr.Error(message, print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args):
+            try:
+                yield from fn(*args)
+            except Exception as exc:  # noqa: BLE001 - re-raised, as a message when it is the user's to fix
+                raise convert(exc) from exc
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args):
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - re-raised, as a message when it is the user's to fix
+            raise convert(exc) from exc
+    return call
+
+
+# ---------------------------------------------------------------- handlers: page, runs, jobs
+def page_load(run):
+    """A fresh page: the newest run becomes current; say whether the Hub is reachable."""
+    run = run or lab.newest_run()
+    hub = ("Hub reachable: Hub ids download on first use." if hub_reachable() else
+           "Offline: the Hub cannot be reached, so use the embedded default model or a local folder.")
+    names = lab.run_names()
+    return run, hub, gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), \
+        gr.Dropdown(choices=names, value=run if run in names else None)
+
+
+def run_changed(run):
+    """Point every tab at the current run: sliders sized to its N and layers, task list, summary."""
+    if not run:
+        return (lab.describe_run(None), k_slider(2, 1), gr.Slider(minimum=0, maximum=1, value=0), k_slider(2, 1),
+                gr.Dropdown(choices=[], value=None), k_slider(2, 1), gr.Dropdown(choices=[], value=None))
+    shape = lab.run_shape(run)
+    n, k, layers = shape["num_experts"], shape["top_k"], shape["layers"]
+    tasks = lab.tradeoff_tasks(run)
+    return (lab.describe_run(run), k_slider(n, k), gr.Slider(minimum=0, maximum=max(1, n - 1), value=0, step=1),
+            k_slider(n, k), gr.Dropdown(choices=layers, value=layers[len(layers) // 2]), k_slider(n, k),
+            gr.Dropdown(choices=tasks, value=tasks[0] if tasks else None))
+
+
+def k_slider(n: int, k: int):
+    """A K slider over 1..N (Gradio needs minimum < maximum, hence at least 1..2)."""
+    return gr.Slider(minimum=1, maximum=max(2, n), value=k, step=1)
+
+
+def load_run(name):
+    if not name:
+        raise lab.LabError("choose a run in the list first")
+    lab.run_shape(name)  # a missing or corrupt run fails here, with its reason
+    return name, f"Loaded `{name}`: the Routing, Trade-offs and Chat tabs now use it."
+
+
+def delete_run(name, run):
+    lab.delete(name)
+    names = lab.run_names()
+    current = None if run == name else run
+    return (gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=names, value=None),
+            current, f"Deleted `{name}`.")
+
+
+def refresh_runs():
+    return gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=lab.run_names())
+
+
+def factorize(model, n, k, split, layers, output_mode, seed, shared, calibration):
+    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration)
+    text, rows = lab.quick_factorize(spec)
+    return text, gr.Dataframe(value=rows, headers=["model", "FFN GFLOPs/token", "total GFLOPs/token", "FFN vs dense",
+                                                   "total vs dense"])
+
+
+def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, calibration, mode, data_kind,
+                   upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name, gate_up, e2e):
+    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration)
+    job_id = lab.start_training(spec, lab.TRAIN_MODES.get(mode, mode), lab.DATA_SOURCES.get(data_kind, data_kind),
+                                upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
+                                gate_up, e2e)
+    poll = {**(poll or {}), "started": [*(poll or {}).get("started", []), job_id], "key": None}
+    view = lab.job_view(get_manager().get(job_id))
+    return poll, viz.progress_html(view), f"Queued training job `{job_id}` → run `{view['name']}`."
+
+
+def cancel_job():
+    job = get_manager().active()
+    if job is None or job.is_finished:
+        raise lab.LabError("no job is queued or running")
+    get_manager().cancel(job.id)
+    return f"Cancel requested for {job.kind} job `{job.id}`: it stops within one step; no run is half-written."
+
+
+def poll_jobs(poll, run, version):
+    """Timer tick: redraw job views only when something changed; adopt a run this page trained."""
+    manager = get_manager()
+    jobs = manager.jobs()
+    active = manager.active()
+    train = next((j for j in jobs if j.kind == "train"), None)
+    finished = [j.id for j in jobs if j.is_finished]
+    key = [getattr(active, "id", None), getattr(active, "state", None), len(getattr(active, "history", [])),
+           getattr(train, "id", None), len(getattr(train, "history", [])), finished]
+    poll = dict(poll or {})
+    if poll.get("key") == key:
+        return (gr.skip(),) * 8
+    for job in jobs:
+        if job.id in poll.get("started", []) and job.kind == "train" and job.state == "done" \
+                and job.id not in poll.get("adopted", []):
+            run = job.result["run"]
+            poll["adopted"] = [*poll.get("adopted", []), job.id]
+    runs_changed = finished != poll.get("finished")
+    poll.update(key=key, finished=finished)
+    loss = viz.loss_figure(train.history, f"training losses — {train.name} ({train.state})") if train else \
+        viz.loss_figure([])
+    jobs_df = gr.Dataframe(value=lab.job_rows(), headers=JOB_COLUMNS)
+    if not runs_changed:
+        return poll, run, viz.progress_html(lab.job_view(active)), loss, jobs_df, gr.skip(), gr.skip(), gr.skip()
+    return (poll, run, viz.progress_html(lab.job_view(active)), loss, jobs_df,
+            gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=lab.run_names()),
+            (version or 0) + 1)
+
+
+# ---------------------------------------------------------------- handlers: routing
+@gpu
+def route(run, text, k, colour, expert):
+    trained = lab.route(run, text, k, trained=True)
+    untrained = lab.route(run, text, k, trained=False)
+    mode = lab.run_shape(run)["mode"]
+    label = "PAR-trained router" if mode != "none" else "this run's router (untrained: mode none)"
+    no_par = "no PAR (untrained router, same partition)"
+    entropy = viz.entropy_figure(trained.layers, {label: trained.load_entropy(), no_par: untrained.load_entropy()})
+    n = trained.num_experts
+    note = (f"{len(trained.tokens)} tokens × {len(trained.layers)} factorized layers at K={int(k)} of {n} "
+            f"(texts are cut at {lab.MAX_ROUTE_TOKENS} tokens). Mean load entropy: "
+            f"{sum(trained.load_entropy()) / len(trained.layers):.3f} ({label}) vs "
+            f"{sum(untrained.load_entropy()) / len(untrained.layers):.3f} (no PAR); 1 = even, 0 = collapsed.")
+    return (trained, heatmap(trained, colour, expert), viz.load_figure(trained.loads(), n, f"expert load — {label}"),
+            entropy, note)
+
+
+def heatmap(routing, colour, expert):
+    if routing is None:
+        return viz.empty_figure("route a text to see its heatmap")
+    chosen = None if colour == "top-1 expert" else min(int(expert), routing.num_experts - 1)
+    return viz.routing_heatmap(routing.tokens, routing.layers, routing.top_k_index, routing.probs,
+                               routing.num_experts, chosen)
+
+
+def last_turn(moe_history, dense_history):
+    messages = to_messages(moe_history) or to_messages(dense_history)
+    if not messages:
+        raise lab.LabError("the chat is empty: send a message in the Chat tab first")
+    return "\n".join(m["content"] for m in messages[-2:])
+
+
+# ---------------------------------------------------------------- handlers: trade-offs
+def tradeoffs(run, task, k, seq_len):
+    """Redraw from stored results only (no model runs here)."""
+    start = time.perf_counter()
+    if not run:
+        empty = viz.empty_figure("load a run first")
+        return empty, gr.Dataframe(value=[]), empty, "", gr.Dataframe(value=[]), ""
+    view = lab.tradeoff_view(run, task, int(k), int(seq_len))
+    plot = viz.tradeoff_figure(view["points"], int(k), view["metric"], f"{task or 'no results yet'}")
+    flops = viz.flops_figure(view["flops"], int(seq_len))
+    if view["bench"] is None:
+        bench_md = "**No benchmark yet: run one** (button below) to measure prefill and decode speed on this machine."
+        bench = gr.Dataframe(value=[])
+    else:
+        bench_md = ("**Measured speed** (median wall-clock ratios dense / factorized on this machine; "
+                    "limit = the FLOPs bound).")
+        bench = gr.Dataframe(value=view["bench"], headers=lab.BENCH_COLUMNS)
+    ms = 1000 * (time.perf_counter() - start)
+    return (plot, gr.Dataframe(value=view["rows"], headers=view["headers"]), flops, bench_md, bench,
+            f"Redrawn from stored results in {ms:.0f} ms (server side).")
+
+
+def tradeoff_choices(run):
+    tasks = lab.tradeoff_tasks(run)
+    return gr.Dropdown(choices=tasks, value=tasks[0] if tasks else None)
+
+
+def start_eval(run, tasks, limit):
+    job_id = lab.start_eval(run, tasks, limit)
+    return f"Queued evaluation job `{job_id}`; the plot updates when it finishes."
+
+
+def start_bench(run, prefill, decode, repeats):
+    job_id = lab.start_bench(run, prefill, decode, repeats)
+    return f"Queued benchmark job `{job_id}`; the speed table updates when it finishes."
+
+
+# ---------------------------------------------------------------- handlers: chat
+def _stats(label: str, step, ffn: float, dense_ffn: float) -> str:
+    rate = f"{step.tokens_per_s:.1f} tokens/s" if step.tokens_per_s else "… tokens/s"
+    share = f" ({ffn / dense_ffn:.0%} of dense)" if ffn != dense_ffn else ""
+    return (f"<div class='fl-stats'><b>{label}</b> · {step.new_tokens} tokens · {rate} · prefill "
+            f"{step.prefill_s:.2f} s · active FFN <b>{ffn:.3f}</b> GFLOPs/token{share}</div>")
+
+
+def _stream(dense_history, moe_history, message, run, temperature, top_p, max_new, seed, k, colour, layer):
+    sampling = Sampling(float(temperature), float(top_p), lab._int(max_new, "max new tokens"), lab._int(seed, "seed"))
+    user = {"role": "user", "content": message}
+    dense_history = [*dense_history, user, {"role": "assistant", "content": ""}]
+    moe_history = [*moe_history, user, {"role": "assistant", "content": ""}]
+    shape = lab.run_shape(run) if run else None
+    model = shape["model"] if shape else "default"
+    dense_ffn = lab.dense_ffn_gflops(model)
+    left = stream_reply(lab.dense_handle(model), to_messages(dense_history[:-1]), sampling)
+    if shape:
+        k = max(1, min(int(k), shape["num_experts"]))
+        moe_ffn = lab.ffn_gflops(run, k)[1]
+        right = stream_reply(lab.run_handle(run), to_messages(moe_history[:-1]), sampling, top_k=k,
+                             trace=bool(colour))
+    else:
+        right = iter(())
+        moe_history[-1]["content"] = "No run loaded: train or load one in *Factorize & train* to compare."
+    for d, m in side_by_side(left, right):
+        dense_history[-1]["content"] = d.text
+        stats_moe, tokens = "", ""
+        if shape:
+            moe_history[-1]["content"] = m.text
+            stats_moe = _stats(f"factorized K={k} of {shape['num_experts']}", m, moe_ffn, dense_ffn)
+            if colour and layer is not None:
+                tokens = viz.tokens_html(m.pieces, m.experts, int(layer), shape["num_experts"])
+        yield "", dense_history, moe_history, _stats("dense", d, dense_ffn, dense_ffn), stats_moe, tokens
+
+
+def _last_user(history: list) -> int | None:
+    """Index of the last user message in a chatbot history."""
+    users = [i for i, m in enumerate(history) if (m.get("role") if isinstance(m, dict) else None) == "user"]
+    return users[-1] if users else None
+
+
+@gpu
+def chat(message, dense_history, moe_history, run, temperature, top_p, max_new, seed, k, colour, layer):
+    message = (message or "").strip()
+    if not message:
+        raise lab.LabError("type a message first")
+    yield from _stream(dense_history or [], moe_history or [], message, run, temperature, top_p, max_new, seed, k,
+                       colour, layer)
+
+
+@gpu
+def regenerate(dense_history, moe_history, run, temperature, top_p, max_new, seed, k, colour, layer):
+    dense_history, moe_history = list(dense_history or []), list(moe_history or [])
+    i = _last_user(dense_history)
+    if i is None:
+        raise lab.LabError("nothing to regenerate: send a message first")
+    message = to_messages([dense_history[i]])[0]["content"]
+    j = _last_user(moe_history)
+    seed = lab._int(seed, "seed") + 1  # a new sample (greedy decoding gives the same reply again)
+    for outputs in _stream(dense_history[:i], moe_history[:j] if j is not None else [], message, run, temperature,
+                           top_p, max_new, seed, k, colour, layer):
+        yield *outputs, seed
+
+
+def clear_chat():
+    return [], [], "", "", ""
+
+
+ABOUT = """
+## What is this?
+A **language model's feed-forward layers (FFNs) hold most of its weights and compute.** FactorLLM
+(arXiv [2408.11855](https://arxiv.org/abs/2408.11855)) cuts each FFN into **N experts** without changing a single
+weight, adds a small **router** that sends each token to only **K** of them, and trains the router with **PAR**
+(prior-approximate routing): the original FFN acts as the teacher and says which experts' outputs come closest
+to its own. With K < N each token uses K/N of the FFN's compute.
+
+{diagram}
+
+## The tabs
+1. **Factorize & train.** Pick a model, N, K, how neurons are grouped (*contiguous* as FactorLLM's code, *random*,
+   or *cluster*: neurons that fire together share an expert), which layers, and the output rule (*scaled*: each
+   chosen expert counts N/K, as FactorLLM; *gated*: weighted by router probabilities). *Factorize + exactness
+   check* proves the cut is lossless: at K = N the logits equal the dense model's (max difference about 1e-4: fp32
+   rounding). *Start training* runs a background job (one at a time; every browser sees it): the bar shows step,
+   tokens/s (training tokens passed through one layer step per second), elapsed time and ETA; the plot shows the
+   router loss, balance loss and distillation error per layer. A finished job is saved as a run
+   (`runs/<name>/`), listed with its held-out perplexity and agreement with dense.
+2. **Routing.** Every token (columns) at every factorized layer (rows), coloured by the expert it is sent to
+   first, or by one expert's router probability. Hover for the chosen experts and probabilities. Beside it: the
+   share of tokens each expert receives per layer, and the **load entropy** of the PAR router against the same
+   partition with an untrained router ("no PAR", FactorLLM's Ex0): 1 means tokens spread evenly, 0 means one
+   expert takes everything (collapse).
+3. **Trade-offs.** Accuracy (or relative maintenance = factorized / dense score on the same items) against
+   compute. FLOPs are **analytic**, from the real shapes, 2 per multiply-add, per token at the chosen sequence
+   length; the stacked bar splits them into attention projections, attention scores (grow with length), FFN,
+   router and lm_head, so you can see why halving the FFN does not halve the model. Accuracies are benchmark
+   items scored as lm-evaluation-harness does (log-likelihood of each choice; `acc_norm` divides by its length),
+   on a seeded subset; ± is the standard error. Where the dense model is at or below chance (BoolQ, Winogrande
+   for small models) *above-chance retention* is undefined and left out of the mean; the headline mean caps each
+   task at 100%. Speed ratios are **measured** on this machine (median of alternating repeats), never derived.
+4. **Chat.** The same prompt, chat template, sampling settings and seed go to the dense model (left) and the
+   factorized one at the K you choose (right). Under each: decode tokens/s and the active FFN GFLOPs per token.
+   Optionally colour the factorized reply's tokens by the expert they were sent to at one layer.
+
+## Where numbers come from
+- *max |logit diff|*: `factorlab.workflows.exactness_check`, fixed English sample.
+- *held-out perplexity / agreement / KL*: text never used for training, measured when the run was saved.
+- *evaluations*: `factorlab.evaluate`, stored in the run's `metrics.json` under `eval`; *speed*: `factorlab.bench`
+  under `bench`. The Trade-offs tab only reads these; the buttons add what is missing, in the background.
+"""
+
+
+# ---------------------------------------------------------------- layout
+with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
+    run_state = gr.State(None)  # this page's current run
+    poll_state = gr.State({})  # what this page last drew, and the jobs it started
+    runs_version = gr.State(0)  # bumped when a job finishes: stored results may have changed
+    routing_state = gr.State(None)  # the last routed text, to recolour without running the model
+    timer = gr.Timer(POLL_SECONDS)
+
+    with gr.Column(elem_classes="fl-header"):
+        gr.Markdown("# factorlab — turn a language model's FFNs into experts\n"
+                    "Cut each feed-forward layer into **N experts**, let a router pick **K** per token, train it "
+                    "with PAR, and see what it does to routing, accuracy, speed and chat. New here? Read **About**.")
+        current_md = gr.Markdown(lab.describe_run(None), elem_id="current-run")
+        job_html = gr.HTML(viz.progress_html(None), elem_id="job")
+
+    with gr.Tabs():
+        with gr.Tab("Factorize & train", id="train"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    model = gr.Dropdown(list(lab.MODEL_CHOICES), value="default", allow_custom_value=True,
+                                        label="Model", info="'default' = embedded SmolLM2-135M-Instruct (offline); "
+                                        "a Hub id; or a local folder path")
+                    hub_md = gr.Markdown()
+                    with gr.Row():
+                        n_box = gr.Number(4, precision=0, label="N experts", info="must divide the FFN width")
+                        k_box = gr.Number(2, precision=0, label="K active", info="1..N")
+                    split = gr.Radio(list(STRATEGIES), value="cluster", elem_id="split", label="Split strategy",
+                                     info="cluster: first use writes calibration text (about a minute on CPU)")
+                    layers = gr.Textbox("all", elem_id="layers", label="Layers", info="'all', or e.g. '0-3,10'")
+                    output_mode = gr.Radio(list(OUTPUT_MODES), value="scaled", label="Output mode")
+                    with gr.Accordion("Advanced", open=False):
+                        seed = gr.Number(0, precision=0, label="Seed")
+                        shared = gr.Number(0, precision=0, label="Shared neurons (always active)")
+                        calibration = gr.Number(4096, precision=0, label="Calibration tokens (cluster split)")
+                        heldout_tokens = gr.Number(2048, precision=0, elem_id="heldout-tokens", label="Held-out tokens")
+                        seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")
+                        gate_up = gr.Number(0, precision=0, label="gate/up Adam steps per layer")
+                        e2e = gr.Number(0, precision=0, label="End-to-end distillation steps")
+                    factorize_btn = gr.Button("Factorize + exactness check", elem_id="factorize")
+                    mode = gr.Radio(list(lab.TRAIN_MODES), value="router + experts (PAR)", label="Training")
+                    data_kind = gr.Radio(list(lab.DATA_SOURCES), value=list(lab.DATA_SOURCES)[0], label="Training text",
+                                         elem_id="data-kind")
+                    upload = gr.File(label="Upload .txt / .jsonl", file_types=[".txt", ".jsonl", ".md"],
+                                     type="filepath", height=120, visible=False)
+                    hub_id = gr.Textbox(label="Hub dataset", placeholder="HuggingFaceFW/fineweb-edu:sample-10BT",
+                                        visible=False)
+                    with gr.Row():
+                        train_tokens = gr.Number(8192, precision=0, elem_id="train-tokens", label="Train tokens")
+                        minutes = gr.Number(0, label="Minutes (0 = no limit)")
+                        router_steps = gr.Number(200, precision=0, elem_id="router-steps", label="Router steps / layer")
+                    run_name = gr.Textbox(label="Run name", elem_id="run-name",
+                                          placeholder="empty: a name from the settings")
+                    with gr.Row():
+                        start_btn = gr.Button("Start training", variant="primary", elem_id="start")
+                        cancel_btn = gr.Button("Cancel", variant="stop")
+                with gr.Column(scale=3):
+                    train_md = gr.Markdown("Factorize to check exactness and compute, or start a training job.",
+                                           elem_id="train-status")
+                    flops_df = gr.Dataframe(label="FLOPs per token by K (sequence length 512)", interactive=False,
+                                            headers=["model", "FFN GFLOPs/token", "total GFLOPs/token",
+                                                     "FFN vs dense", "total vs dense"])
+                    loss_plot = gr.Plot(viz.loss_figure([]), label="Training losses")
+                    jobs_df = gr.Dataframe(label="Jobs (this process)", interactive=False, headers=JOB_COLUMNS)
+            gr.Markdown("### Runs on disk")
+            runs_df = gr.Dataframe(label="Runs", interactive=False, wrap=True, headers=lab.RUN_COLUMNS)
+            with gr.Row():
+                run_pick = gr.Dropdown([], label="Run", scale=3, allow_custom_value=True)
+                load_btn = gr.Button("Load (make current)", variant="primary", scale=1)
+                delete_btn = gr.Button("Delete", variant="stop", scale=1)
+                refresh_btn = gr.Button("Refresh", scale=1)
+            runs_md = gr.Markdown()
+
+        with gr.Tab("Routing", id="routing"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    route_text = gr.Textbox(EXAMPLES["routing"][0]["text"], lines=4, label="Text to route")
+                    example = gr.Dropdown(list(ROUTING_EXAMPLES), label="Examples", value=None)
+                with gr.Column(scale=2):
+                    route_k = gr.Slider(1, 8, value=2, step=1, label="K (experts per token)")
+                    colour = gr.Radio(["top-1 expert", "router probability of one expert"], value="top-1 expert",
+                                      label="Colour by")
+                    expert = gr.Slider(0, 1, value=0, step=1, label="Expert (for the probability view)")
+                    with gr.Row():
+                        route_btn = gr.Button("Route", variant="primary", elem_id="route")
+                        chat_turn_btn = gr.Button("Use the last chat turn")
+            heatmap_plot = gr.Plot(viz.empty_figure("route a text to see its heatmap"), label="Routing heatmap",
+                                   elem_id="heatmap")
+            route_md = gr.Markdown()
+            with gr.Row():
+                load_plot = gr.Plot(label="Expert load")
+                entropy_plot = gr.Plot(label="PAR vs no PAR")
+
+        with gr.Tab("Trade-offs", id="tradeoffs"):
+            with gr.Row():
+                trade_k = gr.Slider(1, 8, value=2, step=1, label="K (highlighted)", elem_id="trade-k")
+                task = gr.Dropdown([], label="Task", allow_custom_value=True)
+                trade_seq = gr.Slider(16, 4096, value=512, step=16, label="Sequence length (FLOPs)")
+            with gr.Row():
+                trade_plot = gr.Plot(label="Accuracy vs compute", elem_id="trade-plot")
+                flops_plot = gr.Plot(label="FLOPs by component")
+            trade_df = gr.Dataframe(label="Per K", interactive=False, elem_id="trade-table")
+            bench_md = gr.Markdown()
+            bench_df = gr.Dataframe(label="Speed", interactive=False)
+            timing_md = gr.Markdown()
+            with gr.Row():
+                with gr.Column():
+                    eval_tasks = gr.CheckboxGroup(list(TASK_NAMES), value=["arc_easy"], label="Tasks to evaluate")
+                    eval_limit = gr.Number(100, precision=0, label="Items per task (seeded subset; 0 = all)")
+                    eval_btn = gr.Button("Run missing evaluations (background)")
+                with gr.Column():
+                    with gr.Row():
+                        bench_prefill = gr.Number(256, precision=0, label="Prefill tokens")
+                        bench_decode = gr.Number(32, precision=0, label="Decode tokens")
+                        bench_repeats = gr.Number(3, precision=0, label="Repeats")
+                    bench_btn = gr.Button("Run benchmark (background)")
+            trade_status = gr.Markdown()
+
+        with gr.Tab("Chat", id="chat"):
+            with gr.Row():
+                with gr.Column():
+                    chat_dense = gr.Chatbot(label="Dense (original model)", height=420)
+                    stats_dense = gr.HTML()
+                with gr.Column():
+                    chat_moe = gr.Chatbot(label="Factorized (current run)", height=420, elem_id="chat-moe")
+                    stats_moe = gr.HTML(elem_id="stats-moe")
+                    tokens_view = gr.HTML()
+            message = gr.Textbox(label="Message", elem_id="message", placeholder="Ask something; both models answer")
+            gr.Examples(EXAMPLES["chat"], inputs=message, label="Try")
+            with gr.Row():
+                send_btn = gr.Button("Send", variant="primary")
+                regen_btn = gr.Button("Regenerate")
+                clear_btn = gr.Button("Clear")
+            with gr.Row():
+                temperature = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                                        elem_id="temperature")
+                top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+                max_new = gr.Slider(1, 512, value=128, step=1, label="Max new tokens", elem_id="max-new")
+                chat_seed = gr.Number(0, precision=0, label="Seed")
+            with gr.Row():
+                chat_k = gr.Slider(1, 8, value=2, step=1, label="K for the next reply")
+                colour_tokens = gr.Checkbox(False, label="Colour the factorized reply by expert")
+                colour_layer = gr.Dropdown([], label="…at layer", allow_custom_value=True)
+
+        with gr.Tab("About", id="about"):
+            intro, rest = ABOUT.split("{diagram}")
+            gr.Markdown(intro)
+            gr.HTML(f"<div class='fl-diagram'>{(ASSETS / 'diagram.svg').read_text()}</div>")
+            gr.Markdown(rest)
+
+    # ---------------------------------------------------------------- wiring
+    run_outputs = [current_md, route_k, expert, trade_k, colour_layer, chat_k, task]
+    trade_inputs = [run_state, task, trade_k, trade_seq]
+    trade_outputs = [trade_plot, trade_df, flops_plot, bench_md, bench_df, timing_md]
+    factor_inputs = [model, n_box, k_box, split, layers, output_mode, seed, shared, calibration]
+    chat_settings = [run_state, temperature, top_p, max_new, chat_seed, chat_k, colour_tokens, colour_layer]
+    chat_outputs = [message, chat_dense, chat_moe, stats_dense, stats_moe, tokens_view]
+
+    data_kind.change(lambda kind: (gr.File(visible=lab.DATA_SOURCES.get(kind) == "upload"),
+                                   gr.Textbox(visible=lab.DATA_SOURCES.get(kind) == "hub")),
+                     data_kind, [upload, hub_id], api_name="data_source_toggle")
+    demo.load(shown(page_load), run_state, [run_state, hub_md, runs_df, run_pick], api_name="page_load")
+    run_state.change(shown(run_changed), run_state, run_outputs, api_name="run_changed").then(
+        shown(tradeoffs), trade_inputs, trade_outputs, api_name="run_changed_tradeoffs")
+    runs_version.change(shown(tradeoff_choices), run_state, task, api_name="results_changed").then(
+        shown(tradeoffs), trade_inputs, trade_outputs, api_name="results_changed_tradeoffs")
+    timer.tick(shown(poll_jobs), [poll_state, run_state, runs_version],
+               [poll_state, run_state, job_html, loss_plot, jobs_df, runs_df, run_pick, runs_version],
+               api_name="job_poll", show_progress="hidden", concurrency_limit=None)
+
+    factorize_btn.click(shown(gpu(factorize)), factor_inputs, [train_md, flops_df], api_name="factorize")
+    start_btn.click(shown(start_training),
+                    [poll_state, *factor_inputs, mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len,
+                     router_steps, minutes, run_name, gate_up, e2e],
+                    [poll_state, job_html, train_md], api_name="train_start", concurrency_limit=None)
+    cancel_btn.click(shown(cancel_job), None, train_md, api_name="job_cancel", concurrency_limit=None)
+    load_btn.click(shown(load_run), run_pick, [run_state, runs_md], api_name="run_load")
+    delete_btn.click(shown(delete_run), [run_pick, run_state], [runs_df, run_pick, run_state, runs_md],
+                     api_name="run_delete")
+    refresh_btn.click(shown(refresh_runs), None, [runs_df, run_pick], api_name="runs_refresh")
+
+    example.change(lambda label: ROUTING_EXAMPLES.get(label, gr.skip()), example, route_text,
+                   api_name="routing_example")
+    route_btn.click(shown(route), [run_state, route_text, route_k, colour, expert],
+                    [routing_state, heatmap_plot, load_plot, entropy_plot, route_md], api_name="routing",
+                    concurrency_limit=CHAT_CONCURRENCY)
+    for trigger, name in ((colour.change, "routing_colour"), (expert.release, "routing_expert")):
+        trigger(shown(heatmap), [routing_state, colour, expert], heatmap_plot, api_name=name)
+    chat_turn_btn.click(shown(last_turn), [chat_moe, chat_dense], route_text, api_name="routing_last_turn").success(
+        shown(route), [run_state, route_text, route_k, colour, expert],
+        [routing_state, heatmap_plot, load_plot, entropy_plot, route_md], api_name="routing_last_turn_route")
+
+    trade_k.release(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_k")
+    trade_seq.release(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_seq")
+    task.input(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_task")
+    eval_btn.click(shown(start_eval), [run_state, eval_tasks, eval_limit], trade_status, api_name="eval_start")
+    bench_btn.click(shown(start_bench), [run_state, bench_prefill, bench_decode, bench_repeats], trade_status,
+                    api_name="bench_start")
+
+    chat_inputs = [message, chat_dense, chat_moe, *chat_settings]
+    for trigger, name in ((message.submit, "chat"), (send_btn.click, "chat_send")):
+        trigger(shown(chat), chat_inputs, chat_outputs, api_name=name, concurrency_limit=CHAT_CONCURRENCY,
+                concurrency_id="chat")
+    regen_btn.click(shown(regenerate), [chat_dense, chat_moe, *chat_settings], [*chat_outputs, chat_seed],
+                    api_name="chat_regenerate", concurrency_limit=CHAT_CONCURRENCY, concurrency_id="chat")
+    clear_btn.click(clear_chat, None, [chat_dense, chat_moe, stats_dense, stats_moe, tokens_view],
+                    api_name="chat_clear")
+
+
+def launch(**kwargs):
+    """Serve the lab (theme and CSS go to launch() in Gradio 6); kwargs override the defaults."""
+    options = {"server_name": os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+               "server_port": int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+               "theme": THEME, "css": CSS, "max_file_size": "50mb", **kwargs}
+    return demo.queue(default_concurrency_limit=2).launch(**options)
+
+
+def _warm() -> None:
+    """Load the default model in the background, so the first click does not wait for it."""
+    try:
+        lab.dense_info("default")
+    except Exception as exc:  # noqa: BLE001 - the page reports it when the user asks for the model
+        logging.getLogger(__name__).warning("could not preload the default model: %s", exc)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    threading.Thread(target=_warm, daemon=True).start()
+    launch()

@@ -1,0 +1,317 @@
+"""The Gradio app, launched in-process and driven endpoint by endpoint with gradio_client.
+
+One app for the module, tiny budgets (2 factorized layers, 512 training tokens, a few router
+steps) so the file runs in about three minutes on two cores.
+"""
+import os
+import socket
+import statistics
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 240.0
+TINY = dict(model="default", n=4, k=2, split="random", layers="0-1", output_mode="scaled", seed=0, shared=0,
+            calibration=4096)
+TRAIN = dict(mode="router + experts (PAR)", data_kind="built-in: local prose (Python docs, fast)", upload=None,
+             hub_id="", train_tokens=512, heldout_tokens=256, seq_len=128, router_steps=5, minutes=0, gate_up=0, e2e=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(app module, base url) with a private runs folder."""
+    runs = tmp_path_factory.mktemp("runs")
+    old = os.environ.get("FACTORLAB_RUNS")
+    os.environ["FACTORLAB_RUNS"] = str(runs)
+    import app
+
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    yield app, url
+    app.demo.close()
+    if old is None:
+        os.environ.pop("FACTORLAB_RUNS", None)
+    else:
+        os.environ["FACTORLAB_RUNS"] = old
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served[1], verbose=False)
+
+
+def new_client(served):
+    from gradio_client import Client
+
+    return Client(served[1], verbose=False)
+
+
+def train_args(name: str, **overrides) -> list:
+    values = {**TINY, **TRAIN, "name": name, **overrides}
+    order = ["model", "n", "k", "split", "layers", "output_mode", "seed", "shared", "calibration", "mode",
+             "data_kind", "upload", "hub_id", "train_tokens", "heldout_tokens", "seq_len", "router_steps",
+             "minutes", "name", "gate_up", "e2e"]
+    return [values[key] for key in order]
+
+
+def poll_until(client, predicate, timeout: float = TIMEOUT) -> str:
+    """Call the timer's endpoint until the job HTML satisfies predicate; returns that HTML."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        out = client.predict(api_name="/job_poll")
+        if isinstance(out[0], str):
+            last = out[0]
+            if predicate(last):
+                return last
+        time.sleep(0.3)
+    raise AssertionError(f"job did not reach the expected state in {timeout} s; last view: {last}")
+
+
+def user_error(client, api_name: str, *args) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def trained(client):
+    """A tiny PAR run trained through the page; returns (run name, seconds from Start to first progress)."""
+    from factorlab.jobs import get_manager
+
+    start = time.perf_counter()
+    html, message = client.predict(*train_args("tiny"), api_name="/train_start")
+    first_progress = time.perf_counter() - start
+    assert "tiny" in html and "Queued training job" in message
+    job = get_manager().jobs()[0]
+    assert job.history, "the job reported nothing before Start returned"
+    poll_until(client, lambda h: "tiny" in h and "done" in h)
+    info = get_manager().get(job.id)
+    assert info.state == "done", info.error
+    first_step = next(r["time"] for r in info.history if r["phase"] == "train")
+    print(f"Start -> first progress record {1000 * first_progress:.0f} ms (round trip); job start -> first "
+          f"training step {first_step:.1f} s; whole job {info.finished - info.started:.1f} s")
+    client.predict("tiny", api_name="/run_load")
+    summary, route_k, expert, trade_k, layer, chat_k, task = client.predict(api_name="/run_changed")
+    assert "Current run: `tiny`" in summary and task["value"] == "held-out agreement with dense"
+    assert route_k["maximum"] == 4 and route_k["value"] == 2 and [c[1] for c in layer["choices"]] == [0, 1]
+    return "tiny", first_progress
+
+
+def test_page_load_says_offline_and_lists_runs(client):
+    hub, runs, picker = client.predict(api_name="/page_load")
+    assert "Offline" in hub
+    assert runs["value"]["headers"][0] == "run"
+
+
+def test_factorize_shows_exactness_and_flops_per_k(client):
+    text, table = client.predict(*TINY.values(), api_name="/factorize")
+    diff = float(text.split("= **")[1].split("**")[0])
+    assert diff < 1e-3
+    rows = table["value"]["data"]
+    assert [r[0] for r in rows] == ["dense", "K=1", "K=2", "K=3", "K=4"]
+    ffn = [r[1] for r in rows]
+    assert ffn[1] < ffn[2] < ffn[3] < ffn[4] == pytest.approx(ffn[0], rel=1e-3)
+
+
+def test_bad_factorize_inputs_are_messages(client, tmp_path):
+    args = list(TINY.values())
+    assert "do not divide" in user_error(client, "/factorize", *[args[0], 5, *args[2:]])
+    assert "K must be in 1..4" in user_error(client, "/factorize", *[args[0], 4, 6, *args[3:]])
+    assert "cannot be reached" in user_error(client, "/factorize", "someone/some-model", *args[1:])
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    assert "not supported" in user_error(client, "/factorize", str(tmp_path / "gpt2"), *args[1:])
+    assert "out of range" in user_error(client, "/factorize", *args[:4], "0-99", *args[5:])
+
+
+def test_bad_training_inputs_are_messages_and_start_nothing(client, tmp_path, monkeypatch):
+    from factorlab import data
+    from factorlab.jobs import get_manager
+
+    before = len(get_manager().jobs())
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"abc\x00\x01\x02" * 100)
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 5000)
+    wrong = tmp_path / "table.csv"
+    wrong.write_text("a,b\n1,2\n")
+    upload = "uploaded file (.txt / .jsonl)"
+    from gradio_client import handle_file
+
+    def with_file(path):
+        return train_args("x", data_kind=upload, upload=handle_file(path))
+
+    assert "no text" in user_error(client, "/train_start", *with_file(empty))
+    assert "binary" in user_error(client, "/train_start", *with_file(binary))
+    assert "Invalid file type" in user_error(client, "/train_start", *with_file(wrong))  # Gradio's own check
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 10_000)
+    assert "limit" in user_error(client, "/train_start", *with_file(big))
+    assert "choose a .txt" in user_error(client, "/train_start", *train_args("x", data_kind=upload))
+    hub = "Hugging Face dataset"
+    assert "unreachable" in user_error(client, "/train_start", *train_args("x", data_kind=hub, hub_id="nobody/nothing"))
+    assert "evaluation benchmark" in user_error(client, "/train_start",
+                                                *train_args("x", data_kind=hub, hub_id="allenai/ai2_arc"))
+    assert "do not divide" in user_error(client, "/train_start", *train_args("x", n=5))
+    assert "cannot be reached" in user_error(client, "/train_start", *train_args("x", model="someone/model"))
+    assert "at least one row" in user_error(client, "/train_start", *train_args("x", train_tokens=64))
+    assert len(get_manager().jobs()) == before
+
+
+def test_read_only_runs_folder_is_a_message(client, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FACTORLAB_RUNS", str(blocker / "runs"))
+    assert "not writable" in user_error(client, "/train_start", *train_args("x"))
+    hub, runs, picker = client.predict(api_name="/page_load")  # the app keeps serving
+    assert runs["value"]["data"] == []
+
+
+def test_training_job_saves_a_run_with_heldout_metrics(client, trained):
+    name, first_progress = trained
+    assert first_progress < 5.0
+    runs, _ = client.predict(api_name="/runs_refresh")
+    row = next(r for r in runs["value"]["data"] if r[0] == name)
+    assert row[2] == 4 and row[3] == 2 and row[6] == "experts"
+    assert float(row[7]) > 1 and "K=2: " in row[8] and "%)" in row[8]  # dense and per-K held-out metrics
+    html, loss, jobs_df, *_ = client.predict(api_name="/job_poll")
+    assert "duplicate" not in str(html)
+    assert "exists" in user_error(client, "/train_start", *train_args(name))
+
+
+def test_routing_heatmap_loads_and_par_vs_no_par(client, trained):
+    heatmap, load, entropy, note = client.predict("The cat sat on the mat. def f(x): return x", 2, "top-1 expert", 0,
+                                                  api_name="/routing")
+    import json
+
+    fig = json.loads(heatmap["plot"])
+    z = fig["data"][0]["z"]
+    assert len(z) == 2 and all(0 <= e < 4 for row in z for e in row)  # 2 layers, top-1 expert ids
+    assert "layer" in fig["data"][0]["customdata"][0][0] and "chosen experts" in fig["data"][0]["customdata"][0][0]
+    assert sum(1 for t in fig["data"] if t.get("name", "").startswith("expert")) == 4  # a legend entry per expert
+    names = [t["name"] for t in json.loads(entropy["plot"])["data"]]
+    assert any("PAR" in n for n in names) and any("no PAR" in n for n in names)
+    shares = [t["y"] for t in json.loads(load["plot"])["data"]]
+    assert [sum(col) for col in zip(*shares)] == pytest.approx([1.0, 1.0])
+    prob = json.loads(client.predict("router probability of one expert", 1, api_name="/routing_colour")["plot"])
+    assert all(0 <= p <= 1 for row in prob["data"][0]["z"] for p in row)
+    assert client.predict("Code", api_name="/routing_example").startswith("def fibonacci")
+    assert "type some text" in user_error(client, "/routing", "  ", 2, "top-1 expert", 0)
+
+
+def test_tradeoffs_redraw_from_stored_results_is_fast(client, trained):
+    timings = []
+    for k in (1, 2, 3, 1, 2):
+        start = time.perf_counter()
+        plot, table, flops, bench_md, bench, timing = client.predict("held-out agreement with dense", k, 512,
+                                                                     api_name="/tradeoffs_k")
+        timings.append(time.perf_counter() - start)
+    assert "No benchmark yet" in bench_md
+    rows = table["value"]["data"]
+    assert rows[0][0] == "dense" and [r[1] for r in rows].count("◀ current") == 1
+    assert "ms" in timing
+    flops_fig = __import__("json").loads(flops["plot"])
+    assert {t["name"] for t in flops_fig["data"]} >= {"FFN (experts)", "attention scores", "router", "lm_head"}
+    print(f"trade-off redraw round trip: median {1000 * statistics.median(timings):.0f} ms over {len(timings)}")
+    assert statistics.median(timings) < 1.0
+
+
+def test_eval_and_benchmark_jobs_fill_the_tradeoffs(client, trained):
+    from factorlab.jobs import get_manager
+
+    assert "Queued evaluation" in client.predict(["arc_easy"], 4, api_name="/eval_start")
+    poll_until(client, lambda h: "eval" in h and ("done" in h or "failed" in h))
+    job = next(j for j in get_manager().jobs() if j.kind == "eval")
+    assert job.state == "done", job.error
+    assert "already measured" in user_error(client, "/eval_start", ["arc_easy"], 4)
+    assert "Queued benchmark" in client.predict(16, 2, 1, api_name="/bench_start")
+    poll_until(client, lambda h: "bench" in h and ("done" in h or "failed" in h))
+    job = next(j for j in get_manager().jobs() if j.kind == "bench")
+    assert job.state == "done", job.error
+    assert client.predict(api_name="/results_changed") is not None
+    plot, table, flops, bench_md, bench, timing = client.predict("arc_easy", 2, 256, api_name="/tradeoffs_task")
+    assert [r[0] for r in table["value"]["data"]] == ["dense", "K=1", "K=2", "K=3", "K=4"]
+    assert "Measured speed" in bench_md and len(bench["value"]["data"]) == 4
+    plot, table, *_ = client.predict("mean relative maintenance (capped at 100%)", 2, 256,
+                                     api_name="/run_changed_tradeoffs")
+    assert table["value"]["data"][0][0] == "dense"
+
+
+def test_chat_streams_both_sides_and_regenerates(client, trained):
+    job = client.submit("What is the capital of France?", [], [], 0, 0.9, 8, 0, 2, True, 1, api_name="/chat")
+    outputs = list(job)
+    assert len(outputs) > 3  # streamed: one update per token
+    _, dense, moe, stats_dense, stats_moe, tokens = job.outputs()[-1]
+    assert dense[-1]["role"] == "assistant" and dense[-1]["content"][0]["text"]
+    assert moe[-1]["content"][0]["text"]
+    assert "tokens/s" in stats_dense and "GFLOPs/token" in stats_moe and "K=2 of 4" in stats_moe
+    assert "fl-tok" in tokens and "layer 1" in tokens
+    again = client.predict(dense, moe, 0, 0.9, 8, 0, 2, False, 1, api_name="/chat_regenerate")
+    assert again[1][-1]["content"] == dense[-1]["content"]  # greedy: the same reply again
+    assert len(again[1]) == 2 and again[-1] == 1  # the seed moved on, for a new sample when sampling
+    sent = client.predict("Say hi.", again[1], again[2], 0, 0.9, 4, 0, 1, False, 1, api_name="/chat_send")
+    assert len(sent[1]) == 4 and "K=1 of 4" in sent[4]
+    route_text = client.predict(sent[2], sent[1], api_name="/routing_last_turn")
+    assert "Say hi." in route_text
+    heatmap, *_ = client.predict(route_text, 2, "top-1 expert", 0, api_name="/routing_last_turn_route")
+    assert client.predict(api_name="/chat_clear")[0] == []
+    assert "type a message" in user_error(client, "/chat", " ", [], [], 0, 0.9, 8, 0, 2, False, 1)
+    assert "less than minimum" in user_error(client, "/chat", "hi", [], [], 0.5, 0, 8, 0, 2, False, 1)  # top-p 0
+
+
+def test_two_clients_chat_while_a_job_trains_then_cancel(served, client, trained):
+    from factorlab.jobs import get_manager
+
+    client.predict(*train_args("long", layers="all", router_steps=3000, train_tokens=1024), api_name="/train_start")
+    job = get_manager().jobs()[0]
+    poll_until(client, lambda h: "long" in h and "train" in h and "step" in h)
+    results, errors = {}, []
+
+    def talk(k: int) -> None:
+        try:
+            other = new_client(served)
+            other.predict(trained[0], api_name="/run_load")
+            results[k] = other.predict("Name a colour.", [], [], 0, 0.9, 6, 0, k, True, 1, api_name="/chat")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=talk, args=(k,)) for k in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors, errors
+    assert get_manager().get(job.id).state == "running"  # the job kept training meanwhile
+    for k, out in results.items():
+        assert out[2][-1]["content"][0]["text"] and f"K={k} of 4" in out[4]
+    # the same prompt, greedy, at K=1 and K=3 concurrently: each got its own K (replies need not match)
+    message = client.predict(api_name="/job_cancel")
+    assert "Cancel requested" in message
+    poll_until(client, lambda h: "long" in h and "cancelled" in h)
+    assert not (served[0].lab.runs_root() / "long").exists()  # a cancelled job writes nothing
+    assert "no job is queued" in user_error(client, "/job_cancel")
+
+
+def test_delete_run(client, trained):
+    client.predict(*train_args("to-delete", mode="no PAR (untrained router)", router_steps=1, heldout_tokens=0),
+                   api_name="/train_start")
+    poll_until(client, lambda h: "to-delete" in h and "done" in h)
+    runs, picker, message = client.predict("to-delete", api_name="/run_delete")
+    assert "Deleted" in message and all(r[0] != "to-delete" for r in runs["value"]["data"])
+    assert "no run named" in user_error(client, "/run_delete", "to-delete")
+    assert "choose a run" in user_error(client, "/run_load", None)

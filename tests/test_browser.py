@@ -1,0 +1,124 @@
+"""One headless-Chromium walk: factorize -> short training -> heatmap -> trade-off slider -> one chat turn.
+
+Screenshots of each step go to test-artifacts/screenshots/ (gitignored). Skipped, with the reason,
+when Debian's chromium (/usr/bin/chromium) or Playwright's Python package is missing.
+"""
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("FACTORLAB_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+TIMEOUT_MS = 240_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip(f"chromium not found at {CHROMIUM}: install it with `apt-get install -y chromium chromium-driver`")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    old = os.environ.get("FACTORLAB_RUNS")
+    os.environ["FACTORLAB_RUNS"] = str(tmp_path_factory.mktemp("runs"))
+    import app
+
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(url)
+        tab.wait_for_selector("text=turn a language model's FFNs into experts")
+        yield tab
+        browser.close()
+    app.demo.close()
+    if old is None:
+        os.environ.pop("FACTORLAB_RUNS", None)
+    else:
+        os.environ["FACTORLAB_RUNS"] = old
+
+
+def fill(page, elem_id: str, value) -> None:
+    field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def wait_until_stable(page, selector: str, quiet_ms: int = 1500) -> None:
+    """Wait until an element's text stops changing (a stream has finished)."""
+    last, since = None, time.monotonic()
+    deadline = since + TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        text = page.inner_text(selector)
+        if text != last:
+            last, since = text, time.monotonic()
+        elif time.monotonic() - since > quiet_ms / 1000:
+            return
+        page.wait_for_timeout(200)
+    raise AssertionError(f"{selector} kept changing for {TIMEOUT_MS} ms")
+
+
+def test_factorize_train_route_chat(page):
+    page.locator("#split").get_by_text("random", exact=True).click()
+    fill(page, "layers", "0-1")
+    page.locator("#factorize").click()
+    page.wait_for_selector("#train-status:has-text('exactness check')")
+    assert "exact (fp32 rounding)" in page.inner_text("#train-status")
+    page.screenshot(path=str(SHOTS / "1-factorize.png"), full_page=True)
+
+    page.locator("#data-kind").get_by_text("local prose", exact=False).click()
+    fill(page, "train-tokens", 512)
+    fill(page, "router-steps", 5)
+    page.get_by_text("Advanced").click()
+    fill(page, "heldout-tokens", 256)
+    fill(page, "seq-len", 128)
+    fill(page, "run-name", "browser-run")
+    clicked = time.perf_counter()
+    page.locator("#start").click()
+    page.wait_for_selector("#job:has-text('browser-run')")
+    first_update = time.perf_counter() - clicked
+    print(f"click Start -> first progress on the page: {1000 * first_update:.0f} ms")
+    page.wait_for_selector("#job .fl-done", timeout=TIMEOUT_MS)
+    page.wait_for_selector("#current-run:has-text('browser-run')")  # the finished run became current
+    page.screenshot(path=str(SHOTS / "2-trained.png"), full_page=True)
+
+    page.get_by_role("tab", name="Routing").click()
+    page.locator("#route").click()
+    page.wait_for_selector("#heatmap .js-plotly-plot .heatmaplayer")
+    assert page.locator("#heatmap .legendtext").count() == 4  # one legend entry per expert
+    page.screenshot(path=str(SHOTS / "3-routing.png"), full_page=True)
+
+    page.get_by_role("tab", name="Trade-offs").click()
+    page.wait_for_selector("#trade-table tr:has-text('K=2'):has-text('current')")
+    clicked = time.perf_counter()
+    fill(page, "trade-k", 3)  # leaving the number box is a slider release
+    page.wait_for_selector("#trade-table tr:has-text('K=3'):has-text('current')")
+    redraw = time.perf_counter() - clicked
+    print(f"trade-off K slider release -> table redrawn in the page: {1000 * redraw:.0f} ms")
+    page.screenshot(path=str(SHOTS / "4-tradeoffs.png"), full_page=True)
+
+    page.get_by_role("tab", name="Chat").click()
+    fill(page, "max-new", 8)
+    fill(page, "temperature", 0)
+    page.locator("#message textarea").fill("What is the capital of France?")
+    page.locator("#message textarea").press("Enter")
+    page.wait_for_selector("#stats-moe:has-text('tokens/s')")
+    wait_until_stable(page, "#chat-moe")
+    assert page.locator("#chat-moe .bot").count() >= 1
+    assert "GFLOPs/token" in page.inner_text("#stats-moe")
+    page.screenshot(path=str(SHOTS / "5-chat.png"), full_page=True)
+    assert first_update < 5.0 and redraw < 5.0

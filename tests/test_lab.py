@@ -1,0 +1,123 @@
+"""The app's logic without the page: validation messages, routing statistics, stored-result views."""
+import json
+import math
+
+import pytest
+
+from factorlab import lab
+from factorlab.runs import save_run
+
+
+def test_load_entropy_is_one_when_even_and_zero_when_collapsed():
+    even = lab.Routing(["a"] * 4, [0], {0: [[0], [1], [2], [3]]}, {0: []}, 4)
+    collapsed = lab.Routing(["a"] * 4, [0], {0: [[2], [2], [2], [2]]}, {0: []}, 4)
+    assert even.load_entropy() == pytest.approx([1.0])
+    assert collapsed.load_entropy() == pytest.approx([0.0])
+    half = lab.Routing(["a"] * 2, [3], {3: [[0, 1], [0, 1]]}, {3: []}, 4)
+    assert half.loads() == {3: [0.5, 0.5, 0.0, 0.0]} and half.load_entropy() == pytest.approx([0.5])
+
+
+def test_whole_numbers_and_layer_ranges():
+    assert lab._int(4.0, "N") == 4 and lab._int("8", "N") == 8
+    for bad in ("four", 2.5, math.inf, None):
+        with pytest.raises(lab.LabError, match="whole number"):
+            lab._int(bad, "N")
+    assert lab._layers_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_data_source_validation(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTORLAB_CACHE", str(tmp_path / "cache"))
+    assert lab.data_source("local", None, None) == "local"
+    with pytest.raises(lab.LabError, match="choose a .txt"):
+        lab.data_source("upload", None, None)
+    text = tmp_path / "notes.txt"
+    text.write_text("First paragraph.\n\nSecond paragraph.")
+    stored = lab.data_source("upload", str(text), None)
+    assert stored.endswith(".txt") and open(stored).read() == text.read_text()  # a stable copy
+    csv = tmp_path / "a.csv"
+    csv.write_text("x")
+    with pytest.raises(lab.LabError, match="unsupported file type"):
+        lab.data_source("upload", str(csv), None)
+    with pytest.raises(ValueError, match="binary"):
+        (tmp_path / "b.txt").write_bytes(b"\x00\x01")
+        lab.data_source("upload", str(tmp_path / "b.txt"), None)
+    with pytest.raises(ValueError, match="unreachable"):
+        lab.data_source("hub", None, "someone/dataset")
+    with pytest.raises(lab.LabError, match="dataset id"):
+        lab.data_source("hub", None, " ")
+
+
+def test_unwritable_runs_folder_is_reported_with_the_fix(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FACTORLAB_RUNS", str(blocker / "runs"))
+    with pytest.raises(lab.LabError, match="not writable.*FACTORLAB_RUNS"):
+        lab.check_writable()
+    assert lab.run_rows() == []
+
+
+def fake_run(runs_dir, metrics: dict) -> str:
+    import torch
+
+    config = {"model": "default", "num_experts": 4, "top_k": 2, "split": "random", "layers": [0, 1],
+              "mode": "experts", "output_mode": "scaled", "seed": 0,
+              "partition": {"num_experts": 4, "strategy": "random", "seed": 0, "intermediate_size": 8,
+                            "shared_size": 0, "layers": [0, 1]}}
+    save_run("fake", config, {"permutation.0": torch.arange(8)}, metrics, root=runs_dir)
+    return "fake"
+
+
+HELDOUT = {str(k): {"perplexity": 30.0 / k, "dense_perplexity": 20.0, "agreement": 0.5 + 0.1 * k, "kl": 1.0 / k,
+                    "tokens": 100} for k in (1, 2, 3)}
+
+
+def test_run_rows_and_description_show_heldout_metrics_per_k(runs_dir):
+    fake_run(runs_dir, {"heldout": HELDOUT})
+    row = lab.run_rows()[0]
+    assert row[0] == "fake" and row[7] == "20.00" and row[8].startswith("K=1: 30.0 (60.0%) · K=2: 15.0 (70.0%)")
+    assert "perplexity 10.00 (dense 20.00)" in lab.describe_run("fake")
+    (runs_dir / "broken").mkdir()
+    (runs_dir / "broken" / "config.json").write_text("{not json")
+    assert any(r[0] == "broken" and r[1] == "corrupt" for r in lab.run_rows())
+
+
+def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
+    info = {"hidden_size": 8, "intermediate_size": 8, "num_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "head_dim": 4, "vocab_size": 16}
+    monkeypatch.setattr(lab, "dense_info", lambda spec: info)
+    stderr = {"acc": 0.05, "acc_norm": 0.05}
+    entry = {"n": 40, "limit": 40, "seed": 0, "chance": 0.25, "main_metric": "acc_norm",
+             "dense": {"acc": 0.6, "acc_norm": 0.62, "n": 40, "stderr": stderr},
+             "k": {str(k): {"acc": 0.4 + 0.05 * k, "acc_norm": 0.42 + 0.05 * k, "n": 40, "stderr": stderr,
+                            "relative": (0.42 + 0.05 * k) / 0.62, "above_chance": 0.5} for k in (1, 2, 4)}}
+    from factorlab.evaluate import summarize
+
+    fake_run(runs_dir, {"heldout": HELDOUT, "eval": {"tasks": {"arc_easy": entry},
+                                                     "summary": summarize({"arc_easy": entry})}})
+    assert lab.tradeoff_tasks("fake") == [lab.HELDOUT_TASK, lab.MEAN_TASK, "arc_easy"]
+    view = lab.tradeoff_view("fake", "arc_easy", 2, 128)
+    assert [p["k"] for p in view["points"]] == [None, 1, 2, 4]
+    assert [p["score"] for p in view["points"]] == pytest.approx([0.62, 0.47, 0.52, 0.62])
+    gflops = [p["gflops"] for p in view["points"]]
+    assert gflops[1] < gflops[2] < gflops[3] and gflops[3] > gflops[0]  # K=N pays the router on top of dense
+    assert [r[1] for r in view["rows"]] == ["", "", "◀ current", ""]
+    assert view["bench"] is None and set(view["flops"]) == {"dense", "K=2"}
+    assert lab.missing_evals("fake", ["arc_easy", "piqa"], 40) == {"arc_easy": [3], "piqa": [1, 2, 3, 4]}
+    assert lab.missing_evals("fake", ["arc_easy"], 100) == {"arc_easy": [1, 2, 3, 4]}  # other items: all again
+    held = lab.tradeoff_view("fake", lab.HELDOUT_TASK, 1, 128)
+    assert [p["score"] for p in held["points"]] == pytest.approx([1.0, 0.6, 0.7, 0.8])
+    mean = lab.tradeoff_view("fake", lab.MEAN_TASK, 1, 128)
+    assert mean["points"][0]["score"] == 1.0 and len(mean["points"]) == 4
+    json.dumps(view["rows"])  # plain values, ready for a Dataframe
+
+
+def test_bench_rows_from_stored_benchmark():
+    bench = {"k": {"1": {"prefill_speedup": 1.5, "decode_speedup": 1.2, "ffn_speedup": 2.5},
+                   "2": {"prefill_speedup": 1.2, "decode_speedup": 1.1, "ffn_speedup": 1.8}},
+             "limits": {"1": {"prefill": 1.8, "decode": 1.6}, "2": {"prefill": 1.4, "decode": 1.3}},
+             "raw": {"decode": {"dense": {"tokens_per_s": 20.0}, "1": {"tokens_per_s": 24.0},
+                                "2": {"tokens_per_s": 22.0}}}}
+    rows = lab.bench_rows({"bench": bench}, 2)
+    assert rows[0] == ["K=1", "1.50×", "1.80×", "1.20×", "1.60×", "2.50×", "24.0 vs 20.0"]
+    assert rows[1][0] == "K=2 ◀"
+    assert lab.bench_rows({}, 2) is None
