@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from factorlab import lab, viz
-from factorlab.chat import ModelHandle, Sampling, side_by_side, stream_reply, to_messages
+from factorlab.chat import Sampling, side_by_side, stream_reply, to_messages
 from factorlab.factorize import STRATEGIES
 from factorlab.jobs import get_manager
 from factorlab.models import hub_reachable
@@ -80,15 +80,17 @@ def page_load(run):
 
 def run_changed(run):
     """Point every tab at the current run: sliders sized to its N and layers, task list, summary."""
+    title, records = lab.loss_records(run)
+    loss = viz.loss_figure(records, title)
     if not run:
         return (lab.describe_run(None), k_slider(2, 1), gr.Slider(minimum=0, maximum=1, value=0), k_slider(2, 1),
-                gr.Dropdown(choices=[], value=None), k_slider(2, 1), gr.Dropdown(choices=[], value=None))
+                gr.Dropdown(choices=[], value=None), k_slider(2, 1), gr.Dropdown(choices=[], value=None), loss)
     shape = lab.run_shape(run)
     n, k, layers = shape["num_experts"], shape["top_k"], shape["layers"]
     tasks = lab.tradeoff_tasks(run)
     return (lab.describe_run(run), k_slider(n, k), gr.Slider(minimum=0, maximum=max(1, n - 1), value=0, step=1),
             k_slider(n, k), gr.Dropdown(choices=layers, value=layers[len(layers) // 2]), k_slider(n, k),
-            gr.Dropdown(choices=tasks, value=tasks[0] if tasks else None))
+            gr.Dropdown(choices=tasks, value=tasks[0] if tasks else None), loss)
 
 
 def k_slider(n: int, k: int):
@@ -97,6 +99,7 @@ def k_slider(n: int, k: int):
 
 
 def load_run(name):
+    """Make a run on disk the current run of this page."""
     if not name:
         raise lab.LabError("choose a run in the list first")
     lab.run_shape(name)  # a missing or corrupt run fails here, with its reason
@@ -104,6 +107,7 @@ def load_run(name):
 
 
 def delete_run(name, run):
+    """Delete a run; if it was this page's current run, the page has none."""
     lab.delete(name)
     names = lab.run_names()
     current = None if run == name else run
@@ -112,10 +116,12 @@ def delete_run(name, run):
 
 
 def refresh_runs():
+    """Re-read the runs folder."""
     return gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=lab.run_names())
 
 
 def factorize(model, n, k, split, layers, output_mode, seed, shared, calibration):
+    """Factorize without saving: K=N exactness check and FLOPs per K."""
     spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration)
     text, rows = lab.quick_factorize(spec)
     return text, gr.Dataframe(value=rows, headers=["model", "FFN GFLOPs/token", "total GFLOPs/token", "FFN vs dense",
@@ -124,6 +130,7 @@ def factorize(model, n, k, split, layers, output_mode, seed, shared, calibration
 
 def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, calibration, mode, data_kind,
                    upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name, gate_up, e2e):
+    """Validate the page's settings and queue a training job."""
     spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration)
     job_id = lab.start_training(spec, lab.TRAIN_MODES.get(mode, mode), lab.DATA_SOURCES.get(data_kind, data_kind),
                                 upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
@@ -134,6 +141,7 @@ def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, 
 
 
 def cancel_job():
+    """Cancel the job shown in the progress bar."""
     job = get_manager().active()
     if job is None or job.is_finished:
         raise lab.LabError("no job is queued or running")
@@ -160,8 +168,8 @@ def poll_jobs(poll, run, version):
             poll["adopted"] = [*poll.get("adopted", []), job.id]
     runs_changed = finished != poll.get("finished")
     poll.update(key=key, finished=finished)
-    loss = viz.loss_figure(train.history, f"training losses — {train.name} ({train.state})") if train else \
-        viz.loss_figure([])
+    title, records = lab.loss_records(run)
+    loss = viz.loss_figure(records, title)
     jobs_df = gr.Dataframe(value=lab.job_rows(), headers=JOB_COLUMNS)
     if not runs_changed:
         return poll, run, viz.progress_html(lab.job_view(active)), loss, jobs_df, gr.skip(), gr.skip(), gr.skip()
@@ -173,6 +181,7 @@ def poll_jobs(poll, run, version):
 # ---------------------------------------------------------------- handlers: routing
 @gpu
 def route(run, text, k, colour, expert):
+    """Route a text through the current run (and its untrained twin) and draw the routing."""
     trained = lab.route(run, text, k, trained=True)
     untrained = lab.route(run, text, k, trained=False)
     mode = lab.run_shape(run)["mode"]
@@ -189,6 +198,7 @@ def route(run, text, k, colour, expert):
 
 
 def heatmap(routing, colour, expert):
+    """Redraw the heatmap of the last routed text (no model run)."""
     if routing is None:
         return viz.empty_figure("route a text to see its heatmap")
     chosen = None if colour == "top-1 expert" else min(int(expert), routing.num_experts - 1)
@@ -197,6 +207,7 @@ def heatmap(routing, colour, expert):
 
 
 def last_turn(moe_history, dense_history):
+    """The last user message and reply of the chat, as text to route."""
     messages = to_messages(moe_history) or to_messages(dense_history)
     if not messages:
         raise lab.LabError("the chat is empty: send a message in the Chat tab first")
@@ -217,8 +228,8 @@ def tradeoffs(run, task, k, seq_len):
         bench_md = "**No benchmark yet: run one** (button below) to measure prefill and decode speed on this machine."
         bench = gr.Dataframe(value=[])
     else:
-        bench_md = ("**Measured speed** (median wall-clock ratios dense / factorized on this machine; "
-                    "limit = the FLOPs bound).")
+        bench_md = ("**Measured speed**: wall-clock ratios dense / factorized on this machine (limit = the FLOPs "
+                    f"bound); {view['bench_note']}. Few repeats on a busy machine are noisy.")
         bench = gr.Dataframe(value=view["bench"], headers=lab.BENCH_COLUMNS)
     ms = 1000 * (time.perf_counter() - start)
     return (plot, gr.Dataframe(value=view["rows"], headers=view["headers"]), flops, bench_md, bench,
@@ -226,16 +237,19 @@ def tradeoffs(run, task, k, seq_len):
 
 
 def tradeoff_choices(run):
+    """The tasks with stored results for the current run."""
     tasks = lab.tradeoff_tasks(run)
     return gr.Dropdown(choices=tasks, value=tasks[0] if tasks else None)
 
 
 def start_eval(run, tasks, limit):
+    """Queue the current run's missing evaluations as a background job."""
     job_id = lab.start_eval(run, tasks, limit)
     return f"Queued evaluation job `{job_id}`; the plot updates when it finishes."
 
 
 def start_bench(run, prefill, decode, repeats):
+    """Queue a speed benchmark of the current run as a background job."""
     job_id = lab.start_bench(run, prefill, decode, repeats)
     return f"Queued benchmark job `{job_id}`; the speed table updates when it finishes."
 
@@ -284,6 +298,7 @@ def _last_user(history: list) -> int | None:
 
 @gpu
 def chat(message, dense_history, moe_history, run, temperature, top_p, max_new, seed, k, colour, layer):
+    """Send one message to both models and stream both replies."""
     message = (message or "").strip()
     if not message:
         raise lab.LabError("type a message first")
@@ -293,6 +308,7 @@ def chat(message, dense_history, moe_history, run, temperature, top_p, max_new, 
 
 @gpu
 def regenerate(dense_history, moe_history, run, temperature, top_p, max_new, seed, k, colour, layer):
+    """Answer the last message again with the next seed."""
     dense_history, moe_history = list(dense_history or []), list(moe_history or [])
     i = _last_user(dense_history)
     if i is None:
@@ -306,6 +322,7 @@ def regenerate(dense_history, moe_history, run, temperature, top_p, max_new, see
 
 
 def clear_chat():
+    """Empty both conversations."""
     return [], [], "", "", ""
 
 
@@ -400,9 +417,9 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                     hub_id = gr.Textbox(label="Hub dataset", placeholder="HuggingFaceFW/fineweb-edu:sample-10BT",
                                         visible=False)
                     with gr.Row():
-                        train_tokens = gr.Number(8192, precision=0, elem_id="train-tokens", label="Train tokens")
+                        train_tokens = gr.Number(16384, precision=0, elem_id="train-tokens", label="Train tokens")
                         minutes = gr.Number(0, label="Minutes (0 = no limit)")
-                        router_steps = gr.Number(200, precision=0, elem_id="router-steps", label="Router steps / layer")
+                        router_steps = gr.Number(300, precision=0, elem_id="router-steps", label="Router steps / layer")
                     run_name = gr.Textbox(label="Run name", elem_id="run-name",
                                           placeholder="empty: a name from the settings")
                     with gr.Row():
@@ -503,7 +520,7 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
             gr.Markdown(rest)
 
     # ---------------------------------------------------------------- wiring
-    run_outputs = [current_md, route_k, expert, trade_k, colour_layer, chat_k, task]
+    run_outputs = [current_md, route_k, expert, trade_k, colour_layer, chat_k, task, loss_plot]
     trade_inputs = [run_state, task, trade_k, trade_seq]
     trade_outputs = [trade_plot, trade_df, flops_plot, bench_md, bench_df, timing_md]
     factor_inputs = [model, n_box, k_box, split, layers, output_mode, seed, shared, calibration]
@@ -544,9 +561,10 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
         shown(route), [run_state, route_text, route_k, colour, expert],
         [routing_state, heatmap_plot, load_plot, entropy_plot, route_md], api_name="routing_last_turn_route")
 
-    trade_k.release(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_k")
-    trade_seq.release(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_seq")
-    task.input(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_task")
+    # redraws only read stored JSON: served outside the queue, so a busy queue never delays a slider
+    trade_k.release(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_k", queue=False)
+    trade_seq.release(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_seq", queue=False)
+    task.input(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_task", queue=False)
     eval_btn.click(shown(start_eval), [run_state, eval_tasks, eval_limit], trade_status, api_name="eval_start")
     bench_btn.click(shown(start_bench), [run_state, bench_prefill, bench_decode, bench_repeats], trade_status,
                     api_name="bench_start")

@@ -2,9 +2,9 @@
 
 Five measurements: one FFN layer alone, prefill (fill the KV cache, logits of the last position,
 as generation does), a full forward (logits at every position, as scoring and training do),
-batch-1 greedy decode with a KV cache, and batched prefill. Within each, the
-variants (dense, then every K) alternate repetition by repetition after a warm-up, so drift and
-other processes hit all of them alike. Speedup = median dense time / median factorized time.
+batch-1 greedy decode with a KV cache, and batched prefill. Within each, the variants (dense,
+then every K) alternate repetition by repetition after a warm-up, so drift and other processes
+hit all of them alike. Speedup = median dense time / median factorized time.
 """
 from __future__ import annotations
 
@@ -270,7 +270,8 @@ def format_report(result: dict) -> str:
                  for name, e in raw[phase].items()]
         lines.append(f"{phase} ms: " + "  ".join(parts))
     if "decode" in raw:
-        lines.append("decode tokens/s: " + "  ".join(f"{name}={e['tokens_per_s']:.1f}" for name, e in raw["decode"].items()))
+        rates = [f"{name}={e['tokens_per_s']:.1f}" for name, e in raw["decode"].items()]
+        lines.append("decode tokens/s: " + "  ".join(rates))
     for k, load in result["load"].items():
         share = " ".join(f"{100 * v:.0f}%" for v in load["share"])
         lines.append(f"load K={k}: {share} (busiest expert {load['max_over_mean']:.2f}x the mean; "

@@ -102,6 +102,7 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]], max_tokens: int | None
 
 
 def stop_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Token ids that end a reply: the model's EOS ids and the tokenizer's."""
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
     return {i for i in ids if i is not None}

@@ -173,7 +173,7 @@ def add_train(sub) -> None:
     p.add_argument("--data", default="builtin", help="builtin | local | selfgen | PATH(.txt/.jsonl) | hub:ID[:config]")
     p.add_argument("--router-steps", type=int, default=300)
     p.add_argument("--label-loss", choices=LABEL_LOSSES, default="kl")
-    p.add_argument("--target", choices=TARGETS, default="residual")
+    p.add_argument("--target", choices=TARGETS, default="teacher")
     p.add_argument("--gate-up-steps", type=int, default=0)
     p.add_argument("--e2e-steps", type=int, default=0)
     p.add_argument("--eval-k", default=None, help="K values for held-out metrics, e.g. 1,2,3")
@@ -342,7 +342,7 @@ def _print_sweep(sweep: dict) -> None:
         excluded = ", ".join(s["above_chance_excluded"]) or "none"
         print(f"K={k}: mean relative {_pct(s['relative_capped'])}% (each task capped at 100%; uncapped "
               f"{_pct(s['relative'])}%), above-chance retention {_pct(s['above_chance'])}% over "
-              f"{len(s['above_chance_tasks'])} tasks (undefined, left out: {excluded})")
+              f"{len(s['above_chance_tasks'])} tasks (left out, dense within 2 s.e. of chance: {excluded})")
 
 
 def cmd_eval(args) -> int:

@@ -26,6 +26,9 @@ from .tasks import TaskData, load_task, parse_tasks
 
 log = logging.getLogger(__name__)
 
+# Above-chance retention needs the dense score this many standard errors above chance (GUIDE §7:
+# undefined at chance, e.g. the default model's 50.4% on Winogrande against 50%).
+ABOVE_CHANCE_MIN_SE = 2.0
 # callback(done, total, message): called after every forward; a job may raise from it to cancel.
 Callback = Callable[[int, int, str], None]
 
@@ -102,8 +105,8 @@ def group_by_context(encoded: Sequence[tuple[list[int], list[int]]]) -> list[lis
 
 
 def tree_mask(branches: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (B, 1, L, L) from branch ids (B, L): causal, a branch sees the context (-1) and
-    itself; padding (-2) sees only padding, so its rows stay finite."""
+    """Additive mask (B, 1, L, L) from branch ids (B, L): causal, a branch sees the shared prefix (-1)
+    and itself; padding (-2) sees only padding, so its rows stay finite."""
     L = branches.shape[1]
     q, k = branches.unsqueeze(2), branches.unsqueeze(1)  # (B, L, 1), (B, 1, L)
     allowed = torch.ones(L, L, dtype=torch.bool).tril() & ((k == -1) & (q != -2) | (k == q))
@@ -204,6 +207,10 @@ class TaskScores:
         """acc_norm where the task has it, else acc."""
         return self.acc_norm if self.acc_norm is not None else self.acc
 
+    @property
+    def main_stderr(self) -> float | None:
+        return self.acc_norm_stderr if self.acc_norm is not None else self.acc_stderr
+
     def as_dict(self) -> dict:
         return {"acc": self.acc, "acc_norm": self.acc_norm, "n": self.n, "seconds": round(self.seconds, 2),
                 "stderr": {"acc": self.acc_stderr, "acc_norm": self.acc_norm_stderr}}
@@ -261,9 +268,12 @@ def relative(factorized: float, dense: float) -> float | None:
     return factorized / dense if dense > 0 else None
 
 
-def above_chance(factorized: float, dense: float, chance: float) -> float | None:
-    """(f - chance) / (d - chance); undefined (None) where the dense model is at or below chance."""
-    return (factorized - chance) / (dense - chance) if dense > chance else None
+def above_chance(factorized: float, dense: float, chance: float, dense_stderr: float | None = None) -> float | None:
+    """(f - chance) / (d - chance); undefined (None) unless the dense model is above chance by more than
+    ABOVE_CHANCE_MIN_SE standard errors (a dense score at chance makes the ratio noise)."""
+    if dense - chance <= ABOVE_CHANCE_MIN_SE * (dense_stderr or 0.0):
+        return None
+    return (factorized - chance) / (dense - chance)
 
 
 def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int | None = None) -> float:
@@ -341,7 +351,7 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
                          f.seconds)
                 entry["k"][str(k)] = {**f.as_dict(), "relative": relative(f.main, d.main),
                                       "relative_acc": relative(f.acc, d.acc),
-                                      "above_chance": above_chance(f.main, d.main, d.chance),
+                                      "above_chance": above_chance(f.main, d.main, d.chance, d.main_stderr),
                                       "gflops_per_token": _gflops(info, seq_len, moe, k)}
             out[name] = entry
     finally:

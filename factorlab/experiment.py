@@ -35,6 +35,8 @@ def expand(config: dict) -> list[dict]:
     grid = config.get("grid", {})
     keys = list(grid)
     settings = [{**base, **dict(zip(keys, combo))} for combo in itertools.product(*(grid[k] for k in keys))]
+    if not keys and config.get("rows"):
+        settings = []  # only explicit rows: the bare base is not a row of its own
     settings += [{**base, **row} for row in config.get("rows", [])]
     for s in settings:
         unknown = set(s) - _SPEC_FIELDS - _TRAIN_FIELDS - _DATA_FIELDS - {"label"}

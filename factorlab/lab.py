@@ -68,6 +68,7 @@ def dense_handle(spec: str) -> ModelHandle:
 
 
 def dense_info(spec: str) -> dict:
+    """Shapes of a dense model (models.model_info), computed once per model."""
     if spec not in _info_cache:
         _info_cache[spec] = model_info(load_model(spec).model)
     return _info_cache[spec]
@@ -98,6 +99,7 @@ def run_handle(name: str, trained: bool = True) -> ModelHandle:
 
 
 def forget_run(name: str) -> None:
+    """Drop a run's shared models (after it was deleted or replaced)."""
     with _models_lock:
         for key in [k for k in _moe_cache if k[0] == name]:
             del _moe_cache[key]
@@ -149,6 +151,7 @@ def run_rows() -> list[list]:
 
 
 def run_names() -> list[str]:
+    """Names of the readable runs, newest first."""
     return [r.name for r in list_runs() if r.ok]
 
 
@@ -169,6 +172,7 @@ def describe_run(name: str | None) -> str:
 
 
 def delete(name: str) -> None:
+    """Delete a run from disk (atomically), unless a job is using it."""
     from .runs import delete_run
 
     if not name:
@@ -184,6 +188,7 @@ def delete(name: str) -> None:
 
 
 def readonly_hint(exc: OSError) -> str:
+    """Why the runs folder cannot be written, and what to do."""
     return (f"the runs folder {runs_root().resolve()} is not writable ({exc.strerror or exc}). Existing runs can "
             "still be browsed and chatted with; set FACTORLAB_RUNS to a writable folder to save new ones.")
 
@@ -217,6 +222,7 @@ def _pct(x: float | None) -> str | None:
 # ---------------------------------------------------------------- factorize
 def factorize_spec(model: str, num_experts, top_k, split: str, layers: str, output_mode: str, seed,
                    shared_size=0, calibration_tokens=4096):
+    """A validated FactorizeSpec from the page's controls (ValueError says what to fix)."""
     from .workflows import FactorizeSpec
 
     return FactorizeSpec((model or "default").strip(), _int(num_experts, "N"), _int(top_k, "K"), split,
@@ -462,11 +468,26 @@ def job_view(job: JobInfo | None) -> dict | None:
             job.state == "running" else None, "history": job.history, "result": job.result}
 
 
-def active_view() -> dict | None:
-    return job_view(get_manager().active())
+def loss_records(run: str | None) -> tuple[str, list[dict]]:
+    """(title, trainer records) for the loss plot: a training job still in progress, else the current
+    run's saved train_log.jsonl, else the last training job of this process."""
+    from .runs import read_log
+
+    train = next((j for j in get_manager().jobs() if j.kind == "train"), None)
+    if train and not train.is_finished:
+        return f"training losses — {train.name} ({train.state})", train.history
+    if run:
+        try:
+            return f"training losses — {run} (saved log)", read_log(run)
+        except (OSError, ValueError, RunError):
+            pass
+    if train:
+        return f"training losses — {train.name} ({train.state})", train.history
+    return "training losses", []
 
 
 def job_rows() -> list[list]:
+    """The ten newest jobs as table rows."""
     return [[j.id, j.kind, j.name, j.state, "100%" if j.state == "done" else _pct(j.progress.get("fraction")),
              _duration(j.progress.get("elapsed_s")), j.error] for j in get_manager().jobs()[:10]]
 
@@ -546,7 +567,8 @@ def tradeoff_view(name: str, task: str, top_k: int, seq_len: int) -> dict:
     for row, point in zip(rows, points):
         row.insert(1, "◀ current" if point["k"] == top_k else "")
     return {"points": points, "metric": metric, "headers": [headers[0], ""] + headers[1:], "rows": rows,
-            "flops": {"dense": dense_flops, f"K={top_k}": flops_k[top_k]}, "bench": bench_rows(m, top_k)}
+            "flops": {"dense": dense_flops, f"K={top_k}": flops_k[top_k]}, "bench": bench_rows(m, top_k),
+            "bench_note": bench_note(m)}
 
 
 def _task_points(m: dict, task: str, gflops: dict) -> tuple[list[dict], list[str], list[list], str]:
@@ -618,6 +640,18 @@ def bench_rows(m: dict, top_k: int) -> list[list] | None:
     return rows
 
 
+def bench_note(m: dict) -> str | None:
+    """How the stored benchmark was measured, so a noisy number can be judged; None without one."""
+    bench = m.get("bench")
+    if not bench or "settings" not in bench:
+        return None
+    s, machine = bench["settings"], bench.get("machine", {})
+    load = machine.get("load_average_before")
+    return (f"prefill {s.get('prefill')} tokens, decode {s.get('decode')} tokens, median of {s.get('repeats')} "
+            f"alternating repeats, {machine.get('threads')} threads on {machine.get('cpu') or machine.get('device')}"
+            f"{f', load average {load[0]:.1f} before' if load else ''}")
+
+
 BENCH_COLUMNS = ["K", "prefill speedup", "prefill limit (FLOPs)", "decode speedup", "decode limit (FLOPs)",
                  "one FFN layer speedup", "decode tokens/s (K vs dense)"]
 
@@ -627,9 +661,11 @@ def _ratio(x: float | None) -> str | None:
 
 
 def newest_run() -> str | None:
+    """The most recently created readable run, if any."""
     names = run_names()
     return names[0] if names else None
 
 
 def env_flag(name: str) -> bool:
+    """True when an environment variable is set to something other than 0/false/no."""
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")

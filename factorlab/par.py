@@ -89,7 +89,7 @@ class TrainConfig:
     route_weight: float = 0.05  # paper weights; only their ratio matters when the router trains alone
     balance_weight: float = 0.01
     label_loss: str = "kl"
-    target: str = "residual"  # experts mode: fit the teacher FFN, or the dense residual stream
+    target: str = "teacher"  # experts mode: fit the original FFN on own inputs (measured better than "residual")
     ridge: float = 1e-3  # least-squares regulariser, relative to the mean diagonal of the Gram matrix
     refit_down: bool = True
     gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit

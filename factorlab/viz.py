@@ -174,6 +174,7 @@ def tradeoff_figure(points: Sequence[dict], current_k: int | None, metric: str, 
             x=[p["gflops"] for p in chosen], y=[p["score"] for p in chosen], mode="markers+text", marker=style,
             text=[p["label"] for p in chosen], textposition="top center",
             error_y=dict(type="data", array=[p.get("stderr") or 0 for p in chosen], visible=True, thickness=1),
+            cliponaxis=False,
             name={"dense": "dense", "K": "factorized (K experts)", "current": f"current K={current_k}"}[group],
             hovertemplate="%{text}<br>%{x:.3f} GFLOPs/token<br>" + metric + ": %{y:.3f}<extra></extra>"))
     fig.update_xaxes(title="GFLOPs per token (analytic)")

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama models (milliseconds) and the embedded model (loaded once)."""
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see factorlab/__init__.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

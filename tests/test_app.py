@@ -3,6 +3,7 @@
 One app for the module, tiny budgets (2 factorized layers, 512 training tokens, a few router
 steps) so the file runs in about three minutes on two cores.
 """
+import json
 import os
 import socket
 import statistics
@@ -104,8 +105,10 @@ def trained(client):
     print(f"Start -> first progress record {1000 * first_progress:.0f} ms (round trip); job start -> first "
           f"training step {first_step:.1f} s; whole job {info.finished - info.started:.1f} s")
     client.predict("tiny", api_name="/run_load")
-    summary, route_k, expert, trade_k, layer, chat_k, task = client.predict(api_name="/run_changed")
+    summary, route_k, expert, trade_k, layer, chat_k, task, loss = client.predict(api_name="/run_changed")
     assert "Current run: `tiny`" in summary and task["value"] == "held-out agreement with dense"
+    traces = {t["name"] for t in json.loads(loss["plot"])["data"]}
+    assert {"router loss (PAR)", "balance loss", "distillation MSE (after refit)"} <= traces
     assert route_k["maximum"] == 4 and route_k["value"] == 2 and [c[1] for c in layer["choices"]] == [0, 1]
     return "tiny", first_progress
 
@@ -197,8 +200,6 @@ def test_training_job_saves_a_run_with_heldout_metrics(client, trained):
 def test_routing_heatmap_loads_and_par_vs_no_par(client, trained):
     heatmap, load, entropy, note = client.predict("The cat sat on the mat. def f(x): return x", 2, "top-1 expert", 0,
                                                   api_name="/routing")
-    import json
-
     fig = json.loads(heatmap["plot"])
     z = fig["data"][0]["z"]
     assert len(z) == 2 and all(0 <= e < 4 for row in z for e in row)  # 2 layers, top-1 expert ids
@@ -215,19 +216,21 @@ def test_routing_heatmap_loads_and_par_vs_no_par(client, trained):
 
 
 def test_tradeoffs_redraw_from_stored_results_is_fast(client, trained):
-    timings = []
+    timings, server = [], []
     for k in (1, 2, 3, 1, 2):
         start = time.perf_counter()
         plot, table, flops, bench_md, bench, timing = client.predict("held-out agreement with dense", k, 512,
                                                                      api_name="/tradeoffs_k")
         timings.append(time.perf_counter() - start)
+        server.append(float(timing.split(" in ")[1].split(" ms")[0]))
     assert "No benchmark yet" in bench_md
     rows = table["value"]["data"]
     assert rows[0][0] == "dense" and [r[1] for r in rows].count("◀ current") == 1
     assert "ms" in timing
-    flops_fig = __import__("json").loads(flops["plot"])
+    flops_fig = json.loads(flops["plot"])
     assert {t["name"] for t in flops_fig["data"]} >= {"FFN (experts)", "attention scores", "router", "lm_head"}
-    print(f"trade-off redraw round trip: median {1000 * statistics.median(timings):.0f} ms over {len(timings)}")
+    print(f"trade-off redraw: round trip median {1000 * statistics.median(timings):.0f} ms, handler median "
+          f"{statistics.median(server):.0f} ms, over {len(timings)} redraws")
     assert statistics.median(timings) < 1.0
 
 
@@ -280,6 +283,7 @@ def test_two_clients_chat_while_a_job_trains_then_cancel(served, client, trained
     client.predict(*train_args("long", layers="all", router_steps=3000, train_tokens=1024), api_name="/train_start")
     job = get_manager().jobs()[0]
     poll_until(client, lambda h: "long" in h and "train" in h and "step" in h)
+    assert "long" in new_client(served).predict(api_name="/job_poll")[0]  # a second browser sees the same job
     results, errors = {}, []
 
     def talk(k: int) -> None:
@@ -307,8 +311,14 @@ def test_two_clients_chat_while_a_job_trains_then_cancel(served, client, trained
     assert "no job is queued" in user_error(client, "/job_cancel")
 
 
-def test_delete_run(client, trained):
-    client.predict(*train_args("to-delete", mode="no PAR (untrained router)", router_steps=1, heldout_tokens=0),
+def test_uploaded_jsonl_trains_and_the_run_can_be_deleted(client, trained, tmp_path):
+    from gradio_client import handle_file
+
+    lines = [json.dumps({"text": f"Note {i}: the river rose after {i} days of rain, and the bridge held."})
+             for i in range(120)]
+    (tmp_path / "notes.jsonl").write_text("\n".join(lines))
+    client.predict(*train_args("to-delete", mode="no PAR (untrained router)", router_steps=1, heldout_tokens=0,
+                               data_kind="uploaded file (.txt / .jsonl)", upload=handle_file(tmp_path / "notes.jsonl")),
                    api_name="/train_start")
     poll_until(client, lambda h: "to-delete" in h and "done" in h)
     runs, picker, message = client.predict("to-delete", api_name="/run_delete")

@@ -119,6 +119,8 @@ def test_stderr_relative_and_above_chance():
     assert relative(0.3, 0.6) == 0.5 and relative(0.3, 0.0) is None
     assert above_chance(0.45, 0.65, 0.25) == pytest.approx(0.5)
     assert above_chance(0.6, 0.39, 0.62) is None  # dense below chance: undefined
+    assert above_chance(0.49, 0.504, 0.5, dense_stderr=0.014) is None  # at chance within noise: undefined
+    assert above_chance(0.28, 0.314, 0.25, dense_stderr=0.027) == pytest.approx(0.03 / 0.064)
 
 
 def test_summary_caps_relative_and_leaves_out_undefined():
