@@ -94,7 +94,9 @@ def cmd_factorize(args) -> int:
     print(f"experts      {result['num_experts']} x {result['expert_size']} neurons "
           f"(+{result['shared_size']} shared), split={result['split']}, layers={len(result['layers'])}")
     print(f"exactness    K=N max |logit diff| vs dense = {result['max_abs_logit_diff']:.2e} "
-          f"(max |logit| {result['max_abs_logit']:.1f}, {result['tokens']} tokens, fp32)")
+          f"(max |logit| {result['max_abs_logit']:.1f}, {result['tokens']} tokens, fp32; "
+          f"{result['max_abs_logit_diff_fp64']:.1e} in fp64; fp32 dense vs fp64 dense: "
+          f"{result['dense_fp32_vs_fp64']:.1e})")
     for k, r in result["ffn_ratio_by_k"].items():
         print(f"K={k}          FFN FLOPs = {100 * r:.1f}% of dense")
     print(f"run          {result['run'] or '(not saved: pass --name)'}")

@@ -1,6 +1,7 @@
 """End-to-end operations shared by the CLI and the app: factorize a model into a saved run."""
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -55,7 +56,7 @@ def calibration_ids(loaded, num_tokens: int, seed: int = 0) -> torch.Tensor:
     return data_calibration_ids(loaded.tokenizer, num_tokens=num_tokens, model=loaded)
 
 
-def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, num_experts: int) -> dict:
+def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, num_experts: int, fp64: bool = False) -> dict:
     """Max |logit difference| of the factorized model at K=N (scaled) against dense, on CHECK_TEXT."""
     ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids
     layers = factorized_layers(moe)
@@ -72,7 +73,14 @@ def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, num_experts: in
             m.set_top_k(saved[i][0])
             m.set_output_mode(saved[i][1])
     diff = (out - ref).abs().max().item()
-    return {"max_abs_logit_diff": diff, "max_abs_logit": ref.abs().max().item(), "tokens": ids.shape[1]}
+    result = {"max_abs_logit_diff": diff, "max_abs_logit": ref.abs().max().item(), "tokens": ids.shape[1]}
+    if fp64:
+        # The same check in float64 separates the maths (exact) from fp32 summation-order noise.
+        dense64, moe64 = (m.double() for m in copy.deepcopy((dense, moe)))
+        result["max_abs_logit_diff_fp64"] = exactness_check(dense64, moe64, tokenizer, num_experts)["max_abs_logit_diff"]
+        with torch.no_grad():  # the fp32 noise floor: the dense model itself against its fp64 copy
+            result["dense_fp32_vs_fp64"] = (dense64(ids).logits - ref.double()).abs().max().item()
+    return result
 
 
 def prepare(spec: FactorizeSpec, loaded=None) -> tuple:
@@ -103,7 +111,7 @@ def factorize_run(spec: FactorizeSpec, name: str | None, runs_dir=None, loaded=N
     start = time.perf_counter()
     loaded, partition, moe = prepare(spec, loaded)
     seconds = time.perf_counter() - start
-    check = exactness_check(loaded.model, moe, loaded.tokenizer, spec.num_experts)
+    check = exactness_check(loaded.model, moe, loaded.tokenizer, spec.num_experts, fp64=True)
     info = model_info(loaded.model)
     flops = flops_table(info, 512, spec.num_experts, factorized_layers=partition.layers,
                         shared_size=spec.shared_size)
