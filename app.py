@@ -402,7 +402,8 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                     output_mode = gr.Radio(list(OUTPUT_MODES), value="scaled", label="Output mode")
                     with gr.Accordion("Advanced", open=False):
                         seed = gr.Number(0, precision=0, label="Seed")
-                        shared = gr.Number(0, precision=0, label="Shared neurons (always active)")
+                        shared = gr.Number(256, precision=0, label="Shared neurons (always active)",
+                                           info="256 (default) measured best; 0 = pure N experts")
                         calibration = gr.Number(4096, precision=0, label="Calibration tokens (cluster split)")
                         heldout_tokens = gr.Number(2048, precision=0, elem_id="heldout-tokens", label="Held-out tokens")
                         seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")

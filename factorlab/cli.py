@@ -164,7 +164,8 @@ def add_train(sub) -> None:
     p.add_argument("--split", choices=STRATEGIES, default="cluster")
     p.add_argument("--layers", default="all")
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
-    p.add_argument("--shared", type=int, default=0, help="always-on shared neurons per layer")
+    p.add_argument("--shared", type=int, default=256,
+                   help="always-on shared neurons per layer (default 256: the best recipe measured; 0 = pure N experts)")
     p.add_argument("--mode", choices=MODES, default="experts",
                    help="experts: router + least-squares expert refit (default); router: routers only; "
                         "none: untrained router (FactorLLM's Ex0)")
