@@ -11,7 +11,6 @@ import torch
 torch.set_num_threads(1)
 from factorlab.models import load_model
 from factorlab.factorize import make_partition, build_moe
-from factorlab.moe import set_top_k
 from factorlab.par import train, TrainConfig
 lm = load_model("default"); m, tok = lm.model, lm.tokenizer
 files = sorted(glob.glob(".venv/lib/python3.11/site-packages/*.dist-info/METADATA"))

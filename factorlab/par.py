@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import FactorizedMLP, factorized_layers
+from .moe import FactorizedMLP, factorized_layers, set_top_k
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,6 @@ def train(dense: nn.Module, moe: nn.Module, train_ids: torch.Tensor, cfg: TrainC
     deadline = start + 60 * cfg.minutes if cfg.minutes else None
     result = TrainResult(seconds=0.0, tokens=int(train_ids.numel()))
     layers = factorized_layers(moe)
-    from .moe import set_top_k
     set_top_k(moe, cfg.top_k)
     total_steps = _total_steps(cfg, len(layers))
     state = {"step": 0}

@@ -224,10 +224,9 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
 def train_run(spec: FactorizeSpec, train_cfg, data: DataSpec, name: str, runs_dir=None, loaded=None,
               progress=None, should_stop=None, overwrite: bool = False, eval_ks: list[int] | None = None) -> dict:
     """train_model, then save the run (all or nothing: a failed or cancelled job writes nothing)."""
-    from .runs import write_log
+    from .runs import run_path, write_log
 
     name = sanitize_name(name)
-    from .runs import run_path
     if run_path(name, runs_dir).exists() and not overwrite:
         raise ValueError(f"a run named {name!r} already exists: pick another name or delete it first")
     t = train_model(spec, train_cfg, data, loaded, progress, should_stop, eval_ks)

@@ -1,5 +1,4 @@
 """Run store: atomic saves, reload gives identical logits, corrupt runs listed, names sanitised."""
-import json
 
 import pytest
 import torch
