@@ -125,17 +125,18 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, seed: int, iters:
         sim = x @ centroids.t()  # (I, C)
         order = sim.flatten().argsort(descending=True)
         rows, cols = order // num_clusters, order % num_clusters
-        new = torch.full((n,), -1, dtype=torch.long)
+        new_list = [-1] * n  # plain lists: this greedy loop is Python-bound
         fill = [0] * num_clusters
         placed = 0
         for r, c in zip(rows.tolist(), cols.tolist()):
-            if new[r] >= 0 or fill[c] >= cap:
+            if new_list[r] >= 0 or fill[c] >= cap:
                 continue
-            new[r] = c
+            new_list[r] = c
             fill[c] += 1
             placed += 1
             if placed == n:
                 break
+        new = torch.tensor(new_list, dtype=torch.long)
         if torch.equal(new, assign):
             break
         assign = new
