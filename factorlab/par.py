@@ -343,11 +343,18 @@ def _total_steps(cfg: TrainConfig, num_layers: int) -> int:
 
 
 def _train_router_mode(dense, moe, train_ids, cfg, layers, result, check, report, deadline) -> None:
-    """Routers only, from FFN inputs cached in one teacher pass of the dense model."""
+    """Routers only, from FFN inputs and teacher outputs cached in one pass of the dense model."""
     dense_layers = dense.model.layers
-    cached: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    handles = [dense_layers[i].mlp.register_forward_pre_hook(
-        lambda _m, args, i=i: cached[i].append(_flat(args[0]).detach())) for i in layers]
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+
+    def cache(i: int):
+        def hook(_module, args, output):
+            inputs[i].append(_flat(args[0]).detach())
+            outputs[i].append(_flat(output).detach())
+        return hook
+
+    handles = [dense_layers[i].mlp.register_forward_hook(cache(i)) for i in layers]
     try:
         with torch.no_grad():
             for rows in train_ids.split(max(1, cfg.chunk_tokens // train_ids.shape[1])):
@@ -358,11 +365,9 @@ def _train_router_mode(dense, moe, train_ids, cfg, layers, result, check, report
             h.remove()
     for i, mlp in layers.items():
         check()
-        inputs = torch.cat(cached.pop(i))  # (T, H)
-        with torch.no_grad():
-            teacher = _apply_mlp(dense_layers[i].mlp, inputs, cfg.chunk_tokens)
-        labels = layer_labels(mlp, inputs, teacher, cfg.top_k, cfg.chunk_tokens)
-        stats = train_router(mlp, inputs, labels, cfg, check, deadline)
+        x, teacher = torch.cat(inputs.pop(i)), torch.cat(outputs.pop(i))  # (T, H) each
+        labels = layer_labels(mlp, x, teacher, cfg.top_k, cfg.chunk_tokens)
+        stats = train_router(mlp, x, labels, cfg, check, deadline)
         result.router_label_accuracy[i] = stats["label_accuracy"]
         report("router", i, stats)
 
