@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 OUTPUT_MODES = ("scaled", "gated")
@@ -165,11 +166,11 @@ class FactorizedMLP(nn.Module):
         """One token (decode): K matrix-vector products on views of the selected experts, no weight copy."""
         d = self.expert_size
         out = None
-        for k, e in enumerate(top_k_index[0].tolist()):
-            h = x @ self.gate_up[e].t()  # (1, 2D)
-            a = self.act_fn(h[:, :d]).mul_(h[:, d:]).mul_(weights[:, k:k + 1])  # (1, D)
-            out = a @ self.down[e] if out is None else out.addmm_(a, self.down[e])  # (1, H)
-        return out
+        for e, w in zip(top_k_index[0].tolist(), weights[0].tolist()):  # K Python ints and floats
+            h = F.linear(x, self.gate_up[e])  # (1, 2D)
+            a = self.act_fn(h[:, :d]).mul_(h[:, d:])  # (1, D)
+            out = torch.mm(a, self.down[e]).mul_(w) if out is None else out.addmm_(a, self.down[e], alpha=w)
+        return out  # (1, H)
 
     def _dispatch_gather_weights(self, x: torch.Tensor, top_k_index: torch.Tensor,
                                  weights: torch.Tensor) -> torch.Tensor:
