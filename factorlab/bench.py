@@ -28,6 +28,11 @@ Progress = Callable[[dict], None]
 MEASUREMENTS = ("ffn", "prefill", "forward", "decode", "batched_prefill")
 DECODE_PROMPT_TOKENS = 32  # the prompt before timed decode steps (its prefill is not timed)
 FFN_REPEATS_PER_REPEAT = 10  # one FFN call is milliseconds: take more samples of it
+# libgomp reads these when torch is first imported. OMP_WAIT_POLICY=PASSIVE (which factorlab sets
+# by default, for shared machines) puts threads to sleep after every parallel region: measured on
+# 2 idle cores it slows dense decode 1.8x and the factorized model, which runs more and smaller
+# ops, even more. GOMP_SPINCOUNT=300000 restores libgomp's own default spin.
+OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _sync(device: torch.device) -> None:
@@ -136,7 +141,8 @@ def machine_info(device: torch.device) -> dict:
         pass
     out = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cpu": cpu,
            "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "device": str(device)}
+           "python": platform.python_version(), "device": str(device),
+           "openmp_env": {k: os.environ.get(k) for k in OPENMP_ENV}}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
@@ -272,6 +278,10 @@ def format_report(result: dict) -> str:
     if "decode" in raw:
         rates = [f"{name}={e['tokens_per_s']:.1f}" for name, e in raw["decode"].items()]
         lines.append("decode tokens/s: " + "  ".join(rates))
+    env = result["machine"].get("openmp_env", {})
+    if (env.get("OMP_WAIT_POLICY") or "").upper() == "PASSIVE" and not env.get("GOMP_SPINCOUNT"):
+        lines.append("note: OMP_WAIT_POLICY=PASSIVE without GOMP_SPINCOUNT: every parallel region sleeps, which "
+                     "penalises small ops; for latency numbers run with GOMP_SPINCOUNT=300000")
     for k, load in result["load"].items():
         share = " ".join(f"{100 * v:.0f}%" for v in load["share"])
         lines.append(f"load K={k}: {share} (busiest expert {load['max_over_mean']:.2f}x the mean; "

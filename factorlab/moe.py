@@ -166,7 +166,7 @@ class FactorizedMLP(nn.Module):
         """One token (decode): K matrix-vector products on views of the selected experts, no weight copy."""
         d = self.expert_size
         out = None
-        for e, w in zip(top_k_index[0].tolist(), weights[0].tolist()):  # K Python ints and floats
+        for e, w in zip(top_k_index.tolist()[0], weights.tolist()[0]):  # K Python ints and floats
             h = F.linear(x, self.gate_up[e])  # (1, 2D)
             a = self.act_fn(h[:, :d]).mul_(h[:, d:])  # (1, D)
             out = torch.mm(a, self.down[e]).mul_(w) if out is None else out.addmm_(a, self.down[e], alpha=w)
