@@ -70,6 +70,7 @@ def run_experiment(config: dict, out_path: str | Path, progress=None) -> dict:
     settings = expand(config)
     ev = config.get("eval", {})
     dense_caches: dict[str, dict] = {}
+    cache_file = Path(ev["dense_cache"]) if ev.get("dense_cache") else None
     for n, setting in enumerate(settings):
         key = setting_key(setting, config)
         if key in finished:
@@ -86,14 +87,62 @@ def run_experiment(config: dict, out_path: str | Path, progress=None) -> dict:
                "train_tokens": trained.tokens, "heldout": trained.heldout,
                "router_label_accuracy": trained.result.summary()["mean_router_label_accuracy"]}
         if ev.get("tasks"):
+            cache = dense_caches.setdefault(spec.model, {})
+            if cache_file:
+                cache.update(read_dense_cache(cache_file, spec.model))
             sweep = run_sweep(loaded.model, loaded.tokenizer, trained.moe, ev["tasks"], ev.get("ks") or [spec.top_k],
                               ev.get("limit"), ev.get("seed", 0), ev.get("data_dir"), ev.get("batch_size", 16),
-                              progress=False, dense_cache=dense_caches.setdefault(spec.model, {}))
+                              progress=False, dense_cache=cache)
+            if cache_file:
+                write_dense_cache(cache_file, spec.model, cache)
             row["eval"] = sweep
+            if ev.get("summary_tasks"):  # e.g. the seven tasks of a goal, with MMLU scored but kept apart
+                from .evaluate import summarize
+
+                keep = parse_summary_tasks(ev["summary_tasks"])
+                sweep["summary_subset"] = {"tasks": keep, **summarize(
+                    {t: v for t, v in sweep["tasks"].items() if t in keep})}
+        row["gflops_per_token"] = gflops_by_k(loaded.model, trained.moe, sorted({int(k) for k in trained.heldout}
+                                                                                  | {spec.top_k}))
         row["total_seconds"] = round(time.perf_counter() - start, 1)
         done["rows"] = [r for r in done["rows"] if r["key"] != key] + [row]
         atomic_write_json(out_path, done)
     return done
+
+
+def read_dense_cache(path: Path, model: str) -> dict:
+    """Dense task scores saved by an earlier (or a parallel) experiment: {(task, limit, seed, split, source): TaskScores}."""
+    from .evaluate import TaskScores
+
+    if not path.exists():
+        return {}
+    stored = json.loads(path.read_text()).get(model, {})
+    return {tuple(json.loads(k)): TaskScores(**v) for k, v in stored.items()}
+
+
+def write_dense_cache(path: Path, model: str, cache: dict) -> None:
+    """Merge this process's dense scores into the file (other models' and processes' entries kept)."""
+    from dataclasses import asdict
+
+    data = json.loads(path.read_text()) if path.exists() else {}
+    entries = data.setdefault(model, {})
+    for key, scores in cache.items():
+        entries[json.dumps(list(key))] = asdict(scores)
+    atomic_write_json(path, data)
+
+
+def parse_summary_tasks(value) -> list[str]:
+    return [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
+
+
+def gflops_by_k(dense, moe, ks, seq_len: int = 512) -> dict:
+    """GFLOPs per token of the dense model and the factorized one at each K (sequence of seq_len)."""
+    from .evaluate import _gflops
+    from .models import model_info
+
+    info = model_info(dense)
+    return {"seq_len": seq_len, "dense": _gflops(info, seq_len),
+            **{str(k): _gflops(info, seq_len, moe, k) for k in ks}}
 
 
 def table(rows: list[dict], k: str | None = None) -> list[dict]:
@@ -103,9 +152,11 @@ def table(rows: list[dict], k: str | None = None) -> list[dict]:
         ks = [k] if k else sorted(r.get("heldout", {}) or {"": None})
         for kk in ks:
             h = (r.get("heldout") or {}).get(kk, {})
-            summ = ((r.get("eval") or {}).get("summary") or {}).get("k", {}).get(kk, {})
+            ev = r.get("eval") or {}
+            summ = (ev.get("summary_subset") or ev.get("summary") or {}).get("k", {}).get(kk, {})
             out.append({"label": r["setting"].get("label", ""), "K": kk, "train_s": r.get("train_seconds"),
                         "ppl": h.get("perplexity"), "dense_ppl": h.get("dense_perplexity"),
                         "agreement": h.get("agreement"), "relative": summ.get("relative_capped"),
-                        "above_chance": summ.get("above_chance")})
+                        "above_chance": summ.get("above_chance"),
+                        "gflops": (r.get("gflops_per_token") or {}).get(kk)})
     return out

@@ -8,6 +8,7 @@ gradient steps on gate/up), with optional end-to-end logit distillation afterwar
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -39,6 +40,35 @@ def pseudo_labels(expert_outputs: torch.Tensor, teacher: torch.Tensor, top_k: in
     label_index = mse.topk(top_k, dim=-1, largest=False).indices  # (T, K)
     label_mask = torch.zeros_like(mse).scatter_(1, label_index, 1.0)
     return mse, label_mask
+
+
+def combination_labels(expert_outputs: torch.Tensor, target: torch.Tensor, weight: float, top_k: int,
+                       max_combinations: int = 256) -> torch.Tensor:
+    """0/1 mask of the K experts whose weighted sum is closest to target (joint, not per expert).
+
+    expert_outputs (T, N, H), target (T, H) -> (T, N). Exact over all C(N, K) combinations when there
+    are at most max_combinations of them, else greedy (add the expert that lowers the error most).
+    ||t - w sum_c o_c||^2 = ||t||^2 - 2w sum_c <t, o_c> + w^2 sum_{c, c'} <o_c, o_c'>.
+    """
+    tokens, num_experts, _ = expert_outputs.shape
+    o = expert_outputs.float() * weight
+    b = torch.einsum("th,tnh->tn", target.float(), o)  # (T, N)
+    gram = torch.einsum("tnh,tmh->tnm", o, o)  # (T, N, N)
+    mask = torch.zeros(tokens, num_experts, dtype=expert_outputs.dtype)
+    if math.comb(num_experts, top_k) <= max_combinations:
+        combos = torch.tensor(list(itertools.combinations(range(num_experts), top_k)))  # (C, K)
+        err = -2 * b[:, combos].sum(-1)  # (T, C)
+        for i in range(top_k):
+            for j in range(top_k):
+                err += gram[:, combos[:, i], combos[:, j]]
+        return mask.scatter_(1, combos[err.argmin(dim=1)], 1.0)
+    chosen = torch.zeros(tokens, num_experts, dtype=torch.float32)
+    diag = gram.diagonal(dim1=1, dim2=2)
+    for _ in range(top_k):  # marginal error of adding n: -2 b_n + G_nn + 2 sum_chosen G_cn
+        gain = -2 * b + diag + 2 * torch.einsum("tc,tcn->tn", chosen, gram)
+        gain = gain.masked_fill(chosen.bool(), float("inf"))
+        chosen.scatter_(1, gain.argmin(dim=1, keepdim=True), 1.0)
+    return chosen.to(expert_outputs.dtype)
 
 
 def router_kl_loss(router_logits: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
@@ -92,6 +122,7 @@ class TrainConfig:
     target: str = "teacher"  # experts mode: fit the original FFN on own inputs (measured better than "residual")
     ridge: float = 1e-3  # least-squares regulariser, relative to the mean diagonal of the Gram matrix
     refit_down: bool = True
+    refine_rounds: int = 0  # after the refit: relabel (best joint K experts), retrain router, refit again
     gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit
     gate_up_lr: float = 1e-4
     e2e_steps: int = 0  # optional end-to-end logit distillation steps after the layer-wise pass
@@ -110,7 +141,7 @@ class TrainConfig:
             raise ValueError(f"label_loss must be one of {', '.join(LABEL_LOSSES)}, got {self.label_loss!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        for name in ("router_steps", "gate_up_steps", "e2e_steps"):
+        for name in ("router_steps", "gate_up_steps", "e2e_steps", "refine_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.minutes is not None and self.minutes <= 0:
@@ -222,6 +253,18 @@ def layer_labels(mlp: FactorizedMLP, inputs: torch.Tensor, teacher: torch.Tensor
     with torch.no_grad():
         for x, t in zip(inputs.split(chunk), teacher.split(chunk)):
             masks.append(pseudo_labels(mlp.expert_outputs(x), t - mlp.shared_output(x), top_k)[1])
+    return torch.cat(masks)
+
+
+def joint_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, top_k: int,
+                 chunk: int) -> torch.Tensor:
+    """Best-joint-combination label masks under the experts' current weights: (T, N)."""
+    uniform = torch.full((1, top_k), 1.0 / mlp.num_experts)
+    weight = mlp._combine(uniform, mlp.num_experts)[0, 0].item()  # scaled: N/K, gated (uniform): 1/K
+    masks = []
+    with torch.no_grad():
+        for x, t in zip(inputs.split(chunk), target.split(chunk)):
+            masks.append(combination_labels(mlp.expert_outputs(x), t - mlp.shared_output(x), weight, top_k))
     return torch.cat(masks)
 
 
@@ -407,6 +450,11 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
         report("router", i, stats)
         if cfg.refit_down:
             refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
+            for _ in range(cfg.refine_rounds):  # routing and experts fitted to each other
+                check()
+                labels = joint_labels(mlp, ffn_in, target, cfg.top_k, cfg.chunk_tokens)
+                stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
+                refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
         if cfg.gate_up_steps:
             tune_gate_up(mlp, ffn_in, target, cfg, check, deadline)
         with torch.no_grad():

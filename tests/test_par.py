@@ -6,8 +6,8 @@ import torch
 
 from factorlab.factorize import build_moe, make_partition
 from factorlab.moe import factorized_layers
-from factorlab.par import (TrainConfig, TrainingCancelled, balance_loss, label_accuracy, lr_at, pseudo_labels,
-                           refit_down, router_bce_loss, router_kl_loss, train)
+from factorlab.par import (TrainConfig, TrainingCancelled, balance_loss, combination_labels, label_accuracy, lr_at,
+                           pseudo_labels, refit_down, router_bce_loss, router_kl_loss, train)
 
 
 def test_pseudo_labels_hand_computed():
@@ -37,6 +37,27 @@ def test_balance_loss_hand_computed():
     # K=1: masks [1,0] and one of the tied pair; mean over T*N = (0.75 + 0.5) / 4
     assert balance_loss(logits, 1).item() == pytest.approx(0.3125)
     assert balance_loss(logits, 2).item() == pytest.approx(0.5)  # everything selected: mean of probs
+
+
+def test_combination_labels_pick_the_best_joint_experts():
+    import itertools
+
+    gen = torch.Generator().manual_seed(0)
+    outputs, target = torch.randn(40, 4, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    mask = combination_labels(outputs, target, weight=2.0, top_k=2)
+    assert torch.equal(mask.sum(1), torch.full((40,), 2.0))
+    for t in range(40):  # brute force over the 6 pairs
+        best = min(itertools.combinations(range(4), 2),
+                   key=lambda c: (target[t] - 2.0 * outputs[t, list(c)].sum(0)).pow(2).sum().item())
+        assert mask[t].nonzero().flatten().tolist() == sorted(best)
+    # hand-computed: expert 1 alone equals the target, experts 0 + 2 sum to it
+    o = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-5.0, 0.0]]])
+    assert combination_labels(o, torch.tensor([[1.0, 1.0]]), 1.0, 1).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert combination_labels(o, torch.tensor([[1.0, 1.0]]), 1.0, 2).tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    greedy = combination_labels(outputs, target, weight=2.0, top_k=2, max_combinations=1)
+    assert torch.equal(greedy.sum(1), torch.full((40,), 2.0))
+    exact1 = combination_labels(outputs, target, weight=2.0, top_k=1)
+    assert torch.equal(combination_labels(outputs, target, 2.0, 1, max_combinations=1), exact1)  # greedy = exact at K=1
 
 
 def test_label_accuracy_and_schedule():
@@ -90,6 +111,19 @@ def test_refit_down_reduces_error(tiny_model):
         refit_down(mlp, x, target, ridge=1e-6, chunk=256)
         after = torch.nn.functional.mse_loss(mlp(x), target).item()
     assert after < 0.5 * before
+
+
+def test_refine_rounds_fit_routing_and_experts_to_each_other(tiny_model):
+    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for rounds in (0, 2):
+        _, moe = _setup(tiny_model, k=2)
+        results[rounds] = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=100,
+                                                                 router_batch=128, refine_rounds=rounds))
+    before, after = results[0].layer_mse, results[2].layer_mse
+    assert sum(after.values()) < sum(before.values())
+    with pytest.raises(ValueError, match="refine_rounds"):
+        TrainConfig(refine_rounds=-1)
 
 
 def test_experts_mode_beats_none_on_heldout(tiny_model):
