@@ -22,7 +22,9 @@ from factorlab.factorize import STRATEGIES
 from factorlab.jobs import get_manager
 from factorlab.models import hub_reachable
 from factorlab.moe import OUTPUT_MODES
+from factorlab.par import TrainConfig
 from factorlab.tasks import TASK_NAMES
+from factorlab.workflows import RECIPE_LAYERS, DataSpec
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = json.loads((ASSETS / "examples.json").read_text())
@@ -398,7 +400,8 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                         k_box = gr.Number(2, precision=0, label="K active", info="1..N")
                     split = gr.Radio(list(STRATEGIES), value="cluster", elem_id="split", label="Split strategy",
                                      info="cluster: first use writes calibration text (about a minute on CPU)")
-                    layers = gr.Textbox("all", elem_id="layers", label="Layers", info="'all', or e.g. '0-3,10'")
+                    layers = gr.Textbox(RECIPE_LAYERS, elem_id="layers", label="Layers",
+                                        info="'1-' (default: all but layer 0, which stays dense), 'all', or e.g. '0-3,10'")
                     output_mode = gr.Radio(list(OUTPUT_MODES), value="scaled", label="Output mode")
                     with gr.Accordion("Advanced", open=False):
                         seed = gr.Number(0, precision=0, label="Seed")
@@ -418,9 +421,9 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                     hub_id = gr.Textbox(label="Hub dataset", placeholder="HuggingFaceFW/fineweb-edu:sample-10BT",
                                         visible=False)
                     with gr.Row():
-                        train_tokens = gr.Number(16384, precision=0, elem_id="train-tokens", label="Train tokens")
+                        train_tokens = gr.Number(DataSpec.train_tokens, precision=0, elem_id="train-tokens", label="Train tokens")
                         minutes = gr.Number(0, label="Minutes (0 = no limit)")
-                        router_steps = gr.Number(300, precision=0, elem_id="router-steps", label="Router steps / layer")
+                        router_steps = gr.Number(TrainConfig.router_steps, precision=0, elem_id="router-steps", label="Router steps / layer")
                     run_name = gr.Textbox(label="Run name", elem_id="run-name",
                                           placeholder="empty: a name from the settings")
                     with gr.Row():

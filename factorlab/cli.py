@@ -154,7 +154,8 @@ def cmd_flops(args) -> int:
 
 # ---- train ----
 def add_train(sub) -> None:
-    from .par import LABEL_LOSSES, MODES, TARGETS
+    from .par import LABEL_LOSSES, MODES, TARGETS, TrainConfig
+    from .workflows import RECIPE_LAYERS, DataSpec
 
     p = sub.add_parser("train", help="factorize + PAR training + held-out metrics, saved as a run")
     p.add_argument("name", help="run name")
@@ -162,19 +163,22 @@ def add_train(sub) -> None:
     p.add_argument("--experts", "-n", type=int, default=4)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--split", choices=STRATEGIES, default="cluster")
-    p.add_argument("--layers", default="all")
+    p.add_argument("--layers", default=RECIPE_LAYERS,
+                   help=f"layers to factorize (default {RECIPE_LAYERS!r}: every layer but 0, the recipe; 'all' for every layer)")
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
     p.add_argument("--shared", type=int, default=256,
                    help="always-on shared neurons per layer (default 256: the best recipe measured; 0 = pure N experts)")
     p.add_argument("--mode", choices=MODES, default="experts",
                    help="experts: router + least-squares expert refit (default); router: routers only; "
                         "none: untrained router (FactorLLM's Ex0)")
-    p.add_argument("--tokens", type=int, default=16384, help="training tokens")
+    p.add_argument("--tokens", type=int, default=DataSpec.train_tokens, help="training tokens")
     p.add_argument("--heldout-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--minutes", type=float, default=None, help="wall-clock cap for the gradient phases")
     p.add_argument("--data", default="builtin", help="builtin | local | selfgen | PATH(.txt/.jsonl) | hub:ID[:config]")
-    p.add_argument("--router-steps", type=int, default=300)
+    p.add_argument("--router-steps", type=int, default=TrainConfig.router_steps)
+    p.add_argument("--refine-rounds", type=int, default=TrainConfig.refine_rounds,
+                   help="after the refit: relabel with the best joint K experts, retrain the router, refit again")
     p.add_argument("--label-loss", choices=LABEL_LOSSES, default="kl")
     p.add_argument("--target", choices=TARGETS, default="teacher")
     p.add_argument("--gate-up-steps", type=int, default=0)
@@ -195,7 +199,8 @@ def cmd_train(args) -> int:
 
     spec = FactorizeSpec(model=args.model, num_experts=args.experts, top_k=args.k, split=args.split,
                          layers=args.layers, output_mode=args.output_mode, seed=args.seed, shared_size=args.shared)
-    cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, label_loss=args.label_loss,
+    cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
+                      label_loss=args.label_loss,
                       target=args.target, gate_up_steps=args.gate_up_steps, e2e_steps=args.e2e_steps,
                       minutes=args.minutes, seed=args.seed)
     data = DataSpec(args.data, args.tokens, args.heldout_tokens, args.seq_len)
@@ -232,6 +237,8 @@ def add_experiment(sub) -> None:
     p = sub.add_parser("experiment", help="run a resumable grid: factorize -> train -> evaluate, one row per setting")
     p.add_argument("--config", required=True, help="grid config JSON (see factorlab/experiment.py)")
     p.add_argument("--json", required=True, metavar="PATH", help="results file (rows already there are skipped)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only rows I, I+N, I+2N, ... (0-based), e.g. 0/2 and 1/2 in two processes with two --json files")
     p.set_defaults(func=cmd_experiment)
 
 
@@ -245,7 +252,16 @@ def cmd_experiment(args) -> int:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CliError(f"config file {path} is not valid JSON: {exc}") from exc
-    done = run_experiment(config, args.json, progress=lambda r: print(f"row {r['row']}/{r['rows']}: {r['setting']}",
+    shard = None
+    if args.shard:
+        try:
+            index, count = (int(x) for x in args.shard.split("/"))
+            if not 0 <= index < count:
+                raise ValueError
+        except ValueError:
+            raise CliError(f"--shard must be I/N with 0 <= I < N, e.g. 0/2; got {args.shard!r}") from None
+        shard = (index, count)
+    done = run_experiment(config, args.json, shard=shard, progress=lambda r: print(f"row {r['row']}/{r['rows']}: {r['setting']}",
                                                                       file=sys.stderr))
     print(f"{'label':28s} {'K':>2s} {'train s':>8s} {'ppl':>9s} {'agree':>6s} {'rel%':>6s} {'abv%':>6s}")
     for line in table(done["rows"]):

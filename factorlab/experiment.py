@@ -59,8 +59,11 @@ def _split(setting: dict, config: dict) -> tuple[FactorizeSpec, TrainConfig, Dat
     return spec, cfg, DataSpec(**data_kw)
 
 
-def run_experiment(config: dict, out_path: str | Path, progress=None) -> dict:
-    """Run every row not already in out_path (resumable); rewrite out_path after each row."""
+def run_experiment(config: dict, out_path: str | Path, progress=None, shard: tuple[int, int] | None = None) -> dict:
+    """Run every row not already in out_path (resumable); rewrite out_path after each row.
+
+    shard (i, n): only rows i, i+n, ... (to spread a grid over processes, each with its own out_path).
+    """
     from .evaluate import run_sweep
     from .models import load_model
 
@@ -72,6 +75,8 @@ def run_experiment(config: dict, out_path: str | Path, progress=None) -> dict:
     dense_caches: dict[str, dict] = {}
     cache_file = Path(ev["dense_cache"]) if ev.get("dense_cache") else None
     for n, setting in enumerate(settings):
+        if shard and n % shard[1] != shard[0]:
+            continue
         key = setting_key(setting, config)
         if key in finished:
             log.info("row %d/%d already done: %s", n + 1, len(settings), setting)

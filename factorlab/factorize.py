@@ -69,7 +69,7 @@ def validate_top_k(top_k: int, num_experts: int) -> None:
 
 
 def resolve_layers(layers: list[int] | str | None, num_layers: int) -> list[int]:
-    """None/'all' -> every layer; '0-3,7' or a list -> those layers, checked."""
+    """None/'all' -> every layer; '0-3,7' or a list -> those layers; '1-' -> layer 1 to the last; checked."""
     if layers is None or layers == "all" or layers == "":
         return list(range(num_layers))
     if isinstance(layers, str):
@@ -78,7 +78,7 @@ def resolve_layers(layers: list[int] | str | None, num_layers: int) -> list[int]
             part = part.strip()
             if "-" in part:
                 a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
+                out.extend(range(int(a), int(b) + 1 if b.strip() else num_layers))
             elif part:
                 out.append(int(part))
         layers = out

@@ -113,7 +113,7 @@ class TrainConfig:
     """How to train a factorized model; validated on construction."""
     mode: str = "experts"
     top_k: int = 2
-    router_steps: int = 300  # Adam steps per layer for the router
+    router_steps: int = 600  # Adam steps per layer for the router
     router_lr: float = 1e-2
     router_batch: int = 1024  # tokens per router step
     route_weight: float = 0.05  # paper weights; only their ratio matters when the router trains alone
@@ -122,7 +122,7 @@ class TrainConfig:
     target: str = "teacher"  # experts mode: fit the original FFN on own inputs (measured better than "residual")
     ridge: float = 1e-3  # least-squares regulariser, relative to the mean diagonal of the Gram matrix
     refit_down: bool = True
-    refine_rounds: int = 0  # after the refit: relabel (best joint K experts), retrain router, refit again
+    refine_rounds: int = 2  # after the refit: relabel (best joint K experts), retrain router, refit again
     gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit
     gate_up_lr: float = 1e-4
     e2e_steps: int = 0  # optional end-to-end logit distillation steps after the layer-wise pass

@@ -26,6 +26,11 @@ CHECK_TEXT = (
 )
 
 
+# The training recipe's layers (issue 7): layer 0 stays dense. Its FFN carries the massive activations;
+# putting it alone back to dense cut held-out perplexity by 22%, the next-best layer by 10%.
+RECIPE_LAYERS = "1-"
+
+
 @dataclass
 class FactorizeSpec:
     """What to factorize and how; validated before any work starts."""
@@ -135,7 +140,7 @@ def factorize_run(spec: FactorizeSpec, name: str | None, runs_dir=None, loaded=N
 class DataSpec:
     """Where training and held-out text come from, and how much."""
     source: str = "builtin"
-    train_tokens: int = 16384
+    train_tokens: int = 32768  # the recipe's budget (issue 7): 16k overfits less well, 64k gains little more
     heldout_tokens: int = 8192
     seq_len: int = 256
 

@@ -65,6 +65,10 @@ def test_layer_choice_and_sharing(tiny_model):
     assert moe.model.embed_tokens.weight is tiny_model.model.embed_tokens.weight
     assert not isinstance(tiny_model.model.layers[1].mlp, FactorizedMLP)
     assert resolve_layers("0-1", 2) == [0, 1]
+    assert resolve_layers("1-", 30) == list(range(1, 30))  # open range: to the last layer
+    assert resolve_layers("0,2-", 4) == [0, 2, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers("1-", 1)
     with pytest.raises(ValueError, match="out of range"):
         resolve_layers([5], 2)
 
