@@ -3,8 +3,9 @@
 T=tokens H=hidden N=experts K=top_k D=expert width
 Modes: `none` (untrained router, FactorLLM's Ex0), `router` (routers only, on FFN inputs cached from
 one teacher pass), `experts` (layer by layer on the factorized model's own inputs: router, then a
-closed-form least-squares refit of the experts' down projections to the teacher, then optional
-gradient steps on gate/up), with optional end-to-end logit distillation afterwards.
+closed-form least-squares refit of the experts' down projections to the teacher, `refine_rounds` of
+relabel (the K experts whose joint output is closest) + router + refit, then optional gradient
+steps on gate/up), with optional end-to-end logit distillation afterwards.
 """
 from __future__ import annotations
 
