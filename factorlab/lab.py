@@ -25,12 +25,17 @@ from .flops import flops_per_token, flops_table
 from .jobs import JobCancelled, JobInfo, get_manager
 from .models import HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
 from .moe import factorized_layers, record_routing, set_top_k
+from .data import BUILTIN_DEFAULT
 from .runs import RunError, list_runs, load_moe, load_run, runs_root, sanitize_name
 
 MODEL_CHOICES = ("default", *HUB_MODELS)
 TRAIN_MODES = {"router + experts (PAR)": "experts", "router only (PAR)": "router", "no PAR (untrained router)": "none"}
-DATA_SOURCES = {"built-in: text the model writes itself": "builtin",
-                "built-in: local prose (Python docs, fast)": "local",
+_BUILTIN_LABELS = {"everyday": "built-in: everyday English (non-evaluated datasets)",
+                   "local": "built-in: local prose (Python docs, fast)",
+                   "selfgen": "built-in: text the model writes itself (slow)"}
+# The default source first (what `builtin` means), then the other built-ins, then upload and Hub.
+DATA_SOURCES = {**{_BUILTIN_LABELS[BUILTIN_DEFAULT] + " — default": BUILTIN_DEFAULT},
+                **{label: kind for kind, label in _BUILTIN_LABELS.items() if kind != BUILTIN_DEFAULT},
                 "uploaded file (.txt / .jsonl)": "upload", "Hugging Face dataset": "hub"}
 UPLOAD_SUFFIXES = (".txt", ".md", ".jsonl")
 MAX_ROUTE_TOKENS = 160
@@ -268,7 +273,7 @@ def data_source(kind: str, upload: str | None, hub_id: str | None) -> str:
     """The data source string for a UI choice, validated now (uploads are copied somewhere stable)."""
     from .data import load_texts
 
-    if kind in ("builtin", "local"):
+    if kind in ("builtin", *_BUILTIN_LABELS):
         return kind
     if kind == "upload":
         if not upload:

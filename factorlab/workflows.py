@@ -54,11 +54,13 @@ class FactorizeSpec:
             raise ValueError("calibration_tokens must be at least 256")
 
 
-def calibration_ids(loaded, num_tokens: int, seed: int = 0) -> torch.Tensor:
-    """Calibration token rows from the built-in training text (never benchmark items)."""
+def calibration_ids(loaded, num_tokens: int, seed: int = 0, source: str | None = None) -> torch.Tensor:
+    """Calibration token rows from the training side of `source` (default: the built-in text)."""
+    from .data import BUILTIN_DEFAULT
     from .data import calibration_ids as data_calibration_ids
 
-    return data_calibration_ids(loaded.tokenizer, num_tokens=num_tokens, model=loaded)
+    return data_calibration_ids(loaded.tokenizer, num_tokens=num_tokens, model=loaded,
+                                source=source or BUILTIN_DEFAULT)
 
 
 def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, num_experts: int, fp64: bool = False) -> dict:
@@ -88,15 +90,18 @@ def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, num_experts: in
     return result
 
 
-def prepare(spec: FactorizeSpec, loaded=None) -> tuple:
-    """Load the model, validate N against its width, and build the partition + MoE model."""
+def prepare(spec: FactorizeSpec, loaded=None, calibration_source: str | None = None) -> tuple:
+    """Load the model, validate N against its width, and build the partition + MoE model.
+
+    calibration_source: text for the cluster split and the shared-neuron choice (training uses its
+    own data source; None = the built-in text)."""
     loaded = loaded or load_model(spec.model)
     info = model_info(loaded.model)
     validate_experts(info["intermediate_size"], spec.num_experts, spec.shared_size)
     layers = resolve_layers(spec.layers, info["num_layers"])
     calib = None
     if spec.split == "cluster" or spec.shared_size:
-        calib = calibration_ids(loaded, spec.calibration_tokens, spec.seed)
+        calib = calibration_ids(loaded, spec.calibration_tokens, spec.seed, calibration_source)
     partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, calib,
                                spec.shared_size)
     moe = build_moe(loaded.model, partition, spec.top_k, spec.output_mode, router_seed=spec.seed)
@@ -211,7 +216,8 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
     check()
     emit({"phase": "factorize", "message": f"{spec.split} split into {spec.num_experts} experts"})
     start = time.perf_counter()
-    loaded, partition, moe = prepare(spec, loaded)
+    calibration_source = data.source if data.source in ("builtin", "local", "everyday") else None
+    loaded, partition, moe = prepare(spec, loaded, calibration_source)
     check()
     result = train(loaded.model, moe, train_ids, train_cfg, progress=progress, should_stop=should_stop)
     seconds = time.perf_counter() - start

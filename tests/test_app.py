@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 TIMEOUT = 240.0
 TINY = dict(model="default", n=4, k=2, split="random", layers="0-1", output_mode="scaled", seed=0, shared=0,
             calibration=4096)
-TRAIN = dict(mode="router + experts (PAR)", data_kind="built-in: local prose (Python docs, fast)", upload=None,
+from factorlab.lab import DATA_SOURCES  # noqa: E402
+
+LOCAL_PROSE = next(label for label, kind in DATA_SOURCES.items() if kind == "local")
+TRAIN = dict(mode="router + experts (PAR)", data_kind=LOCAL_PROSE, upload=None,
              hub_id="", train_tokens=512, heldout_tokens=256, seq_len=128, router_steps=5, minutes=0, gate_up=0, e2e=0)
 
 

