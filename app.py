@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from factorlab import lab, viz
-from factorlab.chat import Sampling, side_by_side, stream_reply, to_messages
+from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
 from factorlab.factorize import STRATEGIES
 from factorlab.jobs import get_manager
 from factorlab.models import hub_reachable
@@ -282,10 +282,10 @@ def _stream(dense_history, moe_history, message, run, temperature, top_p, max_ne
         right = iter(())
         moe_history[-1]["content"] = "No run loaded: train or load one in *Factorize & train* to compare."
     for d, m in side_by_side(left, right):
-        dense_history[-1]["content"] = d.text
+        dense_history[-1]["content"] = shown_text(d)
         stats_moe, tokens = "", ""
         if shape:
-            moe_history[-1]["content"] = m.text
+            moe_history[-1]["content"] = shown_text(m)
             stats_moe = _stats(f"factorized K={k} of {shape['num_experts']}", m, moe_ffn, dense_ffn)
             if colour and layer is not None:
                 tokens = viz.tokens_html(m.pieces, m.experts, int(layer), shape["num_experts"])

@@ -80,6 +80,15 @@ def flatten_content(content) -> str:
     return "" if content is None else str(content)
 
 
+# Shown instead of a reply that ended before its first token (never sent back to the model).
+EMPTY_REPLY = "(empty reply: the model ended its turn at once)"
+
+
+def shown_text(step) -> str:
+    """What a chat bubble shows for a Step: its text, or EMPTY_REPLY once it finished with none."""
+    return step.text if step.text or not step.done else EMPTY_REPLY
+
+
 def to_messages(history: list | None) -> list[dict[str, str]]:
     """Chatbot history (messages, possibly normalised by Gradio) -> [{"role", "content": str}]."""
     out = []
@@ -87,7 +96,8 @@ def to_messages(history: list | None) -> list[dict[str, str]]:
         role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
         if role in ("system", "user", "assistant"):
-            out.append({"role": role, "content": flatten_content(content)})
+            text = flatten_content(content)
+            out.append({"role": role, "content": "" if role == "assistant" and text == EMPTY_REPLY else text})
     return out
 
 

@@ -121,3 +121,13 @@ def test_side_by_side_alternates_until_both_end():
     assert pairs[0] == ("0", "0") and pairs[-1] == ("01", "0123")
     last_a, last_b = list(side_by_side(stream(1), iter(())))[-1]
     assert last_a.done and last_b.done and last_b.text == ""
+
+
+def test_an_empty_reply_is_shown_as_such_and_never_sent_back():
+    from factorlab.chat import EMPTY_REPLY, shown_text
+
+    assert shown_text(Step(text="", done=False)) == ""  # still generating: nothing yet
+    assert shown_text(Step(text="", done=True)) == EMPTY_REPLY  # finished with no token
+    assert shown_text(Step(text="Hi", done=True)) == "Hi"
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": EMPTY_REPLY}]
+    assert to_messages(history) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
