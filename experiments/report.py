@@ -1,6 +1,6 @@
 """Tables and a plot from experiment results (issue 7).
 
-python experiments/report.py experiments/results/accuracy.out.json [--png assets/retention.png]
+python experiments/report.py RESULTS.json[=TAG] ... [--png assets/retention.png]
 Prints markdown: one line per row and K (training minutes, GFLOPs/token, held-out ppl, mean relative
 maintenance and above-chance retention over the summary tasks, MMLU), the per-task scores, and a
 per-task comparison of rows that differ only in their router (PAR vs untrained). With --png, draws
@@ -80,6 +80,11 @@ def par_vs_untrained(ls):
                 print(f"- K={k}: {p['label']} vs {b['label']}: better on {wins} of {len(rows)} tasks ({'; '.join(rows)})")
 
 
+def short(label: str) -> str:
+    base, _, tag = label.partition(" [")
+    return (base.split(":")[0].split(" (")[0] + (f" [{tag}" if tag else "")).strip()
+
+
 def plot(ls, png: Path):
     import tempfile
 
@@ -94,11 +99,13 @@ def plot(ls, png: Path):
             fig.add_trace(go.Scatter(
                 x=[x[xkey] for x in ls], y=[100 * (x[metric] or 0) for x in ls], mode="markers+text",
                 marker=dict(symbol=symbol, size=11), name=name, showlegend=col == 1,
-                legendgroup=metric, text=[f"{x['label'].split(':')[0]}" for x in ls], textposition="top center",
-                textfont=dict(size=9), marker_color="#1f77b4" if metric == "above_chance" else "#ff7f0e"), 1, col)
+                legendgroup=metric, text=[short(x["label"]) if metric == "above_chance" else "" for x in ls],
+                textposition="middle right", textfont=dict(size=9), marker_color="#1f77b4" if metric == "above_chance" else "#ff7f0e"), 1, col)
     dense_g = ls[0]["dense_gflops"]
-    fig.add_trace(go.Scatter(x=[0, dense_g], y=[100, 100], mode="markers", marker=dict(symbol="star", size=14,
+    fig.add_trace(go.Scatter(x=[dense_g], y=[100], mode="markers", marker=dict(symbol="star", size=14,
                   color="black"), name="dense model (100%)", showlegend=True), 1, 2)
+    fig.update_xaxes(range=[0, max(x["minutes"] for x in ls) * 1.35], row=1, col=1)
+    fig.update_xaxes(range=[0.18, dense_g * 1.05], row=1, col=2)
     fig.add_hline(y=90, line_dash="dot", annotation_text="goal: relative 90%")
     fig.add_hline(y=60, line_dash="dot", annotation_text="goal: above-chance 60%")
     fig.update_xaxes(title_text="training minutes (2 CPU cores)", row=1, col=1)
@@ -124,7 +131,14 @@ def main():
     ap.add_argument("results", nargs="+")
     ap.add_argument("--png")
     args = ap.parse_args()
-    rows = [r for path in args.results for r in json.loads(Path(path).read_text())["rows"] if r.get("status") == "done"]
+    rows = []
+    for item in args.results:  # PATH or PATH=TAG (the tag is appended to that file's labels)
+        path, _, tag = item.partition("=")
+        for r in json.loads(Path(path).read_text())["rows"]:
+            if r.get("status") == "done":
+                if tag:
+                    r["setting"]["label"] = f"{r['setting'].get('label', '')} [{tag}]"
+                rows.append(r)
     ls = lines(rows)
     summary_table(ls)
     print()
