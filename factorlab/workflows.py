@@ -26,8 +26,8 @@ CHECK_TEXT = (
 )
 
 
-# The training recipe's layers (issue 7): layer 0 stays dense. Its FFN carries the massive activations;
-# putting it alone back to dense cut held-out perplexity by 22%, the next-best layer by 10%.
+# The training recipe's layers (issue 7): layer 0 stays dense. Measured: putting its FFN alone back to
+# dense cut held-out perplexity by 22%, the next-best layer's by 10% (README, accuracy research).
 RECIPE_LAYERS = "1-"
 
 
