@@ -229,7 +229,7 @@ def _read_text(path: Path, max_bytes: int) -> str:
     """A whole UTF-8 text file, with a DataError for every way it can be unusable."""
     if not path.exists():
         raise DataError(f"{path}: no such file. Check the path, or use the built-in source 'builtin' "
-                        "(or 'selfgen', 'local', hub:DATASET_ID).")
+                        "(or 'everyday', 'local', 'selfgen', hub:DATASET_ID).")
     if path.is_dir():
         raise DataError(f"{path} is a folder: pass a .txt or .jsonl file inside it.")
     bench = _benchmark_dir()
