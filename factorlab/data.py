@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_DEFAULT = "everyday"  # what `builtin` means (issue 7: doubled above-chance retention over `local`)
 BUILTIN_SOURCES = ("selfgen", "local", "everyday")
+# Sources that read text already on disk (no generation, no download): cheap enough to calibrate on.
+ON_DISK_BUILTINS = ("builtin", "local", "everyday")
 EVERYDAY_MAX_RECORDS = 2000  # per dataset, so no single dataset dominates the mix
 EVERYDAY_RECORDS_PER_DOC = 8  # records of one dataset make one document (the held-out split is by document)
 MAX_FILE_BYTES = 50 * 1024 * 1024

@@ -24,8 +24,8 @@ from .chat import ModelHandle
 from .flops import flops_per_token, flops_table
 from .jobs import JobCancelled, JobInfo, get_manager
 from .models import HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
-from .moe import factorized_layers, record_routing, set_top_k
 from .data import BUILTIN_DEFAULT
+from .moe import factorized_layers, record_routing, set_top_k
 from .runs import RunError, list_runs, load_moe, load_run, runs_root, sanitize_name
 
 MODEL_CHOICES = ("default", *HUB_MODELS)
@@ -34,7 +34,7 @@ _BUILTIN_LABELS = {"everyday": "built-in: everyday English (non-evaluated datase
                    "local": "built-in: local prose (Python docs, fast)",
                    "selfgen": "built-in: text the model writes itself (slow)"}
 # The default source first (what `builtin` means), then the other built-ins, then upload and Hub.
-DATA_SOURCES = {**{_BUILTIN_LABELS[BUILTIN_DEFAULT] + " — default": BUILTIN_DEFAULT},
+DATA_SOURCES = {_BUILTIN_LABELS[BUILTIN_DEFAULT] + " — default": BUILTIN_DEFAULT,
                 **{label: kind for kind, label in _BUILTIN_LABELS.items() if kind != BUILTIN_DEFAULT},
                 "uploaded file (.txt / .jsonl)": "upload", "Hugging Face dataset": "hub"}
 UPLOAD_SUFFIXES = (".txt", ".md", ".jsonl")

@@ -55,13 +55,13 @@ def combination_labels(expert_outputs: torch.Tensor, target: torch.Tensor, weigh
     o = expert_outputs.float() * weight
     b = torch.einsum("th,tnh->tn", target.float(), o)  # (T, N)
     gram = torch.einsum("tnh,tmh->tnm", o, o)  # (T, N, N)
-    mask = torch.zeros(tokens, num_experts, dtype=expert_outputs.dtype)
     if math.comb(num_experts, top_k) <= max_combinations:
         combos = torch.tensor(list(itertools.combinations(range(num_experts), top_k)))  # (C, K)
         err = -2 * b[:, combos].sum(-1)  # (T, C)
         for i in range(top_k):
             for j in range(top_k):
                 err += gram[:, combos[:, i], combos[:, j]]
+        mask = torch.zeros(tokens, num_experts, dtype=expert_outputs.dtype)
         return mask.scatter_(1, combos[err.argmin(dim=1)], 1.0)
     chosen = torch.zeros(tokens, num_experts, dtype=torch.float32)
     diag = gram.diagonal(dim1=1, dim2=2)

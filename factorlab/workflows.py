@@ -216,7 +216,9 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
     check()
     emit({"phase": "factorize", "message": f"{spec.split} split into {spec.num_experts} experts"})
     start = time.perf_counter()
-    calibration_source = data.source if data.source in ("builtin", "local", "everyday") else None
+    from .data import ON_DISK_BUILTINS
+
+    calibration_source = data.source if data.source in ON_DISK_BUILTINS else None
     loaded, partition, moe = prepare(spec, loaded, calibration_source)
     check()
     result = train(loaded.model, moe, train_ids, train_cfg, progress=progress, should_stop=should_stop)
