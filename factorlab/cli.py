@@ -154,7 +154,7 @@ def cmd_flops(args) -> int:
 
 # ---- train ----
 def add_train(sub) -> None:
-    from .par import LABEL_LOSSES, MODES, TARGETS, TrainConfig
+    from .par import E2E_PARAMS, LABEL_LOSSES, MODES, TARGETS, TrainConfig
     from .workflows import RECIPE_LAYERS, DataSpec
 
     p = sub.add_parser("train", help="factorize + PAR training + held-out metrics, saved as a run")
@@ -182,7 +182,14 @@ def add_train(sub) -> None:
     p.add_argument("--label-loss", choices=LABEL_LOSSES, default="kl")
     p.add_argument("--target", choices=TARGETS, default="teacher")
     p.add_argument("--gate-up-steps", type=int, default=0)
-    p.add_argument("--e2e-steps", type=int, default=0)
+    p.add_argument("--e2e-steps", type=int, default=TrainConfig.e2e_steps,
+                   help="end-to-end logit distillation (KL to the dense model) after the layer-wise pass: most steps")
+    p.add_argument("--e2e-minutes", type=float, default=TrainConfig.e2e_minutes,
+                   help="fit the end-to-end schedule into this many minutes (fewer steps if they do not fit)")
+    p.add_argument("--e2e-lr", type=float, default=TrainConfig.e2e_lr)
+    p.add_argument("--e2e-batch", type=int, default=TrainConfig.e2e_batch, help="sequences per end-to-end step")
+    p.add_argument("--e2e-params", choices=E2E_PARAMS, default=TrainConfig.e2e_params,
+                   help="what end-to-end distillation tunes: all expert weights, or the down projections only")
     p.add_argument("--eval-k", default=None, help="K values for held-out metrics, e.g. 1,2,3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
@@ -202,7 +209,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
                       label_loss=args.label_loss,
                       target=args.target, gate_up_steps=args.gate_up_steps, e2e_steps=args.e2e_steps,
-                      minutes=args.minutes, seed=args.seed)
+                      e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
+                      e2e_params=args.e2e_params, minutes=args.minutes, seed=args.seed)
     data = DataSpec(args.data, args.tokens, args.heldout_tokens, args.seq_len)
     eval_ks = [int(k) for k in args.eval_k.split(",")] if args.eval_k else None
     bar = tqdm(total=None, desc="train", unit="step", disable=bool(args.json) and args.json is True)

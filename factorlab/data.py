@@ -76,6 +76,10 @@ def load_texts(source: str, max_chars: int | None = None, seed: int = 0, **opts)
     (a LoadedModel, or an nn.Module plus `tokenizer`) for selfgen; `tokenizer` to format chat
     `messages`; `max_bytes` for files; `split`/`text_field` for hub; `progress(done, wanted)`.
     """
+    parts = mix_parts(source)
+    if parts:  # each part's documents, up to an equal share of max_chars
+        share = None if max_chars is None else max(1, max_chars // len(parts))
+        return [doc for part in parts for doc in load_texts(part, share, seed, **opts)]
     name = _resolve(source)
     if name == "selfgen":
         train, _ = _selfgen_streams(seed, opts)
@@ -109,6 +113,15 @@ def train_heldout(source: str, tokenizer, train_tokens: int, heldout_tokens: int
     training. `seed` shuffles the training documents. `model` (a LoadedModel, or the dense
     nn.Module) is needed for selfgen. opts as in load_texts (e.g. `progress`, `prompts_file`).
     """
+    parts = mix_parts(source)
+    if parts:  # a mix: equal shares of whole rows from each part, each split as that part splits
+        shares = [_share(train_tokens, seq_len, len(parts), i) for i in range(len(parts))]
+        held_shares = [_share(heldout_tokens, seq_len, len(parts), i) for i in range(len(parts))]
+        pairs = [train_heldout(part, tokenizer, t, h, seq_len, seed, model, **opts)
+                 for part, t, h in zip(parts, shares, held_shares)]
+        train_rows = torch.cat([tr for tr, _ in pairs])
+        train_rows = train_rows[torch.randperm(train_rows.shape[0], generator=torch.Generator().manual_seed(seed))]
+        return train_rows, torch.cat([ho for _, ho in pairs])
     heldout_iter, train_iter = _split_docs(source, tokenizer, heldout_tokens, train_tokens, model, opts)
     heldout = _take(heldout_iter, tokenizer, heldout_tokens)
     train = _take(train_iter, tokenizer, train_tokens)
@@ -121,6 +134,10 @@ def train_heldout(source: str, tokenizer, train_tokens: int, heldout_tokens: int
 def calibration_ids(tokenizer, num_tokens: int = 4096, seq_len: int = 256, model=None,
                     source: str = BUILTIN_DEFAULT) -> torch.LongTensor:
     """Token rows (num_tokens // seq_len, seq_len) for the cluster split, from the training side only."""
+    parts = mix_parts(source)
+    if parts:
+        return torch.cat([calibration_ids(tokenizer, _share(num_tokens, seq_len, len(parts), i), seq_len, model, part)
+                          for i, part in enumerate(parts)])
     # files and `local` already train from the far end; a Hub stream must skip its held-out head
     skip = DEFAULT_HELDOUT_TOKENS if _resolve(source).startswith("hub:") else 0
     _, train_iter = _split_docs(source, tokenizer, skip, num_tokens, model, {})
@@ -147,6 +164,22 @@ def load_prompts(path: str | Path | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- sources
+
+def mix_parts(source: str) -> list[str] | None:
+    """The parts of a mix of built-in sources ('everyday+selfgen'), or None for a single source."""
+    parts = [p.strip() for p in (source or "").split("+")]
+    if len(parts) < 2 or not all(p == "builtin" or p in BUILTIN_SOURCES for p in parts):
+        return None  # not a mix: e.g. a file name that contains '+'
+    if len(set(map(_resolve, parts))) < len(parts):
+        raise DataError(f"the mix {source!r} names a source twice: list each built-in source once")
+    return parts
+
+
+def _share(total: int, seq_len: int, parts: int, i: int) -> int:
+    """Tokens of part i when total tokens (whole rows of seq_len) are split over parts: rows spread evenly."""
+    rows = total // seq_len
+    return (rows // parts + (1 if i < rows % parts else 0)) * seq_len
+
 
 def _resolve(source: str) -> str:
     name = (source or "").strip()

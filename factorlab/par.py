@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MODES = ("none", "router", "experts")
 LABEL_LOSSES = ("kl", "bce")
 TARGETS = ("teacher", "residual")
+E2E_PARAMS = ("all", "down")
 
 
 # ---------------------------------------------------------------- pure maths
@@ -129,6 +130,8 @@ class TrainConfig:
     e2e_steps: int = 0  # optional end-to-end logit distillation steps after the layer-wise pass
     e2e_lr: float = 2e-5
     e2e_batch: int = 4  # sequences per e2e step
+    e2e_params: str = "all"  # all: gate/up and down of experts and shared; down: down projections only
+    e2e_minutes: float | None = None  # fit the e2e schedule into this many minutes (steps measured, capped by e2e_steps)
     minutes: float | None = None  # wall-clock cap for the gradient phases
     grad_clip: float = 1.0
     warmup_frac: float = 0.05
@@ -140,13 +143,16 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.label_loss not in LABEL_LOSSES:
             raise ValueError(f"label_loss must be one of {', '.join(LABEL_LOSSES)}, got {self.label_loss!r}")
+        if self.e2e_params not in E2E_PARAMS:
+            raise ValueError(f"e2e_params must be one of {', '.join(E2E_PARAMS)}, got {self.e2e_params!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         for name in ("router_steps", "gate_up_steps", "e2e_steps", "refine_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        if self.minutes is not None and self.minutes <= 0:
-            raise ValueError("minutes must be positive (or None for no time limit)")
+        for name in ("minutes", "e2e_minutes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or None for no time limit)")
 
 
 @dataclass
@@ -353,7 +359,7 @@ def train(dense: nn.Module, moe: nn.Module, train_ids: torch.Tensor, cfg: TrainC
     layers = factorized_layers(moe)
     set_top_k(moe, cfg.top_k)
     total_steps = _total_steps(cfg, len(layers))
-    state = {"step": 0}
+    state = {"step": 0, "total": total_steps}
 
     def check() -> None:
         if should_stop is not None and should_stop():
@@ -361,14 +367,16 @@ def train(dense: nn.Module, moe: nn.Module, train_ids: torch.Tensor, cfg: TrainC
 
     def report(phase: str, layer: int | None, losses: dict, advance: int = 1) -> None:
         state["step"] += advance
-        rec = {"step": state["step"], "total": total_steps, "phase": phase, "layer": layer,
+        if "e2e_total" in losses:  # the e2e schedule was fitted to its minutes: fewer steps than planned
+            state["total"] = total_steps - cfg.e2e_steps + losses.pop("e2e_total")
+        rec = {"step": state["step"], "total": state["total"], "phase": phase, "layer": layer,
                "tokens": result.tokens, "elapsed_s": time.monotonic() - start, "losses": losses}
         result.log.append(rec)
         if progress:
             progress(rec)
 
     if cfg.mode == "none" or not layers:
-        report("none", None, {}, advance=total_steps)
+        report("none", None, {}, advance=state["total"])
     elif cfg.mode == "router":
         _train_router_mode(dense, moe, train_ids, cfg, layers, result, check, report, deadline)
     else:
@@ -467,20 +475,31 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
 
 
 def _train_end_to_end(dense, moe, train_ids, cfg, result, check, report, deadline) -> None:
-    """KL(dense || factorized) on next-token distributions; gradients reach expert weights only."""
+    """KL(dense || factorized) on next-token distributions; gradients reach expert weights only.
+
+    With e2e_minutes the cosine schedule is fitted to the time: the first steps are timed and the
+    total becomes what fits (never more than e2e_steps), so the learning rate still decays to its end.
+    """
     params = []
     for mlp in factorized_layers(moe).values():
-        params += [mlp.gate_up, mlp.down] + ([mlp.shared_down] if mlp.shared_size else [])
+        if cfg.e2e_params == "all":
+            params += [mlp.gate_up] + ([mlp.shared_gate_up] if mlp.shared_size else [])
+        params += [mlp.down] + ([mlp.shared_down] if mlp.shared_size else [])
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.e2e_lr)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    warmup = max(1, int(cfg.warmup_frac * cfg.e2e_steps))
+    total = cfg.e2e_steps
+    e2e_start = time.monotonic()
+    e2e_deadline = e2e_start + 60 * cfg.e2e_minutes if cfg.e2e_minutes else None
+    if deadline is not None:
+        e2e_deadline = deadline if e2e_deadline is None else min(deadline, e2e_deadline)
     moe.train(False)
     try:
-        for step in range(cfg.e2e_steps):
+        step = 0
+        while step < total:
             check()
-            if deadline is not None and time.monotonic() > deadline:
+            if e2e_deadline is not None and time.monotonic() > e2e_deadline:
                 result.stopped_early = True
                 break
             rows = train_ids[torch.randint(0, train_ids.shape[0], (cfg.e2e_batch,), generator=gen)]
@@ -488,13 +507,18 @@ def _train_end_to_end(dense, moe, train_ids, cfg, result, check, report, deadlin
                 teacher_logp = F.log_softmax(dense(rows).logits.float(), dim=-1)
             student_logp = F.log_softmax(moe(rows).logits.float(), dim=-1)
             loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+            warmup = max(1, int(cfg.warmup_frac * total))
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.e2e_steps, cfg.e2e_lr, warmup)
+                g["lr"] = lr_at(step, total, cfg.e2e_lr, warmup)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-            report("e2e", None, {"kl": loss.item()})
+            step += 1
+            if e2e_deadline is not None and step == 2:  # two steps timed: fit the schedule to the time left
+                per_step = (time.monotonic() - e2e_start) / step
+                total = max(step, min(total, step + int((e2e_deadline - time.monotonic()) / per_step)))
+            report("e2e", None, {"kl": loss.item(), "e2e_total": total})
     finally:
         for p in params:
             p.requires_grad_(False)

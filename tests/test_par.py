@@ -175,3 +175,42 @@ def test_end_to_end_distillation_runs(tiny_model):
           progress=log.append)
     e2e = [r["losses"]["kl"] for r in log if r["phase"] == "e2e"]
     assert len(e2e) == 4 and all(math.isfinite(v) for v in e2e)
+
+
+def test_end_to_end_down_only_changes_only_down_projections(tiny_model):
+    ids, moe = _setup(tiny_model, k=2)
+    cfg = TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0, e2e_steps=3, e2e_batch=2,
+                      e2e_params="down", e2e_lr=1e-3)
+    before = {}
+
+    def snapshot(rec):
+        if rec["phase"] == "experts" and rec["layer"] == max(factorized_layers(moe)) and not before:
+            before.update({n: p.detach().clone() for n, p in moe.named_parameters()})
+
+    train(tiny_model, moe, ids, cfg, progress=snapshot)
+    changed = {n for n, p in moe.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith(".down") or n.endswith("shared_down") for n in changed)
+    assert not any(p.requires_grad for p in moe.parameters())
+    with pytest.raises(ValueError, match="e2e_params"):
+        TrainConfig(e2e_params="router")
+
+
+def test_end_to_end_schedule_fits_its_minutes(tiny_model, monkeypatch):
+    ids, moe = _setup(tiny_model, k=2)
+    clock = {"t": 0.0}
+
+    def fake_monotonic():  # every call advances 1 s: two timed steps cost a few seconds each
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr("factorlab.par.time.monotonic", fake_monotonic)
+    log = []
+    cfg = TrainConfig(mode="experts", top_k=2, router_steps=2, refine_rounds=0, e2e_steps=1000, e2e_batch=1,
+                      e2e_minutes=1.0)
+    train(tiny_model, moe, ids, cfg, progress=log.append)
+    e2e = [r for r in log if r["phase"] == "e2e"]
+    assert 2 < len(e2e) < 1000  # fitted to the minute, far below the 1000-step cap
+    assert e2e[-1]["step"] == e2e[-1]["total"]  # the progress total follows the fitted schedule
+    with pytest.raises(ValueError, match="e2e_minutes"):
+        TrainConfig(e2e_minutes=0)
+
