@@ -411,7 +411,9 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                         heldout_tokens = gr.Number(2048, precision=0, elem_id="heldout-tokens", label="Held-out tokens")
                         seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")
                         gate_up = gr.Number(0, precision=0, label="gate/up Adam steps per layer")
-                        e2e = gr.Number(0, precision=0, label="End-to-end distillation steps")
+                        e2e = gr.Number(0, precision=0, label="End-to-end distillation steps",
+                                        info="KL to the dense model after the layer-wise pass (at most this many; "
+                                             "with Minutes set, the schedule fits the time left)")
                     factorize_btn = gr.Button("Factorize + exactness check", elem_id="factorize")
                     mode = gr.Radio(list(lab.TRAIN_MODES), value="router + experts (PAR)", label="Training")
                     data_kind = gr.Radio(list(lab.DATA_SOURCES), value=list(lab.DATA_SOURCES)[0], label="Training text",

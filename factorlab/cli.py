@@ -175,7 +175,8 @@ def add_train(sub) -> None:
     p.add_argument("--heldout-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--minutes", type=float, default=None, help="wall-clock cap for the gradient phases")
-    p.add_argument("--data", default="builtin", help="builtin (= everyday) | everyday | local | selfgen | PATH(.txt/.jsonl) | hub:ID[:config]")
+    p.add_argument("--data", default="builtin", help="builtin (= everyday) | everyday | local | selfgen | a mix of built-ins (everyday+selfgen) | "
+                        "PATH(.txt/.jsonl) | hub:ID[:config]")
     p.add_argument("--router-steps", type=int, default=TrainConfig.router_steps)
     p.add_argument("--refine-rounds", type=int, default=TrainConfig.refine_rounds,
                    help="after the refit: relabel with the best joint K experts, retrain the router, refit again")

@@ -183,8 +183,8 @@ def tuned_params(train_cfg) -> tuple[str, ...]:
     """The expert tensors a training config changes (the rest are recomputed from the partition)."""
     if train_cfg.mode != "experts":
         return ()
-    names = ("down", "shared_down") if train_cfg.refit_down else ()
-    if train_cfg.gate_up_steps or train_cfg.e2e_steps:
+    names = ("down", "shared_down") if train_cfg.refit_down or train_cfg.e2e_steps else ()
+    if train_cfg.gate_up_steps or (train_cfg.e2e_steps and train_cfg.e2e_params == "all"):
         names = ("gate_up", "down", "shared_gate_up", "shared_down")
     return names
 

@@ -214,3 +214,22 @@ def test_end_to_end_schedule_fits_its_minutes(tiny_model, monkeypatch):
     with pytest.raises(ValueError, match="e2e_minutes"):
         TrainConfig(e2e_minutes=0)
 
+
+
+@pytest.mark.parametrize("params", ["down", "all"])
+def test_a_run_tuned_end_to_end_saves_what_changed_and_reloads_exactly(tiny_model, runs_dir, params):
+    from factorlab.runs import load_moe, moe_tensors, save_run
+    from factorlab.workflows import tuned_params
+
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    part = make_partition(tiny_model, 4, "random", seed=0)
+    moe = build_moe(tiny_model, part, top_k=2)
+    cfg = TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0, e2e_steps=3, e2e_params=params)
+    train(tiny_model, moe, ids, cfg)
+    saved = tuned_params(cfg)
+    assert ("gate_up" in saved) == (params == "all") and "down" in saved
+    save_run("e2e", {"model": "tiny", "top_k": 2, "output_mode": "scaled", "partition": part.to_config()},
+             moe_tensors(moe, part, saved))
+    again = load_moe("e2e", tiny_model)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, moe(ids).logits)
