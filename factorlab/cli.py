@@ -174,7 +174,9 @@ def add_train(sub) -> None:
     p.add_argument("--tokens", type=int, default=DataSpec.train_tokens, help="training tokens")
     p.add_argument("--heldout-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock cap for the gradient phases")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget from the split on: gradient phases stop at it and end-to-end "
+                        "distillation fits its schedule into it")
     p.add_argument("--data", default="builtin", help="builtin (= everyday) | everyday | local | selfgen | a mix of built-ins (everyday+selfgen) | "
                         "PATH(.txt/.jsonl) | hub:ID[:config]")
     p.add_argument("--router-steps", type=int, default=TrainConfig.router_steps)

@@ -346,14 +346,18 @@ def tune_gate_up(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor,
 
 # ---------------------------------------------------------------- the trainer
 def train(dense: nn.Module, moe: nn.Module, train_ids: torch.Tensor, cfg: TrainConfig,
-          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+          started: float | None = None) -> TrainResult:
     """Train `moe` (built from `dense` by factorize.build_moe) in place on token rows train_ids (B, L).
+
+    started: the time.monotonic() that cfg.minutes counts from (default: now), so a caller can
+    include its own preparation (e.g. the cluster split) in the time budget.
 
     On TrainingCancelled the weights of `moe` may be partly trained: callers keep the saved run,
     which is only written after a successful return.
     """
     torch.manual_seed(cfg.seed)
-    start = time.monotonic()
+    start = time.monotonic() if started is None else started
     deadline = start + 60 * cfg.minutes if cfg.minutes else None
     result = TrainResult(seconds=0.0, tokens=int(train_ids.numel()))
     layers = factorized_layers(moe)

@@ -233,3 +233,14 @@ def test_a_run_tuned_end_to_end_saves_what_changed_and_reloads_exactly(tiny_mode
     again = load_moe("e2e", tiny_model)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, moe(ids).logits)
+
+
+def test_the_time_budget_counts_from_the_callers_start(tiny_model):
+    import time
+
+    ids, moe = _setup(tiny_model, k=2)
+    log = []
+    cfg = TrainConfig(mode="experts", top_k=2, router_steps=50, refine_rounds=0, e2e_steps=5, minutes=1.0)
+    result = train(tiny_model, moe, ids, cfg, progress=log.append, started=time.monotonic() - 120)
+    assert result.stopped_early and not [r for r in log if r["phase"] == "e2e"]  # the budget was spent before
+    assert result.seconds >= 120
