@@ -112,6 +112,8 @@ def train_heldout(source: str, tokenizer, train_tokens: int, heldout_tokens: int
     held-out; `selfgen` draws held-out text from a fixed 10% of the prompts, never used for
     training. `seed` shuffles the training documents. `model` (a LoadedModel, or the dense
     nn.Module) is needed for selfgen. opts as in load_texts (e.g. `progress`, `prompts_file`).
+    A mix of built-in sources ('everyday+selfgen') takes equal shares of whole rows from each part,
+    each part split as it splits alone; its training rows are shuffled together.
     """
     parts = mix_parts(source)
     if parts:  # a mix: equal shares of whole rows from each part, each split as that part splits

@@ -132,7 +132,7 @@ class TrainConfig:
     e2e_batch: int = 2  # sequences per e2e step
     e2e_params: str = "down"  # down: down projections only (cheaper, as good); all: gate/up too
     e2e_minutes: float | None = None  # fit the e2e schedule into this many minutes (steps measured, capped by e2e_steps)
-    minutes: float | None = None  # wall-clock cap for the gradient phases
+    minutes: float | None = None  # wall-clock budget from train()'s start: gradient phases stop, e2e fits into it
     grad_clip: float = 1.0
     warmup_frac: float = 0.05
     seed: int = 0
