@@ -108,7 +108,7 @@ def plot(ls, png: Path):
     fig.update_xaxes(range=[0.18, dense_g * 1.05], row=1, col=2)
     fig.add_hline(y=90, line_dash="dot", annotation_text="goal: relative 90%")
     fig.add_hline(y=60, line_dash="dot", annotation_text="goal: above-chance 60%")
-    fig.update_xaxes(title_text="training minutes (2 CPU cores)", row=1, col=1)
+    fig.update_xaxes(title_text="training minutes on the 2-core machine (most rows: 1 thread, two rows at a time)", row=1, col=1)
     fig.update_xaxes(title_text="GFLOPs per token (sequence of 512)", row=1, col=2)
     fig.update_yaxes(title_text="% of the dense model (7 tasks, mean)", row=1, col=1)
     fig.update_layout(width=1200, height=520, template="plotly_white", margin=dict(l=60, r=20, t=50, b=60),
