@@ -34,7 +34,7 @@ for row in rows:
     log = []
     start = time.time()
     _train_end_to_end(loaded.model, moe, train_ids, cfg, TrainResult(0.0, 0), lambda: None,
-                      lambda phase, layer, losses, advance=1: log.append(losses), None)
+                      lambda phase, layer, losses, **_: log.append(losses), None)
     rec = {"row": row, "sec": round(time.time() - start, 1), "steps": len(log), "kl_first": log[0]["kl"],
            "kl_last": sum(r["kl"] for r in log[-5:]) / len(log[-5:]),
            "heldout": heldout_metrics(loaded.model, moe, held), "base": before}

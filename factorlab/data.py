@@ -177,6 +177,11 @@ def mix_parts(source: str) -> list[str] | None:
     return parts
 
 
+def reads_from_disk(source: str) -> bool:
+    """True for built-in sources (or mixes of them) that read text already on disk: cheap to calibrate on."""
+    return all(part in ON_DISK_BUILTINS for part in (mix_parts(source) or [source]))
+
+
 def _share(total: int, seq_len: int, parts: int, i: int) -> int:
     """Tokens of part i when total tokens (whole rows of seq_len) are split over parts: rows spread evenly."""
     rows = total // seq_len

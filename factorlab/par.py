@@ -369,10 +369,10 @@ def train(dense: nn.Module, moe: nn.Module, train_ids: torch.Tensor, cfg: TrainC
         if should_stop is not None and should_stop():
             raise TrainingCancelled("training cancelled")
 
-    def report(phase: str, layer: int | None, losses: dict, advance: int = 1) -> None:
+    def report(phase: str, layer: int | None, losses: dict, advance: int = 1, e2e_total: int | None = None) -> None:
         state["step"] += advance
-        if "e2e_total" in losses:  # the e2e schedule was fitted to its minutes: fewer steps than planned
-            state["total"] = total_steps - cfg.e2e_steps + losses.pop("e2e_total")
+        if e2e_total is not None:  # the e2e schedule was fitted to its minutes: fewer steps than planned
+            state["total"] = total_steps - cfg.e2e_steps + e2e_total
         rec = {"step": state["step"], "total": state["total"], "phase": phase, "layer": layer,
                "tokens": result.tokens, "elapsed_s": time.monotonic() - start, "losses": losses}
         result.log.append(rec)
@@ -494,6 +494,7 @@ def _train_end_to_end(dense, moe, train_ids, cfg, result, check, report, deadlin
     opt = torch.optim.Adam(params, lr=cfg.e2e_lr)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     total = cfg.e2e_steps
+    warmup = max(1, int(cfg.warmup_frac * total))
     e2e_start = time.monotonic()
     e2e_deadline = e2e_start + 60 * cfg.e2e_minutes if cfg.e2e_minutes else None
     if deadline is not None:
@@ -511,7 +512,6 @@ def _train_end_to_end(dense, moe, train_ids, cfg, result, check, report, deadlin
                 teacher_logp = F.log_softmax(dense(rows).logits.float(), dim=-1)
             student_logp = F.log_softmax(moe(rows).logits.float(), dim=-1)
             loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
-            warmup = max(1, int(cfg.warmup_frac * total))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.e2e_lr, warmup)
             opt.zero_grad(set_to_none=True)
@@ -522,7 +522,8 @@ def _train_end_to_end(dense, moe, train_ids, cfg, result, check, report, deadlin
             if e2e_deadline is not None and step == 2:  # two steps timed: fit the schedule to the time left
                 per_step = (time.monotonic() - e2e_start) / step
                 total = max(step, min(total, step + int((e2e_deadline - time.monotonic()) / per_step)))
-            report("e2e", None, {"kl": loss.item(), "e2e_total": total})
+                warmup = max(1, int(cfg.warmup_frac * total))
+            report("e2e", None, {"kl": loss.item()}, e2e_total=total)
     finally:
         for p in params:
             p.requires_grad_(False)

@@ -216,10 +216,9 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
     check()
     emit({"phase": "factorize", "message": f"{spec.split} split into {spec.num_experts} experts"})
     start = time.monotonic()  # the budget (train_cfg.minutes) and the reported seconds cover the split too
-    from .data import ON_DISK_BUILTINS, mix_parts
+    from .data import reads_from_disk
 
-    on_disk = all(part in ON_DISK_BUILTINS for part in (mix_parts(data.source) or [data.source]))
-    calibration_source = data.source if on_disk else None  # selfgen/Hub/files: calibrate on the built-in text
+    calibration_source = data.source if reads_from_disk(data.source) else None  # else: the built-in text
     loaded, partition, moe = prepare(spec, loaded, calibration_source)
     check()
     result = train(loaded.model, moe, train_ids, train_cfg, progress=progress, should_stop=should_stop,
