@@ -122,18 +122,19 @@ def refresh_runs():
     return gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=lab.run_names())
 
 
-def factorize(model, n, k, split, layers, output_mode, seed, shared, calibration):
+def factorize(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k):
     """Factorize without saving: K=N exactness check and FLOPs per K."""
-    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration)
+    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k)
     text, rows = lab.quick_factorize(spec)
     return text, gr.Dataframe(value=rows, headers=["model", "FFN GFLOPs/token", "total GFLOPs/token", "FFN vs dense",
                                                    "total vs dense"])
 
 
-def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, calibration, mode, data_kind,
-                   upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name, gate_up, e2e):
+def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k,
+                   mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
+                   gate_up, e2e):
     """Validate the page's settings and queue a training job."""
-    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration)
+    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k)
     job_id = lab.start_training(spec, lab.TRAIN_MODES.get(mode, mode), lab.DATA_SOURCES.get(data_kind, data_kind),
                                 upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
                                 gate_up, e2e)
@@ -408,6 +409,12 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                         shared = gr.Number(256, precision=0, label="Shared neurons (always active)",
                                            info="256 (default) measured best; 0 = pure N experts")
                         calibration = gr.Number(4096, precision=0, label="Calibration tokens (cluster split)")
+                        first_token = gr.Checkbox(False, label="First token runs the whole FFN",
+                                                  info="each sequence's first token (the attention sink, outputs up to "
+                                                       "~1000x the others in some layers) skips routing; counted in FLOPs")
+                        layer_k = gr.Textbox("uniform", label="Per-layer K",
+                                             info="uniform; auto (same total K, moved to the layers with the largest "
+                                                  "measured error); or LAYERS=K entries such as '3-6=3;2,11=1'")
                         heldout_tokens = gr.Number(2048, precision=0, elem_id="heldout-tokens", label="Held-out tokens")
                         seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")
                         gate_up = gr.Number(0, precision=0, label="gate/up Adam steps per layer")
@@ -529,7 +536,7 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
     run_outputs = [current_md, route_k, expert, trade_k, colour_layer, chat_k, task, loss_plot]
     trade_inputs = [run_state, task, trade_k, trade_seq]
     trade_outputs = [trade_plot, trade_df, flops_plot, bench_md, bench_df, timing_md]
-    factor_inputs = [model, n_box, k_box, split, layers, output_mode, seed, shared, calibration]
+    factor_inputs = [model, n_box, k_box, split, layers, output_mode, seed, shared, calibration, first_token, layer_k]
     chat_settings = [run_state, temperature, top_p, max_new, chat_seed, chat_k, colour_tokens, colour_layer]
     chat_outputs = [message, chat_dense, chat_moe, stats_dense, stats_moe, tokens_view]
 

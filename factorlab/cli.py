@@ -112,6 +112,8 @@ def add_flops(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--layers", default="all")
     p.add_argument("--shared", type=int, default=0)
+    p.add_argument("--first-token", choices=("dense", "routed"), default="routed",
+                   help="dense: each sequence's first token runs the whole FFN (its cost shared over --seq-len)")
     _add_json(p)
     p.set_defaults(func=cmd_flops)
 
@@ -129,7 +131,7 @@ def cmd_flops(args) -> int:
     ks = [args.k] if args.k else list(range(1, args.experts + 1))
     for k in ks:
         validate_top_k(k, args.experts)
-    table = flops_table(info, args.seq_len, args.experts, ks, layers, args.shared)
+    table = flops_table(info, args.seq_len, args.experts, ks, layers, args.shared, args.first_token == "dense")
     dense = flops_per_token(info, args.seq_len)
     if args.json:
         out = {"model": args.model, "seq_len": args.seq_len, "num_experts": args.experts, "unit": "FLOPs per token",
@@ -168,6 +170,12 @@ def add_train(sub) -> None:
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
     p.add_argument("--shared", type=int, default=256,
                    help="always-on shared neurons per layer (default 256: the best recipe measured; 0 = pure N experts)")
+    p.add_argument("--first-token", choices=("dense", "routed"), default="routed",
+                   help="dense: each sequence's first token (the attention sink, with outputs up to ~1000x the "
+                        "others in some layers) runs the whole FFN and is left out of routing and refits")
+    p.add_argument("--layer-k", default="uniform",
+                   help="per-layer K: uniform (default) | auto (the same total K, moved to the layers whose measured "
+                        "error gains most) | LAYERS=K entries such as '3-6=3;2,11=1' (the rest at --k)")
     p.add_argument("--mode", choices=MODES, default="experts",
                    help="experts: router + least-squares expert refit (default); router: routers only; "
                         "none: untrained router (FactorLLM's Ex0)")
@@ -208,7 +216,8 @@ def cmd_train(args) -> int:
     from .workflows import DataSpec, FactorizeSpec, train_run
 
     spec = FactorizeSpec(model=args.model, num_experts=args.experts, top_k=args.k, split=args.split,
-                         layers=args.layers, output_mode=args.output_mode, seed=args.seed, shared_size=args.shared)
+                         layers=args.layers, output_mode=args.output_mode, seed=args.seed, shared_size=args.shared,
+                         first_token_dense=args.first_token == "dense", layer_k=args.layer_k)
     cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
                       label_loss=args.label_loss,
                       target=args.target, gate_up_steps=args.gate_up_steps, e2e_steps=args.e2e_steps,

@@ -281,7 +281,9 @@ def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int |
         return flops_per_token(info, seq_len)["total"] / 1e9
     layers = factorized_layers(moe)
     first = next(iter(layers.values()))
-    return flops_per_token(info, seq_len, first.num_experts, top_k, sorted(layers), first.shared_size)["total"] / 1e9
+    return flops_per_token(info, seq_len, first.num_experts, top_k, sorted(layers), first.shared_size,
+                           first_token_dense=first.first_token_dense,
+                           k_offsets={i: m.k_offset for i, m in layers.items()})["total"] / 1e9
 
 
 def summarize(tasks: dict[str, dict]) -> dict:

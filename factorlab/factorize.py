@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .models import check_supported, decoder_layers
-from .moe import OUTPUT_MODES, FactorizedMLP
+from .moe import OUTPUT_MODES, FactorizedMLP, mark_first_tokens
 
 STRATEGIES = ("contiguous", "random", "cluster")
 
@@ -88,12 +88,16 @@ def resolve_layers(layers: list[int] | str | None, num_layers: int) -> list[int]
     return sorted(set(int(i) for i in layers))
 
 
-def _mlp_inputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    """FFN inputs (post-norm hidden states) of the given layers on calibration tokens: (T, H) each."""
+def _mlp_inputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int],
+                skip_first: bool = False) -> dict[int, torch.Tensor]:
+    """FFN inputs (post-norm hidden states) of the given layers on calibration tokens: (T, H) each.
+
+    skip_first leaves out each row's first token (it runs the whole FFN when first_token_dense)."""
     found: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     mods = decoder_layers(model)
+    start = 1 if skip_first else 0
     handles = [mods[i].mlp.register_forward_pre_hook(
-        lambda _m, args, i=i: found[i].append(args[0].reshape(-1, args[0].shape[-1]).detach()))
+        lambda _m, args, i=i: found[i].append(args[0][:, start:].reshape(-1, args[0].shape[-1]).detach()))
         for i in layers]
     try:
         with torch.no_grad():
@@ -147,12 +151,14 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, seed: int, iters:
 
 def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguous",
                    layers: list[int] | str | None = None, seed: int = 0,
-                   calibration_ids: torch.Tensor | None = None, shared_size: int = 0) -> Partition:
+                   calibration_ids: torch.Tensor | None = None, shared_size: int = 0,
+                   skip_first: bool = False) -> Partition:
     """Build a Partition of the chosen layers with one of STRATEGIES.
 
     cluster: neurons are grouped by co-activation (cosine of their |activation| profiles over the
     calibration tokens, balanced k-means); shared_size > 0 makes the S most frequently active
-    neurons an always-on shared expert (needs calibration tokens for every strategy).
+    neurons an always-on shared expert (needs calibration tokens for every strategy). skip_first:
+    each calibration row's first token is left out (for first_token_dense, where it is not routed).
     """
     check_supported(model)
     mods = decoder_layers(model)
@@ -164,7 +170,7 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
     needs_calibration = strategy == "cluster" or shared_size > 0
     if needs_calibration and calibration_ids is None:
         raise ValueError("the cluster split and shared experts need calibration tokens (calibration_ids)")
-    inputs = _mlp_inputs(model, calibration_ids, chosen) if needs_calibration else {}
+    inputs = _mlp_inputs(model, calibration_ids, chosen, skip_first) if needs_calibration else {}
     gen = torch.Generator().manual_seed(seed)
     perms: dict[int, torch.Tensor] = {}
     for i in chosen:
@@ -202,8 +208,86 @@ def _complement(shared: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size)[keep]
 
 
+LAYER_K_PLANS = ("uniform", "auto")
+
+
+def parse_layer_k(plan: str, layers: list[int], top_k: int, num_experts: int, num_layers: int) -> dict[int, int]:
+    """An explicit per-layer K ('3-6=3;2,11=1': LAYERS=K entries, ';'-separated) -> {layer: K - top_k}."""
+    offsets: dict[int, int] = {}
+    for entry in plan.split(";"):
+        if not entry.strip():
+            continue
+        if entry.count("=") != 1:
+            raise ValueError(f"per-layer K entry {entry.strip()!r} is not LAYERS=K: write e.g. '3-6=3;2,11=1', "
+                             "'auto' or 'uniform'")
+        where, k = entry.split("=")
+        try:
+            k = int(k)
+        except ValueError:
+            raise ValueError(f"per-layer K entry {entry.strip()!r}: K must be a whole number") from None
+        validate_top_k(k, num_experts)
+        for i in resolve_layers(where.strip(), num_layers):
+            if i not in layers:
+                raise ValueError(f"per-layer K names layer {i}, which is not factorized (factorized: {layers})")
+            offsets[i] = k - top_k
+    return {i: o for i, o in offsets.items() if o}
+
+
+def plan_layer_k(dense: nn.Module, moe: nn.Module, calibration_ids: torch.Tensor, top_k: int,
+                 skip_first: bool = False) -> dict[int, int]:
+    """Per-layer K with the same total as top_k everywhere, from measured per-layer errors
+    (layer_errors, then allocate_k). Returns {layer: offset} (zero offsets left out)."""
+    return allocate_k(layer_errors(dense, moe, calibration_ids, skip_first), top_k)
+
+
+def layer_errors(dense: nn.Module, moe: nn.Module, calibration_ids: torch.Tensor,
+                 skip_first: bool = False) -> dict[int, list[float]]:
+    """Per factorized layer, [inf, e(1), ..., e(N)]: the relative error ||t - o||^2 / ||t||^2 of the best
+    joint k experts (their plain sum, the form that is exact at k = N) on the calibration tokens."""
+    from .moe import factorized_layers
+    from .par import combination_labels
+
+    layers = factorized_layers(moe)
+    inputs = _mlp_inputs(dense, calibration_ids, sorted(layers), skip_first)
+    mods = decoder_layers(dense)
+    n = next(iter(layers.values())).num_experts
+    err: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for i, mlp in layers.items():
+            x = inputs.pop(i)
+            target = mods[i].mlp(x)
+            rest = target - mlp.shared_output(x)
+            outputs = mlp.expert_outputs(x)  # (T, N, H)
+            total = target.pow(2).sum().clamp_min(1e-12)
+            err[i] = [float("inf")] + [
+                ((rest - torch.einsum("tn,tnh->th", combination_labels(outputs, rest, 1.0, k), outputs)).pow(2).sum()
+                 / total).item() for k in range(1, n + 1)]
+    return err
+
+
+def allocate_k(err: dict[int, list[float]], top_k: int) -> dict[int, int]:
+    """Start from top_k everywhere; while moving one unit of K from the layer that loses least to the
+    layer that gains most lowers the summed error, move it (the total K stays). -> {layer: offset}."""
+    n = len(next(iter(err.values()))) - 1
+    ks = {i: top_k for i in err}
+    while True:
+        gains = {i: err[i][k] - err[i][k + 1] for i, k in ks.items() if k < n}
+        if not gains:
+            break
+        up = max(gains, key=gains.get)
+        losses = {j: err[j][k - 1] - err[j][k] for j, k in ks.items() if k > 1 and j != up}
+        if not losses:
+            break
+        down = min(losses, key=losses.get)
+        if gains[up] <= losses[down] + 1e-9:
+            break
+        ks[up] += 1
+        ks[down] -= 1
+    return {i: k - top_k for i, k in ks.items() if k != top_k}
+
+
 def build_moe(dense: nn.Module, partition: Partition, top_k: int, output_mode: str = "scaled",
-              router_seed: int = 0) -> nn.Module:
+              router_seed: int = 0, first_token_dense: bool = False) -> nn.Module:
     """A new model equal to `dense` with FactorizedMLPs at the partition's layers.
 
     Attention, embeddings, norms, lm_head and unfactorized MLPs are shared with `dense` (not
@@ -221,9 +305,10 @@ def build_moe(dense: nn.Module, partition: Partition, top_k: int, output_mode: s
         mods = decoder_layers(moe)
         for i in partition.layers:
             mods[i].mlp = FactorizedMLP(mods[i].mlp, partition.permutations[i], partition.num_experts,
-                                        top_k, output_mode, partition.shared_size)
+                                        top_k, output_mode, partition.shared_size, first_token_dense)
     finally:
         torch.random.set_rng_state(gen_state)
+    mark_first_tokens(moe)
     moe.eval()
     moe.requires_grad_(False)
     moe.factorlab_partition = partition

@@ -10,12 +10,16 @@ COMPONENTS = ("attention_proj", "attention_scores", "ffn", "router", "lm_head")
 
 def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, top_k: int | None = None,
                     factorized_layers: list[int] | None = None, shared_size: int = 0,
-                    top_k_per_layer: dict[int, int] | None = None) -> dict[str, float]:
+                    top_k_per_layer: dict[int, int] | None = None,
+                    first_token_dense: bool = False, k_offsets: dict[int, int] | None = None) -> dict[str, float]:
     """FLOPs for one token attending over `seq_len` positions, per component and in total.
 
     info: factorlab.models.model_info(model). num_experts=None gives the dense model.
     attention_scores counts QK^T and AV over seq_len keys: a decode step at position seq_len, or
     the per-token share of a prefill of seq_len tokens as an (unmasked) attention kernel computes it.
+    first_token_dense: the first token of each sequence runs the whole FFN in factorized layers; its
+    extra cost is shared over the seq_len tokens of the sequence (a decode step pays nothing extra).
+    k_offsets: a per-layer K plan ({layer: offset}): layer i runs top_k + offset experts, within 1..N.
     """
     h, inter, n_layers = info["hidden_size"], info["intermediate_size"], info["num_layers"]
     q_dim = info["num_attention_heads"] * info["head_dim"]
@@ -32,8 +36,11 @@ def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, to
         k = (top_k_per_layer or {}).get(i, top_k)
         if k is None:
             raise ValueError("top_k is required with num_experts")
+        if k_offsets and i not in (top_k_per_layer or {}):
+            k = min(num_experts, max(1, k + int(k_offsets.get(i, 0))))
         expert = (inter - shared_size) // num_experts
-        ffn += 3 * 2 * h * (shared_size + k * expert)
+        routed_ffn = 3 * 2 * h * (shared_size + k * expert)
+        ffn += routed_ffn + ((dense_ffn - routed_ffn) / seq_len if first_token_dense else 0)
         router += 2 * h * num_experts
     out = {
         "attention_proj": float(n_layers * per_layer_proj),
@@ -47,12 +54,14 @@ def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, to
 
 
 def flops_table(info: dict, seq_len: int, num_experts: int, ks: list[int] | None = None,
-                factorized_layers: list[int] | None = None, shared_size: int = 0) -> dict:
+                factorized_layers: list[int] | None = None, shared_size: int = 0,
+                first_token_dense: bool = False, k_offsets: dict[int, int] | None = None) -> dict:
     """Dense and every K side by side, with FFN and total ratios to dense."""
     dense = flops_per_token(info, seq_len)
     rows = {}
     for k in ks or range(1, num_experts + 1):
-        f = flops_per_token(info, seq_len, num_experts, k, factorized_layers, shared_size)
+        f = flops_per_token(info, seq_len, num_experts, k, factorized_layers, shared_size,
+                            first_token_dense=first_token_dense, k_offsets=k_offsets)
         rows[str(k)] = {**f, "ffn_ratio": f["ffn"] / dense["ffn"], "total_ratio": f["total"] / dense["total"],
                         "shares": shares(f)}
     return {"seq_len": seq_len, "num_experts": num_experts, "dense": {**dense, "shares": shares(dense)},

@@ -25,8 +25,8 @@ from .flops import flops_per_token, flops_table
 from .jobs import JobCancelled, JobInfo, get_manager
 from .models import HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
 from .data import BUILTIN_DEFAULT
-from .moe import factorized_layers, record_routing, set_top_k
-from .runs import RunError, list_runs, load_moe, load_run, runs_root, sanitize_name
+from .moe import factorized_layers, k_offsets, record_routing, set_k_offsets, set_top_k
+from .runs import RunError, config_k_offsets, list_runs, load_moe, load_run, runs_root, sanitize_name
 
 MODEL_CHOICES = ("default", *HUB_MODELS)
 TRAIN_MODES = {"router + experts (PAR)": "experts", "router only (PAR)": "router", "no PAR (untrained router)": "none"}
@@ -94,7 +94,9 @@ def run_handle(name: str, trained: bool = True) -> ModelHandle:
     else:
         from .factorize import build_moe
         model = build_moe(loaded.model, run.partition, run.config.get("top_k", 1),
-                          run.config.get("output_mode", "scaled"), router_seed=run.config.get("seed", 0))
+                          run.config.get("output_mode", "scaled"), router_seed=run.config.get("seed", 0),
+                          first_token_dense=run.config.get("first_token_dense", False))
+        set_k_offsets(model, config_k_offsets(run.config), run.config.get("top_k", 1))
     handle = ModelHandle(model, loaded.tokenizer, threading.Lock())
     with _models_lock:
         _moe_cache[key] = handle
@@ -115,7 +117,8 @@ def run_shape(name: str) -> dict:
     config = load_run(name).config
     part = config["partition"]
     return {"model": config["model"], "num_experts": part["num_experts"], "top_k": config.get("top_k", 1),
-            "layers": part["layers"], "shared_size": part.get("shared_size", 0), "mode": config.get("mode")}
+            "layers": part["layers"], "shared_size": part.get("shared_size", 0), "mode": config.get("mode"),
+            "first_token_dense": config.get("first_token_dense", False), "k_offsets": config_k_offsets(config)}
 
 
 def dense_ffn_gflops(spec: str, seq_len: int = 512) -> float:
@@ -127,7 +130,8 @@ def ffn_gflops(name: str, k: int, seq_len: int = 512) -> tuple[float, float]:
     """Active FFN GFLOPs per token: (dense, the run at K)."""
     shape = run_shape(name)
     info = dense_info(shape["model"])
-    moe = flops_per_token(info, seq_len, shape["num_experts"], k, shape["layers"], shape["shared_size"])
+    moe = flops_per_token(info, seq_len, shape["num_experts"], k, shape["layers"], shape["shared_size"],
+                          first_token_dense=shape["first_token_dense"], k_offsets=shape["k_offsets"])
     return flops_per_token(info, seq_len)["ffn"] / 1e9, moe["ffn"] / 1e9
 
 
@@ -226,13 +230,14 @@ def _pct(x: float | None) -> str | None:
 
 # ---------------------------------------------------------------- factorize
 def factorize_spec(model: str, num_experts, top_k, split: str, layers: str, output_mode: str, seed,
-                   shared_size=0, calibration_tokens=4096):
+                   shared_size=0, calibration_tokens=4096, first_token_dense=False, layer_k="uniform"):
     """A validated FactorizeSpec from the page's controls (ValueError says what to fix)."""
     from .workflows import FactorizeSpec
 
     return FactorizeSpec((model or "default").strip(), _int(num_experts, "N"), _int(top_k, "K"), split,
                          (layers or "all").strip(), output_mode, _int(seed, "seed"), _int(shared_size, "shared size"),
-                         _int(calibration_tokens, "calibration tokens"))
+                         _int(calibration_tokens, "calibration tokens"), bool(first_token_dense),
+                         (layer_k or "uniform").strip())
 
 
 def quick_factorize(spec) -> tuple[str, list[list]]:
@@ -240,7 +245,7 @@ def quick_factorize(spec) -> tuple[str, list[list]]:
     from .workflows import factorize_run
 
     result = factorize_run(spec, None)
-    result.pop("_moe")
+    offsets = k_offsets(result.pop("_moe"))
     diff = result["max_abs_logit_diff"]
     verdict = "exact (fp32 rounding)" if diff < 1e-3 else "NOT exact: something is wrong"
     text = (f"**K=N exactness check:** max |logit difference| = **{diff:.2e}** over {result['tokens']} tokens "
@@ -251,7 +256,7 @@ def quick_factorize(spec) -> tuple[str, list[list]]:
             "Nothing was saved: *Start training* saves a run.")
     info = dense_info(spec.model)
     table = flops_table(info, result["flops_seq_len"], spec.num_experts, factorized_layers=result["layers"],
-                        shared_size=spec.shared_size)
+                        shared_size=spec.shared_size, first_token_dense=spec.first_token_dense, k_offsets=offsets)
     rows = [["dense", round(table["dense"]["ffn"] / 1e9, 4), round(table["dense"]["total"] / 1e9, 4), "100%", "100%"]]
     rows += [[f"K={k}", round(r["ffn"] / 1e9, 4), round(r["total"] / 1e9, 4), _pct(r["ffn_ratio"]),
               _pct(r["total_ratio"])] for k, r in table["k"].items()]
@@ -565,7 +570,8 @@ def tradeoff_view(name: str, task: str, top_k: int, seq_len: int) -> dict:
     m, shape = run.metrics, run_shape(name)
     info = dense_info(shape["model"])
     dense_flops = flops_per_token(info, seq_len)
-    flops_k = {k: flops_per_token(info, seq_len, shape["num_experts"], k, shape["layers"], shape["shared_size"])
+    flops_k = {k: flops_per_token(info, seq_len, shape["num_experts"], k, shape["layers"], shape["shared_size"],
+                                  first_token_dense=shape["first_token_dense"], k_offsets=shape["k_offsets"])
                for k in range(1, shape["num_experts"] + 1)}
     gflops = {None: dense_flops["total"] / 1e9, **{k: f["total"] / 1e9 for k, f in flops_k.items()}}
     points, headers, rows, metric = _task_points(m, task, gflops)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import FactorizedMLP, factorized_layers, set_top_k
+from .moe import FactorizedMLP, _other_rows, factorized_layers, set_top_k
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def _train_router_mode(dense, moe, train_ids, cfg, layers, result, check, report
     for i, mlp in layers.items():
         check()
         x, teacher = torch.cat(inputs.pop(i)), torch.cat(outputs.pop(i))  # (T, H) each
-        labels = layer_labels(mlp, x, teacher, cfg.top_k, cfg.chunk_tokens)
+        labels = layer_labels(mlp, x, teacher, mlp.top_k, cfg.chunk_tokens)
         stats = train_router(mlp, x, labels, cfg, check, deadline)
         result.router_label_accuracy[i] = stats["label_accuracy"]
         report("router", i, stats)
@@ -457,7 +457,13 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
                 target = _apply_mlp(dense_mlp, ffn_in, cfg.chunk_tokens)  # original FFN on own inputs
             else:
                 target = _flat(dense_hidden - attn)  # what puts the stream back on the dense one
-        labels = layer_labels(mlp, ffn_in, target, cfg.top_k, cfg.chunk_tokens)
+        first = None
+        if mlp.first_token_dense:  # the first tokens run the whole FFN: routing and refits skip them
+            first = torch.arange(attn.shape[0]) * attn.shape[1]
+            first_out = mlp.dense_output(ffn_in[first])
+            rest = _other_rows(first, ffn_in.shape[0])
+            ffn_in, target = ffn_in[rest], target[rest]
+        labels = layer_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)  # the layer's K (per-layer plans)
         stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
         result.router_label_accuracy[i] = stats["label_accuracy"]
         report("router", i, stats)
@@ -465,7 +471,7 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
             refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
             for _ in range(cfg.refine_rounds):  # routing and experts fitted to each other
                 check()
-                labels = joint_labels(mlp, ffn_in, target, cfg.top_k, cfg.chunk_tokens)
+                labels = joint_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)
                 stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
                 refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
         if cfg.gate_up_steps:
@@ -473,6 +479,9 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
         with torch.no_grad():
             out = _apply_mlp(mlp, ffn_in, cfg.chunk_tokens)  # (T, H)
             mse = F.mse_loss(out, target).item()
+            if first is not None:
+                out = torch.empty(attn.shape[0] * attn.shape[1], attn.shape[2]).index_copy_(
+                    0, rest, out).index_copy_(0, first, first_out)
             hidden = attn + out.view(attn.shape)
         result.layer_mse[i] = mse
         report("experts", i, {"distill": mse, "distill_rel": mse / target.pow(2).mean().item()})

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .factorize import Partition, build_moe
-from .moe import factorized_layers
+from .moe import factorized_layers, set_k_offsets
 
 EXPERT_TENSORS = ("gate_up", "down", "shared_gate_up", "shared_down")
 CONFIG, TENSORS, METRICS, LOG = "config.json", "tensors.safetensors", "metrics.json", "train_log.jsonl"
@@ -165,7 +165,9 @@ def load_moe(run: Run | str, dense: nn.Module, root: str | Path | None = None) -
     except Exception as exc:  # noqa: BLE001 - a damaged file becomes a clear message
         raise RunError(f"run {run.name!r} has unreadable tensors ({exc}); delete it and create it again.") from exc
     partition = Partition.from_saved(run.config["partition"], tensors)
-    moe = build_moe(dense, partition, run.config.get("top_k", 1), run.config.get("output_mode", "scaled"))
+    moe = build_moe(dense, partition, run.config.get("top_k", 1), run.config.get("output_mode", "scaled"),
+                    first_token_dense=run.config.get("first_token_dense", False))
+    set_k_offsets(moe, config_k_offsets(run.config), run.config.get("top_k", 1))
     with torch.no_grad():
         for i, mlp in factorized_layers(moe).items():
             if f"router.{i}" in tensors:
@@ -175,6 +177,11 @@ def load_moe(run: Run | str, dense: nn.Module, root: str | Path | None = None) -
                     getattr(mlp, pname).copy_(tensors[f"{pname}.{i}"])
     moe.factorlab_run = run
     return moe
+
+
+def config_k_offsets(config: dict) -> dict[int, int]:
+    """A run's per-layer K plan ({layer: offset}; empty for uniform K and for runs saved before plans)."""
+    return {int(i): int(o) for i, o in (config.get("k_offsets") or {}).items()}
 
 
 def update_metrics(name: str | Path, updates: dict, root: str | Path | None = None) -> dict:

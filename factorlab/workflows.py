@@ -9,10 +9,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .factorize import STRATEGIES, Partition, build_moe, make_partition, resolve_layers, validate_experts, validate_top_k
+from .factorize import (LAYER_K_PLANS, STRATEGIES, Partition, build_moe, make_partition, parse_layer_k, plan_layer_k,
+                        resolve_layers, validate_experts, validate_top_k)
 from .flops import flops_table
 from .models import DEFAULT_MODEL, load_model, model_info
-from .moe import OUTPUT_MODES, factorized_layers
+from .moe import OUTPUT_MODES, factorized_layers, k_offsets, set_k_offsets
 from .runs import moe_tensors, sanitize_name, save_run
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class FactorizeSpec:
     seed: int = 0
     shared_size: int = 0
     calibration_tokens: int = 4096
+    first_token_dense: bool = False
+    layer_k: str = "uniform"  # per-layer K: uniform | auto (same total, by measured errors) | '3-6=3;2,11=1'
 
     def __post_init__(self) -> None:
         if self.split not in STRATEGIES:
@@ -52,6 +55,9 @@ class FactorizeSpec:
         validate_top_k(self.top_k, self.num_experts)
         if self.calibration_tokens < 256:
             raise ValueError("calibration_tokens must be at least 256")
+        if self.layer_k not in LAYER_K_PLANS and "=" not in self.layer_k:
+            raise ValueError(f"unknown per-layer K {self.layer_k!r}: use uniform, auto or LAYERS=K entries "
+                             "such as '3-6=3;2,11=1'")
 
 
 def calibration_ids(loaded, num_tokens: int, seed: int = 0, source: str | None = None) -> torch.Tensor:
@@ -100,19 +106,28 @@ def prepare(spec: FactorizeSpec, loaded=None, calibration_source: str | None = N
     validate_experts(info["intermediate_size"], spec.num_experts, spec.shared_size)
     layers = resolve_layers(spec.layers, info["num_layers"])
     calib = None
-    if spec.split == "cluster" or spec.shared_size:
+    if spec.split == "cluster" or spec.shared_size or spec.layer_k == "auto":
         calib = calibration_ids(loaded, spec.calibration_tokens, spec.seed, calibration_source)
     partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, calib,
-                               spec.shared_size)
-    moe = build_moe(loaded.model, partition, spec.top_k, spec.output_mode, router_seed=spec.seed)
+                               spec.shared_size, skip_first=spec.first_token_dense)
+    moe = build_moe(loaded.model, partition, spec.top_k, spec.output_mode, router_seed=spec.seed,
+                    first_token_dense=spec.first_token_dense)
+    if spec.layer_k == "auto":
+        set_k_offsets(moe, plan_layer_k(loaded.model, moe, calib, spec.top_k, spec.first_token_dense), spec.top_k)
+    elif spec.layer_k != "uniform":
+        set_k_offsets(moe, parse_layer_k(spec.layer_k, partition.layers, spec.top_k, spec.num_experts,
+                                         info["num_layers"]), spec.top_k)
     return loaded, partition, moe
 
 
-def run_config(spec: FactorizeSpec, partition: Partition, loaded, **extra) -> dict:
-    return {"model": spec.model, "model_source": loaded.source, "num_experts": spec.num_experts,
+def run_config(spec: FactorizeSpec, partition: Partition, loaded, moe=None, **extra) -> dict:
+    config = {"model": spec.model, "model_source": loaded.source, "num_experts": spec.num_experts,
             "top_k": spec.top_k, "split": spec.split, "seed": spec.seed, "output_mode": spec.output_mode,
             "layers": partition.layers, "shared_size": spec.shared_size, "partition": partition.to_config(),
-            "spec": asdict(spec), **extra}
+            "first_token_dense": spec.first_token_dense, "spec": asdict(spec), **extra}
+    if moe is not None:
+        config["k_offsets"] = {str(i): o for i, o in k_offsets(moe).items()}
+    return config
 
 
 def factorize_run(spec: FactorizeSpec, name: str | None, runs_dir=None, loaded=None,
@@ -124,7 +139,8 @@ def factorize_run(spec: FactorizeSpec, name: str | None, runs_dir=None, loaded=N
     check = exactness_check(loaded.model, moe, loaded.tokenizer, spec.num_experts, fp64=True)
     info = model_info(loaded.model)
     flops = flops_table(info, 512, spec.num_experts, factorized_layers=partition.layers,
-                        shared_size=spec.shared_size)
+                        shared_size=spec.shared_size, first_token_dense=spec.first_token_dense,
+                        k_offsets=k_offsets(moe))
     result = {"model": spec.model, "model_source": loaded.source, "num_experts": spec.num_experts,
               "top_k": spec.top_k, "split": spec.split, "layers": partition.layers,
               "expert_size": partition.expert_size, "shared_size": spec.shared_size,
@@ -132,7 +148,7 @@ def factorize_run(spec: FactorizeSpec, name: str | None, runs_dir=None, loaded=N
               "ffn_ratio_by_k": {k: v["ffn_ratio"] for k, v in flops["k"].items()},
               "run": None}
     if name:
-        config = run_config(spec, partition, loaded, mode="none", trained=False)
+        config = run_config(spec, partition, loaded, moe, mode="none", trained=False)
         metrics = {"exactness": check, "factorize_seconds": seconds}
         path = save_run(sanitize_name(name), config, moe_tensors(moe, partition, ()), metrics,
                         root=runs_dir, overwrite=overwrite)
@@ -244,7 +260,7 @@ def train_run(spec: FactorizeSpec, train_cfg, data: DataSpec, name: str, runs_di
     if run_path(name, runs_dir).exists() and not overwrite:
         raise ValueError(f"a run named {name!r} already exists: pick another name or delete it first")
     t = train_model(spec, train_cfg, data, loaded, progress, should_stop, eval_ks)
-    config = run_config(spec, t.partition, t.loaded, mode=train_cfg.mode, trained=train_cfg.mode != "none",
+    config = run_config(spec, t.partition, t.loaded, t.moe, mode=train_cfg.mode, trained=train_cfg.mode != "none",
                         train=asdict(train_cfg), data=asdict(data))
     summary = t.result.summary()
     metrics = {"train": {**summary, "seconds": t.seconds, "tokens": t.tokens}, "heldout": t.heldout}

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT = 240.0
 TINY = dict(model="default", n=4, k=2, split="random", layers="0-1", output_mode="scaled", seed=0, shared=0,
-            calibration=4096)
+            calibration=4096, first_token=False, layer_k="uniform")
 from factorlab.lab import DATA_SOURCES  # noqa: E402
 
 LOCAL_PROSE = next(label for label, kind in DATA_SOURCES.items() if kind == "local")
@@ -62,7 +62,8 @@ def new_client(served):
 
 def train_args(name: str, **overrides) -> list:
     values = {**TINY, **TRAIN, "name": name, **overrides}
-    order = ["model", "n", "k", "split", "layers", "output_mode", "seed", "shared", "calibration", "mode",
+    order = ["model", "n", "k", "split", "layers", "output_mode", "seed", "shared", "calibration", "first_token",
+             "layer_k", "mode",
              "data_kind", "upload", "hub_id", "train_tokens", "heldout_tokens", "seq_len", "router_steps",
              "minutes", "name", "gate_up", "e2e"]
     return [values[key] for key in order]
@@ -132,6 +133,16 @@ def test_factorize_shows_exactness_and_flops_per_k(client):
     assert ffn[1] < ffn[2] < ffn[3] < ffn[4] == pytest.approx(ffn[0], rel=1e-3)
 
 
+def test_factorize_with_a_per_layer_k_plan_and_first_token_dense(client):
+    args = {**TINY, "first_token": True, "layer_k": "0=3;1=1"}
+    text, table = client.predict(*args.values(), api_name="/factorize")
+    assert float(text.split("= **")[1].split("**")[0]) < 1e-3  # K=N is still the dense model
+    rows = {r[0]: r for r in table["value"]["data"]}
+    plain = {r[0]: r for r in client.predict(*TINY.values(), api_name="/factorize")[1]["value"]["data"]}
+    assert rows["K=2"][1] > plain["K=2"][1]  # the first token's whole FFN is counted (K=3 + K=1 = 2 x K=2)
+    assert rows["K=4"][1] < plain["K=4"][1]  # layer 1 runs K=4-1=3 there
+
+
 def test_bad_factorize_inputs_are_messages(client, tmp_path):
     args = list(TINY.values())
     assert "do not divide" in user_error(client, "/factorize", *[args[0], 5, *args[2:]])
@@ -142,6 +153,8 @@ def test_bad_factorize_inputs_are_messages(client, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     assert "not supported" in user_error(client, "/factorize", str(tmp_path / "gpt2"), *args[1:])
     assert "out of range" in user_error(client, "/factorize", *args[:4], "0-99", *args[5:])
+    assert "LAYERS=K" in user_error(client, "/factorize", *args[:-1], "0:3")
+    assert "not factorized" in user_error(client, "/factorize", *args[:-1], "5=3")
 
 
 def test_bad_training_inputs_are_messages_and_start_nothing(client, tmp_path, monkeypatch):

@@ -130,3 +130,59 @@ def test_embedded_model_exactness(embedded, strategy):
     assert all(m.top_k == 2 for m in factorized_layers(moe).values())  # restored after the check
     out = moe.generate(tok("Hello", return_tensors="pt").input_ids, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 1
+
+
+def test_per_layer_k_plan_sets_each_layer_and_keeps_within_1_to_n(tiny_model):
+    from factorlab.moe import k_offsets, set_k_offsets
+
+    part = make_partition(tiny_model, 4, "contiguous")
+    moe = build_moe(tiny_model, part, top_k=2)
+    set_k_offsets(moe, {0: 1, 1: -1}, 2)
+    layers = factorized_layers(moe)
+    assert (layers[0].top_k, layers[1].top_k) == (3, 1)
+    set_top_k(moe, 4)  # nominal K: the offsets apply within 1..N
+    assert (layers[0].top_k, layers[1].top_k) == (4, 3)
+    set_top_k(moe, 1)
+    assert (layers[0].top_k, layers[1].top_k) == (2, 1)
+    assert k_offsets(moe) == {0: 1, 1: -1}
+    with pytest.raises(ValueError, match="not factorized"):
+        set_k_offsets(moe, {5: 1}, 2)
+
+
+def test_parse_layer_k():
+    from factorlab.factorize import parse_layer_k
+
+    assert parse_layer_k("3-4=3; 0,1=1", [0, 1, 2, 3, 4], 2, 4, 5) == {3: 1, 4: 1, 0: -1, 1: -1}
+    assert parse_layer_k("2=2", [0, 1, 2], 2, 4, 5) == {}
+    with pytest.raises(ValueError, match="LAYERS=K"):
+        parse_layer_k("3-4:3", [3, 4], 2, 4, 5)
+    with pytest.raises(ValueError, match="not factorized"):
+        parse_layer_k("0=3", [1, 2], 2, 4, 5)
+    with pytest.raises(ValueError, match="K must be in 1..4"):
+        parse_layer_k("1=5", [1, 2], 2, 4, 5)
+
+
+def test_allocate_k_moves_k_where_the_error_gains_most():
+    from factorlab.factorize import allocate_k
+
+    inf = float("inf")
+    err = {0: [inf, 0.9, 0.5, 0.2, 0.0],  # hard layer: each added expert helps a lot
+           1: [inf, 0.02, 0.01, 0.005, 0.0],  # easy layer: K=1 costs little
+           2: [inf, 0.4, 0.2, 0.1, 0.0]}
+    plan = allocate_k(err, 2)
+    assert plan == {0: 1, 1: -1}  # gain 0.3 on layer 0 against a loss of 0.01 on layer 1; no further move pays
+    assert sum(plan.values()) == 0
+    flat = {i: [inf, 0.5, 0.3, 0.1, 0.0] for i in range(3)}
+    assert allocate_k(flat, 2) == {}  # equal layers: nothing to gain
+
+
+def test_plan_layer_k_keeps_the_total(tiny_model):
+    from factorlab.factorize import layer_errors, plan_layer_k
+
+    part = make_partition(tiny_model, 4, "random", seed=0)
+    moe = build_moe(tiny_model, part, top_k=2)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    err = layer_errors(tiny_model, moe, ids)
+    assert set(err) == {0, 1} and all(e[4] < 1e-6 and e[1] >= e[2] - 1e-6 for e in err.values())
+    plan = plan_layer_k(tiny_model, moe, ids, 2)
+    assert sum(plan.values()) == 0 and all(1 <= 2 + o <= 4 for o in plan.values())

@@ -48,3 +48,29 @@ def test_ffn_share_and_components(tiny_model):
     # unfactorized layers stay dense
     half = flops_per_token(info, 128, 4, 1, factorized_layers=[0])
     assert half["ffn"] == pytest.approx(flops_per_token(info, 128)["ffn"] * (1 + 0.25) / 2)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_first_token_dense_flops_match_flop_counter(tiny_model, k):
+    info = model_info(tiny_model)
+    part = make_partition(tiny_model, 4, "contiguous")
+    moe = build_moe(tiny_model, part, top_k=k, first_token_dense=True)
+    ids = torch.randint(0, 128, (1, 32))
+    analytic = flops_per_token(info, 32, 4, k, first_token_dense=True)
+    assert _counted(moe, ids) == pytest.approx(analytic["total"] * 32, rel=1e-6)
+    routed = flops_per_token(info, 32, 4, k)
+    dense = flops_per_token(info, 32)
+    assert analytic["ffn"] == pytest.approx(routed["ffn"] + (dense["ffn"] - routed["ffn"]) / 32)
+
+
+def test_per_layer_k_flops_match_flop_counter(tiny_model):
+    from factorlab.moe import set_k_offsets
+
+    info = model_info(tiny_model)
+    part = make_partition(tiny_model, 4, "contiguous")
+    moe = build_moe(tiny_model, part, top_k=2)
+    set_k_offsets(moe, {0: 1, 1: -1}, 2)
+    ids = torch.randint(0, 128, (1, 32))
+    analytic = flops_per_token(info, 32, 4, 2, k_offsets={0: 1, 1: -1})
+    assert analytic == flops_per_token(info, 32, 4, 2, top_k_per_layer={0: 3, 1: 1})
+    assert _counted(moe, ids) == pytest.approx(analytic["total"] * 32, rel=1e-6)

@@ -60,3 +60,33 @@ def test_generate_works(tiny_model):
     moe = build_moe(tiny_model, part, top_k=1)
     out = moe.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 8)
+
+
+def test_first_token_dense_runs_the_whole_ffn_at_position_zero_only(tiny_model):
+    part = make_partition(tiny_model, 4, "random", seed=0, layers=[1])
+    routed = build_moe(tiny_model, part, top_k=1)
+    first = build_moe(tiny_model, part, top_k=1, first_token_dense=True)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense, a, b = tiny_model(ids).logits, routed(ids).logits, first(ids).logits
+    assert torch.allclose(b[:, 0], dense[:, 0], atol=1e-5)  # the first token: the original FFN
+    assert not torch.allclose(a[:, 0], dense[:, 0], atol=1e-3)
+    assert torch.allclose(b[:, 1:], a[:, 1:], atol=1e-5)  # the rest: routed as before (layer 0 is dense)
+    # packed rows: every segment's first token (position 0) runs the original FFN, the others are routed
+    mlp = factorized_layers(first)[1]
+    seen = []
+    handle = mlp.register_forward_hook(lambda _m, args, out: seen.append((args[0][0], out[0])))
+    pos = torch.cat([torch.arange(4), torch.arange(5)]).unsqueeze(0)
+    with torch.no_grad():
+        first(ids[:1], position_ids=pos)
+        x, out = seen[0]
+        original = tiny_model.model.layers[1].mlp(x)
+    handle.remove()
+    is_dense = [torch.allclose(out[t], original[t], atol=1e-5) for t in range(9)]
+    assert is_dense == [t in (0, 4) for t in range(9)]
+    assert mlp.first_rows is None  # consumed by the forward: a direct call is routed
+    with torch.no_grad(), record_routing(first) as trace:  # the router still sees every token
+        first(ids)
+    assert trace.stacked()[0][1].shape == (18, 1)
+    out = first.generate(ids[:1, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)

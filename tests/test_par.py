@@ -244,3 +244,38 @@ def test_the_time_budget_counts_from_the_callers_start(tiny_model):
     result = train(tiny_model, moe, ids, cfg, progress=log.append, started=time.monotonic() - 120)
     assert result.stopped_early and not [r for r in log if r["phase"] == "e2e"]  # the budget was spent before
     assert result.seconds >= 120
+
+
+def test_first_token_dense_training_keeps_position_zero_exact(tiny_model, runs_dir):
+    from factorlab.runs import load_moe, moe_tensors, save_run
+
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    part = make_partition(tiny_model, 4, "random", seed=0)
+    moe = build_moe(tiny_model, part, top_k=1, first_token_dense=True)
+    result = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=1, router_steps=50, router_batch=128,
+                                                     refine_rounds=1, e2e_steps=3, e2e_batch=2))
+    assert set(result.layer_mse) == {0, 1}
+    held = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(moe(held).logits[:, 0], tiny_model(held).logits[:, 0], atol=1e-4)
+    config = {"model": "tiny", "top_k": 1, "output_mode": "scaled", "partition": part.to_config(),
+              "mode": "experts", "first_token_dense": True}
+    save_run("ftd", config, moe_tensors(moe, part, tuned=True))
+    again = load_moe("ftd", tiny_model)
+    with torch.no_grad():
+        assert torch.equal(again(held).logits, moe(held).logits)
+
+
+def test_training_follows_a_per_layer_k_plan(tiny_model):
+    from factorlab.moe import set_k_offsets
+
+    ids, moe = _setup(tiny_model, k=2)
+    set_k_offsets(moe, {0: 1, 1: -1}, 2)
+    result = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=30, router_batch=128,
+                                                     refine_rounds=1))
+    layers = factorized_layers(moe)
+    assert (layers[0].top_k, layers[1].top_k) == (3, 1)
+    assert set(result.layer_mse) == {0, 1}
+    x = torch.randn(50, 64)
+    with torch.no_grad():
+        assert layers[0].router(x)[3].shape == (50, 3)

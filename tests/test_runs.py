@@ -64,3 +64,22 @@ def test_names_are_sanitised():
     assert "/" not in sanitize_name("../../etc/passwd")
     with pytest.raises(RunError, match="empty"):
         sanitize_name("///")
+
+
+def test_a_per_layer_k_plan_and_first_token_dense_reload(tiny_model, runs_dir):
+    from factorlab.moe import set_k_offsets
+
+    part = make_partition(tiny_model, 4, "random", seed=1)
+    moe = build_moe(tiny_model, part, top_k=2, first_token_dense=True)
+    set_k_offsets(moe, {1: 1}, 2)
+    with torch.no_grad():
+        for mlp in factorized_layers(moe).values():
+            mlp.router.linear.weight.normal_()
+    config = {**_config(part), "output_mode": "scaled", "first_token_dense": True, "k_offsets": {"1": 1}}
+    save_run("plan", config, moe_tensors(moe, part, tuned=True))
+    again = load_moe("plan", tiny_model)
+    assert {i: m.top_k for i, m in factorized_layers(again).items()} == {0: 2, 1: 3}
+    assert factorized_layers(again)[0].first_token_dense
+    ids = torch.randint(0, 128, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, moe(ids).logits)
