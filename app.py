@@ -413,8 +413,9 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                                                   info="each sequence's first token (the attention sink, outputs up to "
                                                        "~1000x the others in some layers) skips routing; counted in FLOPs")
                         layer_k = gr.Textbox("uniform", label="Per-layer K",
-                                             info="uniform; auto (same total K, moved to the layers with the largest "
-                                                  "measured error); or LAYERS=K entries such as '3-6=3;2,11=1'")
+                                             info="uniform (default); auto (same total K, moved to the layers with the "
+                                                  "largest measured layer error; measured worse than uniform on the "
+                                                  "default model); or LAYERS=K entries such as '3-6=3;2,11=1'")
                         heldout_tokens = gr.Number(2048, precision=0, elem_id="heldout-tokens", label="Held-out tokens")
                         seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")
                         gate_up = gr.Number(0, precision=0, label="gate/up Adam steps per layer")

@@ -172,10 +172,12 @@ def add_train(sub) -> None:
                    help="always-on shared neurons per layer (default 256: the best recipe measured; 0 = pure N experts)")
     p.add_argument("--first-token", choices=("dense", "routed"), default="routed",
                    help="dense: each sequence's first token (the attention sink, with outputs up to ~1000x the "
-                        "others in some layers) runs the whole FFN and is left out of routing and refits")
+                        "others in some layers) runs the whole FFN and is left out of routing and refits (measured: "
+                        "slightly lower held-out perplexity, not better benchmarks; see README)")
     p.add_argument("--layer-k", default="uniform",
                    help="per-layer K: uniform (default) | auto (the same total K, moved to the layers whose measured "
-                        "error gains most) | LAYERS=K entries such as '3-6=3;2,11=1' (the rest at --k)")
+                        "error gains most; measured worse than uniform on the default model, see README) | LAYERS=K "
+                        "entries such as '3-6=3;2,11=1' (the rest at --k)")
     p.add_argument("--mode", choices=MODES, default="experts",
                    help="experts: router + least-squares expert refit (default); router: routers only; "
                         "none: untrained router (FactorLLM's Ex0)")
