@@ -118,7 +118,7 @@ class FactorizedMLP(nn.Module):
         if first is None or first.numel() == 0:
             out = self._add_shared(self.dispatch(x, top_k_index, weights), x)
             return out.view(hidden_states.shape)
-        rest = _other_rows(first, x.shape[0])
+        rest = other_rows(first, x.shape[0])
         out = torch.empty_like(x)
         if rest.numel():
             xr = x.index_select(0, rest)
@@ -246,7 +246,8 @@ class FactorizedMLP(nn.Module):
                 f"shared={self.shared_size}, output_mode={self.output_mode}")
 
 
-def _other_rows(first: torch.Tensor, total: int) -> torch.Tensor:
+def other_rows(first: torch.Tensor, total: int) -> torch.Tensor:
+    """The row indices 0..total-1 that are not in `first`."""
     keep = torch.ones(total, dtype=torch.bool, device=first.device)
     keep[first] = False
     return keep.nonzero().flatten()
@@ -263,20 +264,17 @@ def mark_first_tokens(model: nn.Module) -> list:
     Uses the position_ids the decoder layer receives (packed or left-padded rows included). Returns
     the hook handles.
     """
-    handles = []
-    for i, mlp in factorized_layers(model).items():
-        if not mlp.first_token_dense:
-            continue
+    return [model.model.layers[i].register_forward_pre_hook(_mark_first_rows, with_kwargs=True)
+            for i, mlp in factorized_layers(model).items() if mlp.first_token_dense]
 
-        def hook(_module, args, kwargs, mlp=mlp):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            pos = kwargs.get("position_ids")
-            if pos is None:  # no positions given: the sequences start here
-                pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-            mlp.first_rows = first_rows(pos, hidden.shape[0], hidden.shape[1])
 
-        handles.append(model.model.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
+def _mark_first_rows(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    # The FFN is found through the layer the hook fires on, so a deep copy of the model marks its own FFNs.
+    hidden = args[0] if args else kwargs["hidden_states"]
+    pos = kwargs.get("position_ids")
+    if pos is None:  # no positions given: the sequences start here
+        pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    layer.mlp.first_rows = first_rows(pos, hidden.shape[0], hidden.shape[1])
 
 
 def _zero_like_input(x: torch.Tensor) -> torch.Tensor:

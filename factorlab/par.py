@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import FactorizedMLP, _other_rows, factorized_layers, set_top_k
+from .moe import FactorizedMLP, other_rows, factorized_layers, set_top_k
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
         if mlp.first_token_dense:  # the first tokens run the whole FFN: routing and refits skip them
             first = torch.arange(attn.shape[0]) * attn.shape[1]
             first_out = mlp.dense_output(ffn_in[first])
-            rest = _other_rows(first, ffn_in.shape[0])
+            rest = other_rows(first, ffn_in.shape[0])
             ffn_in, target = ffn_in[rest], target[rest]
         labels = layer_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)  # the layer's K (per-layer plans)
         stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)

@@ -90,3 +90,15 @@ def test_first_token_dense_runs_the_whole_ffn_at_position_zero_only(tiny_model):
     assert trace.stacked()[0][1].shape == (18, 1)
     out = first.generate(ids[:1, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
+
+
+def test_a_deep_copy_of_a_first_token_dense_model_marks_its_own_ffns(tiny_model):
+    import copy
+
+    part = make_partition(tiny_model, 4, "random", seed=0, layers=[1])
+    moe = build_moe(tiny_model, part, top_k=1, first_token_dense=True)
+    twin = copy.deepcopy(moe)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert torch.allclose(twin(ids).logits[:, 0], tiny_model(ids).logits[:, 0], atol=1e-5)
+        assert torch.equal(twin(ids).logits, moe(ids).logits)
