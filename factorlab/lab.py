@@ -173,6 +173,12 @@ def describe_run(name: str | None) -> str:
     lines = [f"**Current run: `{run.name}`** — {c['model']}, N={c['num_experts']} experts, K={c['top_k']}, "
              f"{c['split']} split over {len(c['layers'])} layer(s), training: {c.get('mode')}, "
              f"output: {c.get('output_mode')}"]
+    offsets = config_k_offsets(c)
+    if offsets:
+        plan = ", ".join(f"layer {i}: K{o:+d}" for i, o in sorted(offsets.items()))
+        lines[0] += f", per-layer K plan ({plan}; mean K {c['top_k'] + sum(offsets.values()) / len(c['layers']):.2f})"
+    if c.get("first_token_dense"):
+        lines[0] += ", first token of each sequence through the whole FFN"
     for k, h in sorted((m.get("heldout") or {}).items(), key=lambda kv: int(kv[0])):
         if h:
             lines.append(f"- held-out at K={k}: perplexity {h['perplexity']:.2f} (dense {h['dense_perplexity']:.2f}), "

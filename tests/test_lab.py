@@ -76,6 +76,13 @@ def test_run_rows_and_description_show_heldout_metrics_per_k(runs_dir):
     row = lab.run_rows()[0]
     assert row[0] == "fake" and row[7] == "20.00" and row[8].startswith("K=1: 30.0 (60.0%) · K=2: 15.0 (70.0%)")
     assert "perplexity 10.00 (dense 20.00)" in lab.describe_run("fake")
+    assert "per-layer" not in lab.describe_run("fake") and "first token" not in lab.describe_run("fake")
+    config_path = runs_dir / "fake" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(k_offsets={"0": 1}, first_token_dense=True)
+    config_path.write_text(json.dumps(config))
+    text = lab.describe_run("fake")
+    assert "per-layer K plan (layer 0: K+1; mean K 2.50)" in text and "first token of each sequence" in text
     (runs_dir / "broken").mkdir()
     (runs_dir / "broken" / "config.json").write_text("{not json")
     assert any(r[0] == "broken" and r[1] == "corrupt" for r in lab.run_rows())
