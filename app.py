@@ -411,7 +411,7 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                         calibration = gr.Number(4096, precision=0, label="Calibration tokens (cluster split)")
                         first_token = gr.Checkbox(False, label="First token runs the whole FFN",
                                                   info="each sequence's first token (the attention sink, outputs up to "
-                                                       "~1000x the others in some layers) skips routing; counted in FLOPs")
+                                                       "~800x the others in some layers) skips routing; counted in FLOPs")
                         layer_k = gr.Textbox("uniform", label="Per-layer K",
                                              info="uniform (default); auto (same total K, moved to the layers with the "
                                                   "largest measured layer error; measured worse than uniform on the "

@@ -171,7 +171,7 @@ def add_train(sub) -> None:
     p.add_argument("--shared", type=int, default=256,
                    help="always-on shared neurons per layer (default 256: the best recipe measured; 0 = pure N experts)")
     p.add_argument("--first-token", choices=("dense", "routed"), default="routed",
-                   help="dense: each sequence's first token (the attention sink, with outputs up to ~1000x the "
+                   help="dense: each sequence's first token (the attention sink, with outputs up to ~800x the "
                         "others in some layers) runs the whole FFN and is left out of routing and refits (measured: "
                         "slightly lower held-out perplexity, not better benchmarks; see README)")
     p.add_argument("--layer-k", default="uniform",

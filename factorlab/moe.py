@@ -79,7 +79,7 @@ class FactorizedMLP(nn.Module):
         self.shared_gate_up = nn.Parameter(torch.cat([g[:shared_size], u[:shared_size]], dim=0))  # (2S, H)
         self.shared_down = nn.Parameter(d_t[:shared_size].contiguous())  # (S, H)
         self.register_buffer("permutation", perm.clone(), persistent=False)
-        # The first token of a sequence (the attention sink) carries outputs up to ~1000x larger than
+        # The first token of a sequence (the attention sink) carries outputs up to ~800x larger than
         # the others in some layers; with first_token_dense it runs the whole FFN with the original
         # down projections (one token per sequence), and training leaves it out of routing and refits.
         self.first_token_dense = first_token_dense
