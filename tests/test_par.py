@@ -266,13 +266,23 @@ def test_first_token_dense_training_keeps_position_zero_exact(tiny_model, runs_d
         assert torch.equal(again(held).logits, moe(held).logits)
 
 
-def test_training_follows_a_per_layer_k_plan(tiny_model):
+def test_training_follows_a_per_layer_k_plan(tiny_model, monkeypatch):
+    import factorlab.par as par
     from factorlab.moe import set_k_offsets
 
     ids, moe = _setup(tiny_model, k=2)
     set_k_offsets(moe, {0: 1, 1: -1}, 2)
+    seen = []
+    for name in ("layer_labels", "joint_labels"):
+        def spy(mlp, inputs, target, top_k, chunk, _original=getattr(par, name), _name=name):
+            masks = _original(mlp, inputs, target, top_k, chunk)
+            seen.append((_name, top_k, int(masks.sum(1).max())))
+            return masks
+        monkeypatch.setattr(par, name, spy)
     result = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=30, router_batch=128,
                                                      refine_rounds=1))
+    # labels of layer 0 pick 3 experts, of layer 1 one: each layer's own K, not the nominal 2
+    assert seen == [("layer_labels", 3, 3), ("joint_labels", 3, 3), ("layer_labels", 1, 1), ("joint_labels", 1, 1)]
     layers = factorized_layers(moe)
     assert (layers[0].top_k, layers[1].top_k) == (3, 1)
     assert set(result.layer_mse) == {0, 1}
