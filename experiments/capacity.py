@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from factorlab.factorize import _complement, _mlp_inputs, _shared_neurons, balanced_kmeans
+from factorlab.factorize import _complement, _shared_neurons, balanced_kmeans, calibration_inputs
 from factorlab.models import load_model
 from factorlab.moe import factorized_layers
 from factorlab.runs import load_moe, load_run
@@ -118,10 +118,10 @@ def main() -> None:
     loaded = load_model(load_run(run_name).config["model"])
     moe = load_moe(run_name, loaded.model)
     train, held = load_data(loaded, DataSpec(source="everyday", train_tokens=16384, heldout_tokens=4096))
-    dense_in = _mlp_inputs(loaded.model, train, layers, skip_first=True)
-    dense_held = _mlp_inputs(loaded.model, held, layers, skip_first=True)
-    moe_in = _mlp_inputs(moe, train, layers, skip_first=True)  # the run's own inputs for its router
-    moe_held = _mlp_inputs(moe, held, layers, skip_first=True)
+    dense_in = calibration_inputs(loaded.model, train, layers, skip_first=True)
+    dense_held = calibration_inputs(loaded.model, held, layers, skip_first=True)
+    moe_in = calibration_inputs(moe, train, layers, skip_first=True)  # the run's own inputs for its router
+    moe_held = calibration_inputs(moe, held, layers, skip_first=True)
     result = {"run": run_name, "layers": {}}
     for i in layers:
         dense_mlp = loaded.model.model.layers[i].mlp

@@ -20,7 +20,7 @@ from torch import nn
 
 from .flops import flops_per_token
 from .models import decoder_layers, model_info
-from .moe import factorized_layers, layer_k, record_routing
+from .moe import factorized_layers, k_offsets, record_routing, set_top_k
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,7 @@ def run_benchmark(dense: nn.Module, moe: nn.Module, ks: list[int] | None = None,
 
     def with_k(k: int, fn: Callable[[], float]) -> Callable[[], float]:
         def run() -> float:
-            for m in layers.values():
-                m.set_top_k(layer_k(k, m.k_offset, m.num_experts))  # a per-layer K plan applies
+            set_top_k(moe, k)  # a per-layer K plan applies
             return fn()
         return run
 
@@ -233,7 +232,7 @@ def run_benchmark(dense: nn.Module, moe: nn.Module, ks: list[int] | None = None,
         result_k[str(k)] = speed
         limits[str(k)] = speed_limits(info, n, k, sorted(layers), first.shared_size, prefill, decode_context,
                                       ffn_layer, first.first_token_dense,
-                                      {i: m.k_offset for i, m in layers.items()})
+                                      k_offsets(moe))
     machine = {**machine_info(device), "load_average_before": load_before,
                "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     of_min = {k: {p: raw[p]["dense"]["min_s"] / raw[p][k]["min_s"] for p in raw} for k in result_k}

@@ -11,6 +11,8 @@ from pathlib import Path
 from .factorize import STRATEGIES
 from .moe import OUTPUT_MODES
 
+FIRST_TOKEN = ("dense", "routed")  # --first-token: the first token of each sequence runs the whole FFN, or is routed
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
@@ -112,7 +114,7 @@ def add_flops(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--layers", default="all")
     p.add_argument("--shared", type=int, default=0)
-    p.add_argument("--first-token", choices=("dense", "routed"), default="routed",
+    p.add_argument("--first-token", choices=FIRST_TOKEN, default="routed",
                    help="dense: each sequence's first token runs the whole FFN (its cost shared over --seq-len)")
     _add_json(p)
     p.set_defaults(func=cmd_flops)
@@ -170,7 +172,7 @@ def add_train(sub) -> None:
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
     p.add_argument("--shared", type=int, default=256,
                    help="always-on shared neurons per layer (default 256: the best recipe measured; 0 = pure N experts)")
-    p.add_argument("--first-token", choices=("dense", "routed"), default="routed",
+    p.add_argument("--first-token", choices=FIRST_TOKEN, default="routed",
                    help="dense: each sequence's first token (the attention sink, with outputs up to ~800x the "
                         "others in some layers) runs the whole FFN and is left out of routing and refits (measured: "
                         "slightly lower held-out perplexity, not better benchmarks; see README)")

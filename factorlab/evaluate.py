@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .flops import flops_per_token
 from .models import model_info
-from .moe import factorized_layers, set_top_k
+from .moe import factorized_layers, k_offsets, set_top_k
 from .runs import load_run, update_metrics
 from .tasks import TaskData, load_task, parse_tasks
 
@@ -283,7 +283,7 @@ def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int |
     first = next(iter(layers.values()))
     return flops_per_token(info, seq_len, first.num_experts, top_k, sorted(layers), first.shared_size,
                            first_token_dense=first.first_token_dense,
-                           k_offsets={i: m.k_offset for i, m in layers.items()})["total"] / 1e9
+                           k_offsets=k_offsets(moe))["total"] / 1e9
 
 
 def summarize(tasks: dict[str, dict]) -> dict:

@@ -88,8 +88,8 @@ def resolve_layers(layers: list[int] | str | None, num_layers: int) -> list[int]
     return sorted(set(int(i) for i in layers))
 
 
-def _mlp_inputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int],
-                skip_first: bool = False) -> dict[int, torch.Tensor]:
+def calibration_inputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int],
+                       skip_first: bool = False) -> dict[int, torch.Tensor]:
     """FFN inputs (post-norm hidden states) of the given layers on calibration tokens: (T, H) each.
 
     skip_first leaves out each row's first token (it runs the whole FFN when first_token_dense)."""
@@ -152,13 +152,15 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, seed: int, iters:
 def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguous",
                    layers: list[int] | str | None = None, seed: int = 0,
                    calibration_ids: torch.Tensor | None = None, shared_size: int = 0,
-                   skip_first: bool = False) -> Partition:
+                   skip_first: bool = False, inputs: dict[int, torch.Tensor] | None = None) -> Partition:
     """Build a Partition of the chosen layers with one of STRATEGIES.
 
     cluster: neurons are grouped by co-activation (cosine of their |activation| profiles over the
     calibration tokens, balanced k-means); shared_size > 0 makes the S most frequently active
     neurons an always-on shared expert (needs calibration tokens for every strategy). skip_first:
     each calibration row's first token is left out (for first_token_dense, where it is not routed).
+    inputs: the layers' FFN inputs on the calibration tokens when the caller already has them
+    (calibration_inputs), instead of computing them again.
     """
     check_supported(model)
     mods = decoder_layers(model)
@@ -168,9 +170,10 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
         raise ValueError(f"unknown split strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     chosen = resolve_layers(layers, len(mods))
     needs_calibration = strategy == "cluster" or shared_size > 0
-    if needs_calibration and calibration_ids is None:
+    if needs_calibration and calibration_ids is None and inputs is None:
         raise ValueError("the cluster split and shared experts need calibration tokens (calibration_ids)")
-    inputs = _mlp_inputs(model, calibration_ids, chosen, skip_first) if needs_calibration else {}
+    if needs_calibration and inputs is None:
+        inputs = calibration_inputs(model, calibration_ids, chosen, skip_first)
     gen = torch.Generator().manual_seed(seed)
     perms: dict[int, torch.Tensor] = {}
     for i in chosen:
@@ -233,28 +236,30 @@ def parse_layer_k(plan: str, layers: list[int], top_k: int, num_experts: int, nu
     return {i: o for i, o in offsets.items() if o}
 
 
-def plan_layer_k(dense: nn.Module, moe: nn.Module, calibration_ids: torch.Tensor, top_k: int,
-                 skip_first: bool = False) -> dict[int, int]:
+def plan_layer_k(dense: nn.Module, moe: nn.Module, calibration_ids: torch.Tensor | None, top_k: int,
+                 skip_first: bool = False, inputs: dict[int, torch.Tensor] | None = None) -> dict[int, int]:
     """Per-layer K with the same total as top_k everywhere, from measured per-layer errors
     (layer_errors, then allocate_k). Returns {layer: offset} (zero offsets left out)."""
-    return allocate_k(layer_errors(dense, moe, calibration_ids, skip_first), top_k)
+    return allocate_k(layer_errors(dense, moe, calibration_ids, skip_first, inputs), top_k)
 
 
-def layer_errors(dense: nn.Module, moe: nn.Module, calibration_ids: torch.Tensor,
-                 skip_first: bool = False) -> dict[int, list[float]]:
+def layer_errors(dense: nn.Module, moe: nn.Module, calibration_ids: torch.Tensor | None,
+                 skip_first: bool = False, inputs: dict[int, torch.Tensor] | None = None) -> dict[int, list[float]]:
     """Per factorized layer, [inf, e(1), ..., e(N)]: the relative error ||t - o||^2 / ||t||^2 of the best
-    joint k experts (their plain sum, the form that is exact at k = N) on the calibration tokens."""
+    joint k experts (their plain sum, the form that is exact at k = N) on the calibration tokens
+    (or on `inputs`, the layers' FFN inputs from calibration_inputs)."""
     from .moe import factorized_layers
     from .par import combination_labels
 
     layers = factorized_layers(moe)
-    inputs = _mlp_inputs(dense, calibration_ids, sorted(layers), skip_first)
+    if inputs is None:
+        inputs = calibration_inputs(dense, calibration_ids, sorted(layers), skip_first)
     mods = decoder_layers(dense)
     n = next(iter(layers.values())).num_experts
     err: dict[int, list[float]] = {}
     with torch.no_grad():
         for i, mlp in layers.items():
-            x = inputs.pop(i)
+            x = inputs[i]
             target = mods[i].mlp(x)
             rest = target - mlp.shared_output(x)
             outputs = mlp.expert_outputs(x)  # (T, N, H)

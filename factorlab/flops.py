@@ -8,6 +8,11 @@ from __future__ import annotations
 COMPONENTS = ("attention_proj", "attention_scores", "ffn", "router", "lm_head")
 
 
+def layer_k(top_k: int, offset: int, num_experts: int) -> int:
+    """A layer's K at nominal K top_k under a per-layer offset, kept within 1..N."""
+    return min(num_experts, max(1, top_k + offset))
+
+
 def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, top_k: int | None = None,
                     factorized_layers: list[int] | None = None, shared_size: int = 0,
                     top_k_per_layer: dict[int, int] | None = None,
@@ -37,7 +42,7 @@ def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, to
         if k is None:
             raise ValueError("top_k is required with num_experts")
         if k_offsets and i not in (top_k_per_layer or {}):
-            k = min(num_experts, max(1, k + int(k_offsets.get(i, 0))))
+            k = layer_k(k, int(k_offsets.get(i, 0)), num_experts)
         expert = (inter - shared_size) // num_experts
         routed_ffn = 3 * 2 * h * (shared_size + k * expert)
         ffn += routed_ffn + ((dense_ffn - routed_ffn) / seq_len if first_token_dense else 0)

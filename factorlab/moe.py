@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .flops import layer_k
+
 OUTPUT_MODES = ("scaled", "gated")
 
 
@@ -301,11 +303,6 @@ def set_top_k(model: nn.Module, top_k: int | dict[int, int]) -> None:
         if not 1 <= top_k <= mlp.num_experts:
             raise ValueError(f"top_k must be in 1..{mlp.num_experts}, got {top_k}")
         mlp.set_top_k(layer_k(top_k, mlp.k_offset, mlp.num_experts))
-
-
-def layer_k(top_k: int, offset: int, num_experts: int) -> int:
-    """A layer's K at nominal K top_k under a per-layer offset, kept within 1..N."""
-    return min(num_experts, max(1, top_k + offset))
 
 
 def set_k_offsets(model: nn.Module, offsets: dict[int, int], top_k: int) -> None:

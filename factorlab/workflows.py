@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .factorize import (LAYER_K_PLANS, STRATEGIES, Partition, build_moe, make_partition, parse_layer_k, plan_layer_k,
-                        resolve_layers, validate_experts, validate_top_k)
+from .factorize import (LAYER_K_PLANS, STRATEGIES, Partition, build_moe, calibration_inputs, make_partition,
+                        parse_layer_k, plan_layer_k, resolve_layers, validate_experts, validate_top_k)
 from .flops import flops_table
 from .models import DEFAULT_MODEL, load_model, model_info
 from .moe import OUTPUT_MODES, factorized_layers, k_offsets, set_k_offsets
@@ -105,15 +105,16 @@ def prepare(spec: FactorizeSpec, loaded=None, calibration_source: str | None = N
     info = model_info(loaded.model)
     validate_experts(info["intermediate_size"], spec.num_experts, spec.shared_size)
     layers = resolve_layers(spec.layers, info["num_layers"])
-    calib = None
+    inputs = None  # FFN inputs on calibration text, computed once for the split and the per-layer K plan
     if spec.split == "cluster" or spec.shared_size or spec.layer_k == "auto":
         calib = calibration_ids(loaded, spec.calibration_tokens, spec.seed, calibration_source)
-    partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, calib,
-                               spec.shared_size, skip_first=spec.first_token_dense)
+        inputs = calibration_inputs(loaded.model, calib, layers, spec.first_token_dense)
+    partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, None,
+                               spec.shared_size, skip_first=spec.first_token_dense, inputs=inputs)
     moe = build_moe(loaded.model, partition, spec.top_k, spec.output_mode, router_seed=spec.seed,
                     first_token_dense=spec.first_token_dense)
     if spec.layer_k == "auto":
-        set_k_offsets(moe, plan_layer_k(loaded.model, moe, calib, spec.top_k, spec.first_token_dense), spec.top_k)
+        set_k_offsets(moe, plan_layer_k(loaded.model, moe, None, spec.top_k, inputs=inputs), spec.top_k)
     elif spec.layer_k != "uniform":
         set_k_offsets(moe, parse_layer_k(spec.layer_k, partition.layers, spec.top_k, spec.num_experts,
                                          info["num_layers"]), spec.top_k)
