@@ -460,7 +460,7 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
         first = None
         if mlp.first_token_dense:  # the first tokens run the whole FFN: routing and refits skip them
             first = torch.arange(attn.shape[0]) * attn.shape[1]
-            first_out = mlp.dense_output(ffn_in[first])
+            first_in = ffn_in[first]
             rest = other_rows(first, ffn_in.shape[0])
             ffn_in, target = ffn_in[rest], target[rest]
         labels = layer_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)  # the layer's K (per-layer plans)
@@ -480,8 +480,9 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
             out = _apply_mlp(mlp, ffn_in, cfg.chunk_tokens)  # (T, H)
             mse = F.mse_loss(out, target).item()
             if first is not None:
+                # after any gate/up steps, as inference computes it
                 out = torch.empty(attn.shape[0] * attn.shape[1], attn.shape[2]).index_copy_(
-                    0, rest, out).index_copy_(0, first, first_out)
+                    0, rest, out).index_copy_(0, first, mlp.dense_output(first_in))
             hidden = attn + out.view(attn.shape)
         result.layer_mse[i] = mse
         report("experts", i, {"distill": mse, "distill_rel": mse / target.pow(2).mean().item()})
