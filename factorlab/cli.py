@@ -195,8 +195,13 @@ def add_train(sub) -> None:
     p.add_argument("--refine-rounds", type=int, default=TrainConfig.refine_rounds,
                    help="after the refit: relabel with the best joint K experts, retrain the router, refit again")
     p.add_argument("--label-loss", choices=LABEL_LOSSES, default="kl")
+    p.add_argument("--ridge", type=float, default=TrainConfig.ridge,
+                   help="least-squares refit regulariser (relative to the mean diagonal of the Gram matrix)")
     p.add_argument("--target", choices=TARGETS, default="teacher")
-    p.add_argument("--gate-up-steps", type=int, default=0)
+    p.add_argument("--gate-up-steps", type=int, default=0,
+                   help="Adam steps per layer on the experts' gate/up (and down) after the refit; the down "
+                        "projections are refitted once more after them")
+    p.add_argument("--gate-up-lr", type=float, default=TrainConfig.gate_up_lr)
     p.add_argument("--e2e-steps", type=int, default=TrainConfig.e2e_steps,
                    help="end-to-end logit distillation (KL to the dense model) after the layer-wise pass: most steps")
     p.add_argument("--e2e-minutes", type=float, default=TrainConfig.e2e_minutes,
@@ -223,8 +228,8 @@ def cmd_train(args) -> int:
                          layers=args.layers, output_mode=args.output_mode, seed=args.seed, shared_size=args.shared,
                          first_token_dense=args.first_token == "dense", layer_k=args.layer_k)
     cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
-                      label_loss=args.label_loss,
-                      target=args.target, gate_up_steps=args.gate_up_steps, e2e_steps=args.e2e_steps,
+                      label_loss=args.label_loss, ridge=args.ridge,
+                      target=args.target, gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr, e2e_steps=args.e2e_steps,
                       e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
                       e2e_params=args.e2e_params, minutes=args.minutes, seed=args.seed)
     data = DataSpec(args.data, args.tokens, args.heldout_tokens, args.seq_len)

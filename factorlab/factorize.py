@@ -10,7 +10,8 @@ from torch import nn
 from .models import check_supported, decoder_layers
 from .moe import OUTPUT_MODES, FactorizedMLP, mark_first_tokens
 
-STRATEGIES = ("contiguous", "random", "cluster")
+STRATEGIES = ("contiguous", "random", "cluster", "coverage")
+CALIBRATED = ("cluster", "coverage")  # strategies that read calibration activations
 
 
 @dataclass
@@ -126,21 +127,7 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, seed: int, iters:
     centroids = x[torch.randperm(n, generator=gen)[:num_clusters]].clone()  # (C, F)
     assign = torch.zeros(n, dtype=torch.long)
     for _ in range(iters):
-        sim = x @ centroids.t()  # (I, C)
-        order = sim.flatten().argsort(descending=True)
-        rows, cols = order // num_clusters, order % num_clusters
-        new_list = [-1] * n  # plain lists: this greedy loop is Python-bound
-        fill = [0] * num_clusters
-        placed = 0
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            if new_list[r] >= 0 or fill[c] >= cap:
-                continue
-            new_list[r] = c
-            fill[c] += 1
-            placed += 1
-            if placed == n:
-                break
-        new = torch.tensor(new_list, dtype=torch.long)
+        new = _balanced_greedy(x @ centroids.t(), cap)  # (I, C) similarities
         if torch.equal(new, assign):
             break
         assign = new
@@ -149,14 +136,70 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, seed: int, iters:
     return assign
 
 
+def _balanced_greedy(score: torch.Tensor, cap: int) -> torch.Tensor:
+    """Assign rows of score (I, C) to columns, best (row, column) pairs first, each column closing at cap rows."""
+    n, num_clusters = score.shape
+    order = score.flatten().argsort(descending=True)
+    rows, cols = order // num_clusters, order % num_clusters
+    assign = [-1] * n  # plain lists: this greedy loop is Python-bound
+    fill = [0] * num_clusters
+    placed = 0
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        if assign[r] >= 0 or fill[c] >= cap:
+            continue
+        assign[r] = c
+        fill[c] += 1
+        placed += 1
+        if placed == n:
+            break
+    return torch.tensor(assign, dtype=torch.long)
+
+
+def lost_energy(energy: torch.Tensor, assign: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
+    """Share of the routed output energy (energy (T, R): activation^2 * ||down row||^2) outside each token's
+    best top_k experts under assign (R,): a scalar tensor."""
+    member = torch.nn.functional.one_hot(assign, num_experts).to(energy.dtype)  # (R, N)
+    per_expert = energy @ member  # (T, N)
+    kept = per_expert.topk(top_k, dim=1).values.sum()
+    return 1 - kept / energy.sum().clamp_min(1e-30)
+
+
+def coverage_refine(energy: torch.Tensor, assign: torch.Tensor, num_experts: int, top_k: int,
+                    iters: int = 20) -> torch.Tensor:
+    """Improve a balanced partition so that each token's best top_k experts hold more of its output energy.
+
+    Alternates: each token takes its top_k experts by energy; each neuron moves to the expert where it
+    would lose the least energy over the tokens (balanced, _balanced_greedy). Returns the best partition
+    seen (the alternation can cycle), never worse than assign.
+    """
+    if top_k >= num_experts:
+        return assign  # every expert runs: nothing to cover
+    cap = energy.shape[1] // num_experts
+    best, best_lost = assign, lost_energy(energy, assign, num_experts, top_k)
+    for _ in range(iters):
+        member = torch.nn.functional.one_hot(assign, num_experts).to(energy.dtype)
+        per_expert = energy @ member  # (T, N)
+        chosen = torch.zeros_like(per_expert).scatter_(1, per_expert.topk(top_k, dim=1).indices, 1.0)
+        new = _balanced_greedy(-(energy.t() @ (1 - chosen)), cap)  # (R, N): energy lost if in expert c
+        if torch.equal(new, assign):
+            break
+        assign = new
+        lost = lost_energy(energy, assign, num_experts, top_k)
+        if lost < best_lost:
+            best, best_lost = assign, lost
+    return best
+
+
 def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguous",
                    layers: list[int] | str | None = None, seed: int = 0,
                    calibration_ids: torch.Tensor | None = None, shared_size: int = 0,
-                   skip_first: bool = False, inputs: dict[int, torch.Tensor] | None = None) -> Partition:
+                   skip_first: bool = False, inputs: dict[int, torch.Tensor] | None = None,
+                   top_k: int = 2) -> Partition:
     """Build a Partition of the chosen layers with one of STRATEGIES.
 
     cluster: neurons are grouped by co-activation (cosine of their |activation| profiles over the
-    calibration tokens, balanced k-means); shared_size > 0 makes the S most frequently active
+    calibration tokens, balanced k-means); coverage: the cluster split, then improved so that each
+    token's best top_k experts hold more of its output energy (coverage_refine); shared_size > 0 makes the S most frequently active
     neurons an always-on shared expert (needs calibration tokens for every strategy). skip_first:
     each calibration row's first token is left out (for first_token_dense, where it is not routed).
     inputs: the layers' FFN inputs on the calibration tokens when the caller already has them
@@ -169,7 +212,9 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown split strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     chosen = resolve_layers(layers, len(mods))
-    needs_calibration = strategy == "cluster" or shared_size > 0
+    if strategy == "coverage":
+        validate_top_k(top_k, num_experts)
+    needs_calibration = strategy in CALIBRATED or shared_size > 0
     if needs_calibration and calibration_ids is None and inputs is None:
         raise ValueError("the cluster split and shared experts need calibration tokens (calibration_ids)")
     if needs_calibration and inputs is None:
@@ -190,6 +235,9 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
             routed = rest[torch.randperm(rest.numel(), generator=gen)]
         else:
             assign = balanced_kmeans(act[:, rest].t(), num_experts, seed + i)
+            if strategy == "coverage":
+                down_norm2 = mods[i].mlp.down_proj.weight.detach().pow(2).sum(0)  # (I,)
+                assign = coverage_refine(act[:, rest].pow(2) * down_norm2[rest], assign, num_experts, top_k)
             routed = rest[torch.cat([torch.nonzero(assign == c).flatten() for c in range(num_experts)])]
         perms[i] = torch.cat([shared, routed])
     return Partition(num_experts, strategy, inter, perms, seed, shared_size)

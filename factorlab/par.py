@@ -150,6 +150,8 @@ class TrainConfig:
         for name in ("router_steps", "gate_up_steps", "e2e_steps", "refine_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.ridge < 0 or self.gate_up_lr <= 0:
+            raise ValueError("ridge must be >= 0 and gate_up_lr > 0")
         for name in ("minutes", "e2e_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (or None for no time limit)")
@@ -476,6 +478,8 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
                 refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
         if cfg.gate_up_steps:
             tune_gate_up(mlp, ffn_in, target, cfg, check, deadline)
+            if cfg.refit_down:  # the steps moved gate/up: the closed-form down fits them best
+                refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
         with torch.no_grad():
             out = _apply_mlp(mlp, ffn_in, cfg.chunk_tokens)  # (T, H)
             mse = F.mse_loss(out, target).item()

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .factorize import (LAYER_K_PLANS, STRATEGIES, Partition, build_moe, calibration_inputs, make_partition,
+from .factorize import (CALIBRATED, LAYER_K_PLANS, STRATEGIES, Partition, build_moe, calibration_inputs, make_partition,
                         parse_layer_k, plan_layer_k, resolve_layers, validate_experts, validate_top_k)
 from .flops import flops_table
 from .models import DEFAULT_MODEL, load_model, model_info
@@ -106,11 +106,12 @@ def prepare(spec: FactorizeSpec, loaded=None, calibration_source: str | None = N
     validate_experts(info["intermediate_size"], spec.num_experts, spec.shared_size)
     layers = resolve_layers(spec.layers, info["num_layers"])
     inputs = None  # FFN inputs on calibration text, computed once for the split and the per-layer K plan
-    if spec.split == "cluster" or spec.shared_size or spec.layer_k == "auto":
+    if spec.split in CALIBRATED or spec.shared_size or spec.layer_k == "auto":
         calib = calibration_ids(loaded, spec.calibration_tokens, spec.seed, calibration_source)
         inputs = calibration_inputs(loaded.model, calib, layers, spec.first_token_dense)
     partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, None,
-                               spec.shared_size, skip_first=spec.first_token_dense, inputs=inputs)
+                               spec.shared_size, skip_first=spec.first_token_dense, inputs=inputs,
+                               top_k=spec.top_k)
     moe = build_moe(loaded.model, partition, spec.top_k, spec.output_mode, router_seed=spec.seed,
                     first_token_dense=spec.first_token_dense)
     if spec.layer_k == "auto":

@@ -52,3 +52,20 @@ def test_unreachable_hub_model_is_a_clear_error(capsys):
     assert code.returncode == 2
     assert "cannot be reached" in code.stderr and "embedded default" in code.stderr
     assert "Traceback" not in code.stderr
+
+
+def test_train_options_reach_the_trainer(monkeypatch, capsys):
+    """--split coverage, --ridge, --gate-up-steps and --gate-up-lr arrive in the specs train_run receives."""
+    import factorlab.workflows as workflows
+
+    seen = {}
+
+    def fake_train_run(spec, cfg, data, name, **kw):
+        seen.update(spec=spec, cfg=cfg)
+        return {"run": name, "seconds": 0.0, "tokens": 0, "heldout_by_k": {}, "train": {}}
+
+    monkeypatch.setattr(workflows, "train_run", fake_train_run)
+    assert main(["train", "x", "--split", "coverage", "--ridge", "0.05", "--gate-up-steps", "7",
+                 "--gate-up-lr", "0.002", "--json"]) == 0
+    assert seen["spec"].split == "coverage"
+    assert (seen["cfg"].ridge, seen["cfg"].gate_up_steps, seen["cfg"].gate_up_lr) == (0.05, 7, 0.002)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from factorlab.factorize import Partition, build_moe, make_partition, resolve_layers
+from factorlab.factorize import Partition, build_moe, calibration_inputs, make_partition, resolve_layers
 from factorlab.moe import FactorizedMLP, factorized_layers, set_top_k
 
 
@@ -10,7 +10,7 @@ def _ids(vocab=128, rows=4, length=24, seed=0):
     return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("strategy", ["contiguous", "random", "cluster"])
+@pytest.mark.parametrize("strategy", ["contiguous", "random", "cluster", "coverage"])
 def test_k_equals_n_matches_dense(tiny_model, strategy):
     ids = _ids()
     part = make_partition(tiny_model, 4, strategy, seed=1, calibration_ids=ids)
@@ -21,7 +21,7 @@ def test_k_equals_n_matches_dense(tiny_model, strategy):
 
 def test_partitions_are_permutations_with_equal_groups(tiny_model):
     ids = _ids()
-    for strategy in ("contiguous", "random", "cluster"):
+    for strategy in ("contiguous", "random", "cluster", "coverage"):
         part = make_partition(tiny_model, 4, strategy, seed=3, calibration_ids=ids)
         for perm in part.permutations.values():
             assert sorted(perm.tolist()) == list(range(128))
@@ -54,6 +54,44 @@ def test_cluster_groups_coactive_neurons():
     assert torch.bincount(assign).tolist() == [16] * 4
     for g in range(4):
         assert len(set(assign[group == g].tolist())) == 1
+
+
+def test_coverage_refine_finds_the_groups_tokens_use_together():
+    """Tokens each draw their energy from 2 of 4 hidden groups; from a scrambled start the refinement
+    recovers a partition whose best 2 experts per token hold (nearly) all of it, never worse than the start."""
+    from factorlab.factorize import coverage_refine, lost_energy
+
+    gen = torch.Generator().manual_seed(0)
+    group = torch.randperm(64, generator=gen) % 4  # hidden groups of 16 neurons
+    pairs = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3], [0, 3], [1, 2]])
+    used = pairs[torch.randint(0, 6, (600,), generator=gen)]  # (T, 2) groups per token
+    on = (group[None, :] == used[:, :1]) | (group[None, :] == used[:, 1:])  # (T, 64)
+    energy = torch.rand(600, 64, generator=gen) * on + 0.01 * torch.rand(600, 64, generator=gen)
+    start = torch.arange(64) % 4  # balanced, unrelated to the hidden groups
+    before = lost_energy(energy, start, 4, 2).item()
+    after_assign = coverage_refine(energy, start, 4, 2)
+    after = lost_energy(energy, after_assign, 4, 2).item()
+    assert torch.bincount(after_assign).tolist() == [16] * 4
+    assert before > 0.3 and after < 0.02
+    assert coverage_refine(energy, start, 4, 4) is start  # K = N: every expert runs, nothing to improve
+
+
+def test_coverage_split_loses_less_than_cluster_on_its_calibration(tiny_model):
+    from factorlab.factorize import _activations, lost_energy
+
+    ids = _ids(rows=8, length=32)
+    cluster = make_partition(tiny_model, 4, "cluster", seed=0, calibration_ids=ids)
+    coverage = make_partition(tiny_model, 4, "coverage", seed=0, calibration_ids=ids, top_k=2)
+    with torch.no_grad():
+        for i in coverage.layers:
+            mlp = tiny_model.model.layers[i].mlp
+            x = calibration_inputs(tiny_model, ids, [i])[i]
+            energy = _activations(mlp, x).pow(2) * mlp.down_proj.weight.pow(2).sum(0)
+            lost = [lost_energy(energy[:, p], torch.arange(128) // 32, 4, 2).item()
+                    for p in (cluster.permutations[i], coverage.permutations[i])]
+            assert lost[1] <= lost[0] + 1e-6
+    with pytest.raises(ValueError, match="K must be in 1..4"):
+        make_partition(tiny_model, 4, "coverage", calibration_ids=ids, top_k=5)
 
 
 def test_layer_choice_and_sharing(tiny_model):

@@ -166,6 +166,8 @@ def test_cancel_and_bad_config(tiny_model):
         TrainConfig(mode="fast")
     with pytest.raises(ValueError, match="label_loss"):
         TrainConfig(label_loss="mse")
+    with pytest.raises(ValueError, match="ridge must be >= 0"):
+        TrainConfig(ridge=-1.0)
 
 
 def test_end_to_end_distillation_runs(tiny_model):
@@ -312,3 +314,20 @@ def test_first_token_dense_training_with_gate_up_steps_advances_the_stream_as_in
         mlp, dense = moe.model.layers[1].mlp, tiny_model.model.layers[1].mlp
         mse = torch.nn.functional.mse_loss(mlp(x[rest]), dense(x[rest])).item()
     assert mse == pytest.approx(result.layer_mse[1], rel=1e-4)
+
+
+def test_gate_up_steps_are_followed_by_a_down_refit(tiny_model, monkeypatch):
+    import factorlab.par as par
+
+    calls = []
+    real = par.refit_down
+    monkeypatch.setattr(par, "refit_down", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    ids, moe = _setup(tiny_model)
+    layers = len(factorized_layers(moe))
+    train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0))
+    assert len(calls) == layers  # one refit per layer
+    calls.clear()
+    ids, moe = _setup(tiny_model)
+    train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0,
+                                            gate_up_steps=3, gate_up_lr=1e-3))
+    assert len(calls) == 2 * layers  # and one more after the gate/up steps
