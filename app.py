@@ -341,7 +341,8 @@ to its own. With K < N each token uses K/N of the FFN's compute.
 
 ## The tabs
 1. **Factorize & train.** Pick a model, N, K, how neurons are grouped (*contiguous* as FactorLLM's code, *random*,
-   or *cluster*: neurons that fire together share an expert), which layers, and the output rule (*scaled*: each
+   *cluster*: neurons that fire together share an expert, or *coverage*: the cluster split refined so that each
+   token's best K experts hold more of its output), which layers, and the output rule (*scaled*: each
    chosen expert counts N/K, as FactorLLM; *gated*: weighted by router probabilities). *Factorize + exactness
    check* proves the cut is lossless: at K = N the logits equal the dense model's (max difference about 1e-4: fp32
    rounding). *Start training* runs a background job (one at a time; every browser sees it): the bar shows step,
@@ -400,7 +401,8 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                         n_box = gr.Number(4, precision=0, label="N experts", info="must divide the FFN width")
                         k_box = gr.Number(2, precision=0, label="K active", info="1..N")
                     split = gr.Radio(list(STRATEGIES), value="cluster", elem_id="split", label="Split strategy",
-                                     info="cluster: first use writes calibration text (about a minute on CPU)")
+                                     info="cluster: neurons that fire together; coverage: cluster refined so each "
+                                          "token's best K experts hold more of its output. Both read calibration text")
                     layers = gr.Textbox(RECIPE_LAYERS, elem_id="layers", label="Layers",
                                         info="'1-' (default: all but layer 0, which stays dense), 'all', or e.g. '0-3,10'")
                     output_mode = gr.Radio(list(OUTPUT_MODES), value="scaled", label="Output mode")
@@ -408,7 +410,7 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                         seed = gr.Number(0, precision=0, label="Seed")
                         shared = gr.Number(256, precision=0, label="Shared neurons (always active)",
                                            info="256 (default) measured best; 0 = pure N experts")
-                        calibration = gr.Number(4096, precision=0, label="Calibration tokens (cluster split)")
+                        calibration = gr.Number(4096, precision=0, label="Calibration tokens (cluster / coverage split)")
                         first_token = gr.Checkbox(False, label="First token runs the whole FFN",
                                                   info="each sequence's first token (the attention sink, outputs up to "
                                                        "~800x the others in some layers) skips routing; counted in FLOPs")
