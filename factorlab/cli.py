@@ -168,7 +168,8 @@ def add_train(sub) -> None:
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--split", choices=STRATEGIES, default="cluster",
                    help="cluster (default): co-activation groups; coverage: cluster refined so each token's best K "
-                        "experts hold more of its output (measured: lower held-out perplexity, not better benchmarks)")
+                        "experts hold more of its output (measured on the default model: K=2 lower held-out perplexity but "
+                        "not better benchmarks; K=1 much worse perplexity; see README)")
     p.add_argument("--layers", default=RECIPE_LAYERS,
                    help=f"layers to factorize (default {RECIPE_LAYERS!r}: every layer but 0, the recipe; 'all' for every layer)")
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
