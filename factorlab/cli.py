@@ -167,9 +167,9 @@ def add_train(sub) -> None:
     p.add_argument("--experts", "-n", type=int, default=4)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--split", choices=STRATEGIES, default="cluster",
-                   help="cluster (default): co-activation groups; coverage: cluster refined so each token's best K "
-                        "experts hold more of its output (measured on the default model: K=2 lower held-out perplexity but "
-                        "not better benchmarks; K=1 much worse perplexity; see README)")
+                   help="cluster (default): co-activation groups; coverage: cluster refined so each token's best "
+                        "K experts hold more of its output (measured on the default model: K=2 lower held-out "
+                        "perplexity but not better benchmarks; K=1 much worse perplexity; see README)")
     p.add_argument("--layers", default=RECIPE_LAYERS,
                    help=f"layers to factorize (default {RECIPE_LAYERS!r}: every layer but 0, the recipe; 'all' for every layer)")
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
@@ -232,7 +232,8 @@ def cmd_train(args) -> int:
                          first_token_dense=args.first_token == "dense", layer_k=args.layer_k)
     cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
                       label_loss=args.label_loss, ridge=args.ridge,
-                      target=args.target, gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr, e2e_steps=args.e2e_steps,
+                      target=args.target, gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
+                      e2e_steps=args.e2e_steps,
                       e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
                       e2e_params=args.e2e_params, minutes=args.minutes, seed=args.seed)
     data = DataSpec(args.data, args.tokens, args.heldout_tokens, args.seq_len)

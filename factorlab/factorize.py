@@ -199,8 +199,8 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
 
     cluster: neurons are grouped by co-activation (cosine of their |activation| profiles over the
     calibration tokens, balanced k-means); coverage: the cluster split, then improved so that each
-    token's best top_k experts hold more of its output energy (coverage_refine); shared_size > 0 makes the S most frequently active
-    neurons an always-on shared expert (needs calibration tokens for every strategy). skip_first:
+    token's best top_k experts hold more of its output energy (coverage_refine); shared_size > 0
+    makes the S most frequently active neurons an always-on shared expert (needs calibration tokens for every strategy). skip_first:
     each calibration row's first token is left out (for first_token_dense, where it is not routed).
     inputs: the layers' FFN inputs on the calibration tokens when the caller already has them
     (calibration_inputs), instead of computing them again.
@@ -216,7 +216,8 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
         validate_top_k(top_k, num_experts)
     needs_calibration = strategy in CALIBRATED or shared_size > 0
     if needs_calibration and calibration_ids is None and inputs is None:
-        raise ValueError("the cluster split and shared experts need calibration tokens (calibration_ids)")
+        raise ValueError("the cluster and coverage splits and shared experts need calibration tokens "
+                         "(calibration_ids)")
     if needs_calibration and inputs is None:
         inputs = calibration_inputs(model, calibration_ids, chosen, skip_first)
     gen = torch.Generator().manual_seed(seed)

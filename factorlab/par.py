@@ -150,8 +150,10 @@ class TrainConfig:
         for name in ("router_steps", "gate_up_steps", "e2e_steps", "refine_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        if self.ridge < 0 or self.gate_up_lr <= 0:
-            raise ValueError("ridge must be >= 0 and gate_up_lr > 0")
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0 (0 = plain least squares), got {self.ridge}")
+        if self.gate_up_lr <= 0:
+            raise ValueError(f"gate_up_lr must be positive, got {self.gate_up_lr}")
         for name in ("minutes", "e2e_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (or None for no time limit)")

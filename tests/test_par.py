@@ -168,6 +168,8 @@ def test_cancel_and_bad_config(tiny_model):
         TrainConfig(label_loss="mse")
     with pytest.raises(ValueError, match="ridge must be >= 0"):
         TrainConfig(ridge=-1.0)
+    with pytest.raises(ValueError, match="gate_up_lr must be positive"):
+        TrainConfig(gate_up_lr=0.0)
 
 
 def test_end_to_end_distillation_runs(tiny_model):
