@@ -161,7 +161,8 @@ def main() -> None:
             e, he = h[:, rest].pow(2) * wn2[rest], hh[:, rest].pow(2) * wn2[rest]
             cover = coverage_refine(e, assign, 4, 2)
             row["energy_missed_by_best_2_of_4"] = {
-                name: {"train": round(lost_energy(e, a, 4, 2).item(), 4), "held": round(lost_energy(he, a, 4, 2).item(), 4)}
+                name: {"train": round(lost_energy(e, a, 4, 2).item(), 4),
+                       "held": round(lost_energy(he, a, 4, 2).item(), 4)}
                 for name, a in (("cluster", assign), ("coverage", cover))}
             cperm = torch.cat([shared] + [rest[cover == c] for c in range(4)])
         row["recipe_k2_coverage_split"] = errors(recipe(m, cperm, x, t, 2), x, t, hx, ht)

@@ -1,4 +1,6 @@
-"""Overlapping neuron sets, trained at every layer and benchmarked (issue 7, round 4; an experiment, not a library feature).
+"""Overlapping neuron sets, trained at every layer and benchmarked (issue 7, round 4).
+
+An experiment, not a library feature.
 
 Usage: PYTHONPATH=. python experiments/overlap_sets.py C OUT.json [TASKS] [LIMIT]   (e.g. 6 out.json)
 Environment: THREADS (default 2); SMOKE=1 runs a few-second version (layers 1-2, 2,048 tokens, 20 items).
@@ -34,6 +36,7 @@ from factorlab.moe import TopKRouter, factorized_layers
 from factorlab.workflows import DataSpec, load_data
 
 SET_SIZE, SHARED, LAYERS, RIDGE = 640, 256, list(range(1, 30)), 1.0
+TASKS = "hellaswag,openbookqa,winogrande,arc_easy,arc_challenge,boolq,piqa,mmlu"
 
 
 def make_sets(act: torch.Tensor, wn2: torch.Tensor, rest: torch.Tensor, num_sets: int) -> torch.Tensor:
@@ -103,7 +106,7 @@ def refit_sets(mlp, inputs, target, ridge, chunk):
 
 def main() -> None:
     num_sets, out_path = int(sys.argv[1]), Path(sys.argv[2])
-    tasks = sys.argv[3] if len(sys.argv) > 3 else "hellaswag,openbookqa,winogrande,arc_easy,arc_challenge,boolq,piqa,mmlu"
+    tasks = sys.argv[3] if len(sys.argv) > 3 else TASKS
     limit = int(sys.argv[4]) if len(sys.argv) > 4 else 500
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     smoke = os.environ.get("SMOKE") == "1"
@@ -113,8 +116,8 @@ def main() -> None:
     tokens = 2048 if smoke else 32768
     loaded = load_model("default")
     dense, info = loaded.model, model_info(loaded.model)
-    train_ids, held = load_data(loaded, DataSpec(source="everyday", train_tokens=tokens, heldout_tokens=2048 if smoke else 8192,
-                                                          seq_len=256))
+    data = DataSpec(source="everyday", train_tokens=tokens, heldout_tokens=2048 if smoke else 8192, seq_len=256)
+    train_ids, held = load_data(loaded, data)
     start = time.monotonic()
     calib = calibration_inputs(dense, train_ids[:64], LAYERS)  # the first 16,384 training tokens
     perms, sets = {}, {}
@@ -134,7 +137,8 @@ def main() -> None:
         install_sets(mlp, dense.model.layers[i].mlp, sets[i])
         mlp.original_norms = mlp.down.detach().pow(2).sum(-1).clone()  # (C, D)
     par.layer_labels, par.refit_down = energy_labels, refit_sets
-    result = par.train(dense, moe, train_ids, par.TrainConfig(top_k=1, ridge=RIDGE, router_steps=20 if smoke else 600), started=start)
+    cfg = par.TrainConfig(top_k=1, ridge=RIDGE, router_steps=20 if smoke else 600)
+    result = par.train(dense, moe, train_ids, cfg, started=start)
     train_seconds = result.seconds
     heldout = evaluate.heldout_metrics(dense, moe, held)
     print(f"trained in {train_seconds:.0f} s (split {split_seconds:.0f} s); held-out {heldout}", flush=True)
@@ -156,7 +160,8 @@ def main() -> None:
     out_path.write_text(json.dumps(out, indent=1, default=str))
     for task, v in sweep["tasks"].items():
         m = v["main_metric"]
-        print(f"{task}: dense {v['dense'][m]:.3f}  sets {v['k']['1'][m]:.3f}  above-chance {v['k']['1']['above_chance']}")
+        got = v["k"]["1"]
+        print(f"{task}: dense {v['dense'][m]:.3f}  sets {got[m]:.3f}  above-chance {got['above_chance']}")
     print(json.dumps(out["summary_seven"]))
 
 
