@@ -3,7 +3,8 @@
 An experiment, not a library feature.
 
 Usage: PYTHONPATH=. python experiments/overlap_sets.py C OUT.json [TASKS] [LIMIT]   (e.g. 6 out.json)
-Environment: THREADS (default 2); SMOKE=1 runs a few-second version (layers 1-2, 2,048 tokens, 20 items).
+Environment: THREADS (default 2); SEED (default 0: the sets' k-means start and the routers);
+SMOKE=1 runs a few-second version (layers 1-2, 2,048 tokens, 20 items).
 
 Layers 1-29: the 256 shared neurons of the recipe (always on) + C sets of 640 routed neurons chosen
 freely from the other 1,280 (a neuron may be in several sets), one set per token: the same active
@@ -39,11 +40,11 @@ SET_SIZE, SHARED, LAYERS, RIDGE = 640, 256, list(range(1, 30)), 1.0
 TASKS = "hellaswag,openbookqa,winogrande,arc_easy,arc_challenge,boolq,piqa,mmlu"
 
 
-def make_sets(act: torch.Tensor, wn2: torch.Tensor, rest: torch.Tensor, num_sets: int) -> torch.Tensor:
+def make_sets(act: torch.Tensor, wn2: torch.Tensor, rest: torch.Tensor, num_sets: int, seed: int = 0) -> torch.Tensor:
     """(C, 640) neuron ids of the C sets, from activations act (T, I) and down-row norms^2 wn2 (I,)."""
     e = act[:, rest].pow(2) * wn2[rest]
     f = F.normalize(e.sqrt(), dim=1)
-    cent = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:num_sets]].clone()
+    cent = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:num_sets]].clone()
     for _ in range(15):
         lab = (f @ cent.t()).argmax(1)
         for c in range(num_sets):
@@ -110,6 +111,7 @@ def main() -> None:
     limit = int(sys.argv[4]) if len(sys.argv) > 4 else 500
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     smoke = os.environ.get("SMOKE") == "1"
+    seed = int(os.environ.get("SEED", "0"))
     global LAYERS
     if smoke:
         LAYERS, tasks, limit = [1, 2], "arc_easy", 20
@@ -128,16 +130,18 @@ def main() -> None:
             shared = _shared_neurons(act.abs(), SHARED)
             rest = _complement(shared, act.shape[1])
             perms[i] = torch.cat([shared, rest])
-            sets[i] = make_sets(act, m.down_proj.weight.pow(2).sum(0), rest, num_sets)
+            sets[i] = make_sets(act, m.down_proj.weight.pow(2).sum(0), rest, num_sets, seed)
     del calib
     split_seconds = time.monotonic() - start
     partition = Partition(2, "cluster", info["intermediate_size"], perms, 0, SHARED)  # 2 x 640: the right expert width
     moe = build_moe(dense, partition, top_k=1, output_mode="gated")
+    if seed:  # seed 0 keeps the generator as it was for the runs in the README
+        torch.manual_seed(seed)
     for i, mlp in factorized_layers(moe).items():
         install_sets(mlp, dense.model.layers[i].mlp, sets[i])
         mlp.original_norms = mlp.down.detach().pow(2).sum(-1).clone()  # (C, D)
     par.layer_labels, par.refit_down = energy_labels, refit_sets
-    cfg = par.TrainConfig(top_k=1, ridge=RIDGE, router_steps=20 if smoke else 600)
+    cfg = par.TrainConfig(top_k=1, ridge=RIDGE, router_steps=20 if smoke else 600, seed=seed)
     result = par.train(dense, moe, train_ids, cfg, started=start)
     train_seconds = result.seconds
     heldout = evaluate.heldout_metrics(dense, moe, held)
@@ -151,9 +155,9 @@ def main() -> None:
     sweep = evaluate.run_sweep(dense, loaded.tokenizer, moe, tasks, [1], limit, 0, None, 16, progress=False,
                                dense_cache=cache)
     seven = {k: v for k, v in sweep["tasks"].items() if k != "mmlu"}
-    out = {"setting": {"num_sets": num_sets, "set_size": SET_SIZE, "shared": SHARED, "layers": "1-29", "top_k": 1,
-                       "ridge": RIDGE, "train_tokens": 32768, "router_steps": 600, "refine_rounds": 2},
-           "command": f"PYTHONPATH=. python experiments/overlap_sets.py {num_sets} OUT.json",
+    out = {"setting": {"seed": seed, "num_sets": num_sets, "set_size": SET_SIZE, "shared": SHARED, "layers": "1-29",
+                       "top_k": 1, "ridge": RIDGE, "train_tokens": 32768, "router_steps": 600, "refine_rounds": 2},
+           "command": (f"SEED={seed} " if seed else "") + f"PYTHONPATH=. python experiments/overlap_sets.py {num_sets} OUT",
            "threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
            "split_seconds": round(split_seconds, 1), "gflops_per_token": gflops, "heldout": heldout,
            "router_label_accuracy": result.router_label_accuracy, "summary_seven": evaluate.summarize(seven), **sweep}
