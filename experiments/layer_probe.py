@@ -33,6 +33,8 @@ from factorlab.moe import FactorizedMLP
 from factorlab.par import TrainConfig, joint_labels, layer_labels, refit_down, train_router, tune_gate_up
 from factorlab.workflows import DataSpec, load_data
 
+from experiments.overlap_sets import make_sets
+
 CHUNK = 4096
 
 
@@ -72,23 +74,10 @@ def lstsq(a: torch.Tensor, t: torch.Tensor, w0: torch.Tensor, ridge: float) -> t
 
 def free_sets(h, hh, w, t, ht, x, hx, shared, rest, num_sets: int) -> dict:
     """num_sets overlapping sets of 640 routed neurons, one per token cluster; see the module docstring."""
+    members = make_sets(h, w.pow(2).sum(1), rest, num_sets)  # (C, 640) neuron ids
+    sets = torch.stack([torch.isin(rest, m) for m in members]).float()  # (C, R) masks over rest
     e = h[:, rest].pow(2) * w[rest].pow(2).sum(1)
-    f = F.normalize(e.sqrt(), dim=1)
-    cent = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:num_sets]].clone()
-    for _ in range(15):  # spherical k-means of the tokens' energy profiles: the starting clusters
-        lab = (f @ cent.t()).argmax(1)
-        for c in range(num_sets):
-            if (lab == c).any():
-                cent[c] = F.normalize(f[lab == c].mean(0), dim=0)
-    for _ in range(15):
-        sets = torch.zeros(num_sets, e.shape[1])
-        for c in range(num_sets):
-            score = e[lab == c].mean(0) if (lab == c).any() else e.mean(0)
-            sets[c, score.topk(640).indices] = 1.0
-        new = (e @ sets.t()).argmax(1)
-        if torch.equal(new, lab):
-            break
-        lab = new
+    lab = (e @ sets.t()).argmax(1)  # each token's set: the one holding most of its energy
     he = hh[:, rest].pow(2) * w[rest].pow(2).sum(1)
     hlab = (he @ sets.t()).argmax(1)
     torch.manual_seed(0)
