@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .flops import flops_per_token
 from .models import model_info
-from .moe import factorized_layers, k_offsets, set_top_k
+from .moe import count_active_experts, factorized_layers, k_offsets, layer_mean_k, set_top_k
 from .runs import load_run, update_metrics
 from .tasks import TaskData, load_task, parse_tasks
 
@@ -276,13 +276,18 @@ def above_chance(factorized: float, dense: float, chance: float, dense_stderr: f
     return (factorized - chance) / (dense - chance)
 
 
-def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int | None = None) -> float:
+def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int | None = None,
+            measured: dict[int, float] | None = None) -> float:
+    """GFLOPs per token; for per-token-K layers with the experts per token `measured` on the scored
+    tokens ({layer: mean}) or, without it, the mean training measured."""
     if moe is None:
         return flops_per_token(info, seq_len)["total"] / 1e9
     layers = factorized_layers(moe)
     first = next(iter(layers.values()))
+    per_layer = ({**layer_mean_k(moe, top_k), **(measured or {})} if any(m.adaptive for m in layers.values())
+                 else None)
     return flops_per_token(info, seq_len, first.num_experts, top_k, sorted(layers), first.shared_size,
-                           first_token_dense=first.first_token_dense,
+                           top_k_per_layer=per_layer, first_token_dense=first.first_token_dense,
                            k_offsets=k_offsets(moe))["total"] / 1e9
 
 
@@ -348,13 +353,16 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
                      "dense": {**d.as_dict(), "gflops_per_token": _gflops(info, seq_len)}, "k": {}}
             for k in ks:
                 set_top_k(moe, k)
-                f = score_prepared(moe, prep, batch_size, progress, step(f"{name} K={k}"))
+                with count_active_experts(moe) as active:  # per-token K: what ran on these items
+                    f = score_prepared(moe, prep, batch_size, progress, step(f"{name} K={k}"))
                 log.info("%s K=%d: acc %.4f, %s %.4f (%.1f s)", name, k, f.acc, prep.task.spec.main_metric, f.main,
                          f.seconds)
                 entry["k"][str(k)] = {**f.as_dict(), "relative": relative(f.main, d.main),
                                       "relative_acc": relative(f.acc, d.acc),
                                       "above_chance": above_chance(f.main, d.main, d.chance, d.main_stderr),
-                                      "gflops_per_token": _gflops(info, seq_len, moe, k)}
+                                      "gflops_per_token": _gflops(info, seq_len, moe, k, active)}
+                if active:
+                    entry["k"][str(k)]["experts_per_token"] = sum(active.values()) / len(active)
             out[name] = entry
     finally:
         if original_k:

@@ -13,6 +13,16 @@ def layer_k(top_k: int, offset: int, num_experts: int) -> int:
     return min(num_experts, max(1, top_k + offset))
 
 
+def mean_k_plan(per_token_k: dict[int, list[float]] | None, top_k: int, num_experts: int,
+                k_offsets: dict[int, int] | None = None) -> dict[int, float] | None:
+    """Experts per token of per-token-K layers at nominal K: {layer: mean measured at that layer's K}
+    (per_token_k: {layer: [mean at K=1, ..., mean at K=N]}, as runs store it); None without any."""
+    if not per_token_k:
+        return None
+    return {int(i): float(means[layer_k(top_k, int((k_offsets or {}).get(int(i), 0)), num_experts) - 1])
+            for i, means in per_token_k.items()}
+
+
 def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, top_k: int | None = None,
                     factorized_layers: list[int] | None = None, shared_size: int = 0,
                     top_k_per_layer: dict[int, int] | None = None,
@@ -25,6 +35,8 @@ def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, to
     first_token_dense: the first token of each sequence runs the whole FFN in factorized layers; its
     extra cost is shared over the seq_len tokens of the sequence (a decode step pays nothing extra).
     k_offsets: a per-layer K plan ({layer: offset}): layer i runs top_k + offset experts, within 1..N.
+    top_k_per_layer: experts per token of some layers ({layer: K}, a mean may be fractional for
+    per-token K); it takes precedence over top_k and k_offsets there.
     """
     h, inter, n_layers = info["hidden_size"], info["intermediate_size"], info["num_layers"]
     q_dim = info["num_attention_heads"] * info["head_dim"]

@@ -90,6 +90,12 @@ class FactorizedMLP(nn.Module):
         if first_token_dense:
             self.register_buffer("original_down", d_t.clone(), persistent=False)  # (I, H), permuted
         self.router = TopKRouter(hidden, num_experts, top_k).to(device=gate.device, dtype=gate.dtype)
+        # Per-token K (adaptive routing): expert e runs for a token when sigmoid(router logit e) >=
+        # thresholds[K-1] (the best expert always runs). thresholds[K-1] was tuned on training tokens so
+        # that K experts run per token on average; expected_k[K-1] is that measured mean. None = top-K.
+        self.thresholds: torch.Tensor | None = None  # (N,)
+        self.expected_k: torch.Tensor | None = None  # (N,)
+        self.active_count: list[int] | None = None  # [tokens, (token, expert) pairs] while counted
         self.set_output_mode(output_mode)
         self.set_top_k(top_k)
 
@@ -103,6 +109,22 @@ class FactorizedMLP(nn.Module):
             raise ValueError(f"top_k must be in 1..{self.num_experts}, got {top_k}")
         self.router.top_k = top_k
 
+    @property
+    def adaptive(self) -> bool:
+        return self.thresholds is not None
+
+    def set_thresholds(self, thresholds: torch.Tensor | None, expected_k: torch.Tensor | None = None) -> None:
+        """Switch to per-token K (thresholds (N,), one per nominal K) or back to top-K (None)."""
+        if thresholds is not None:
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+            if thresholds.numel() != self.num_experts:
+                raise ValueError(f"adaptive routing needs one threshold per K (1..{self.num_experts}), "
+                                 f"got {thresholds.numel()}")
+            expected_k = (torch.arange(1, self.num_experts + 1, dtype=torch.float32) if expected_k is None
+                          else torch.as_tensor(expected_k, dtype=torch.float32).flatten())
+        self.thresholds = thresholds
+        self.expected_k = expected_k if thresholds is not None else None
+
     def set_output_mode(self, output_mode: str) -> None:
         if output_mode not in COMBINE:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
@@ -114,8 +136,11 @@ class FactorizedMLP(nn.Module):
     # ---- forward ----
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)  # (T, H)
-        _, _, top_k_probs, top_k_index = self.router(x)  # every token, so routing traces stay per token
-        weights = self._combine(top_k_probs, self.num_experts).to(x.dtype)  # (T, K)
+        logits, _, top_k_probs, top_k_index = self.router(x)  # every token, so routing traces stay per token
+        if self.thresholds is not None:  # per-token K: the index lists all N experts, unselected ones weigh 0
+            top_k_index, weights = self.adaptive_selection(logits)  # (T, N) each
+        else:
+            weights = self._combine(top_k_probs, self.num_experts).to(x.dtype)  # (T, K)
         first, self.first_rows = self.first_rows, None  # set by the decoder layer's pre-hook, used once
         if first is None or first.numel() == 0:
             out = self._add_shared(self.dispatch(x, top_k_index, weights), x)
@@ -127,6 +152,34 @@ class FactorizedMLP(nn.Module):
             out[rest] = self._add_shared(self.dispatch(xr, top_k_index[rest], weights[rest]), xr)
         out[first] = self.dense_output(x.index_select(0, first))
         return out.view(hidden_states.shape)
+
+    def adaptive_selection(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token K: every expert, best first (T, N), and its weight (T, N), 0 where it does not run.
+
+        An expert runs when sigmoid(logit) >= the threshold of the current K; the best one always
+        runs. Weights: `scaled` N/K for each running expert (K the nominal K, as in the refit),
+        `gated` the running experts' sigmoid scores renormalised to sum to 1.
+        """
+        scores = router_logits.float().sigmoid()  # (T, N)
+        sorted_scores, index = scores.sort(dim=-1, descending=True)
+        run = sorted_scores >= self.thresholds[self.top_k - 1].to(scores.device)
+        run[:, 0] = True
+        if self.output_mode == "scaled":
+            weights = run.to(router_logits.dtype) * (self.num_experts / self.top_k)
+        else:
+            kept = sorted_scores * run
+            weights = (kept / kept.sum(dim=-1, keepdim=True)).to(router_logits.dtype)
+        return index, weights
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Each token's weight on each expert under the current routing, 0 where it does not run: (T, N)."""
+        logits, _, top_k_probs, top_k_index = self.router(x)
+        if self.thresholds is not None:
+            top_k_index, weights = self.adaptive_selection(logits)
+        else:
+            weights = self._combine(top_k_probs, self.num_experts)
+        dense_w = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        return dense_w.scatter_(1, top_k_index, weights.to(x.dtype))
 
     def dense_output(self, x: torch.Tensor) -> torch.Tensor:
         """The whole FFN on x (T, H) with the original down projections: what the first token runs."""
@@ -140,7 +193,7 @@ class FactorizedMLP(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or self.gate_up.requires_grad
                                         or self.down.requires_grad):  # training: ops autograd can follow
             return self._dispatch_sorted(x, top_k_index, weights, self._experts_autograd)
-        if top_k_index.shape[0] == 1:  # decode: read only the K selected experts' weights
+        if top_k_index.shape[0] == 1 and self.thresholds is None:  # decode: read only the K selected experts' weights
             if x.device.type == "cpu":  # CPU: indexing by Python ints costs no device sync
                 return self._dispatch_one_token(x, top_k_index, weights)
             return self._dispatch_gather_weights(x, top_k_index, weights)
@@ -152,6 +205,19 @@ class FactorizedMLP(nn.Module):
         """Sort (token, expert) pairs by expert, run each expert once on its rows, unsort and sum over K."""
         top_k = top_k_index.shape[1]
         flat_expert = top_k_index.reshape(-1)  # (T*K,)
+        if self.thresholds is not None:  # per-token K: only the pairs that run (weight > 0)
+            pairs = weights.reshape(-1).nonzero().flatten()  # (P,) flat (token, rank) pairs
+            if self.active_count is not None:
+                self.active_count[0] += x.shape[0]
+                self.active_count[1] += pairs.numel()
+            flat_expert = flat_expert.index_select(0, pairs)
+            order = pairs.index_select(0, flat_expert.argsort(stable=True))  # flat pairs sorted by expert
+            flat_expert = top_k_index.reshape(-1).index_select(0, order)
+            counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+            token = order // top_k
+            xs = x.index_select(0, token)
+            ys = run_experts(xs, weights.reshape(-1, 1).index_select(0, order), counts)
+            return torch.zeros_like(x).index_add_(0, token, ys)
         order = flat_expert.argsort(stable=True)  # (T*K,) pairs sorted by expert
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync
         token = order // top_k  # (T*K,) the token of each sorted pair
@@ -236,16 +302,13 @@ class FactorizedMLP(nn.Module):
     def forward_reference(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Compute every expert and mask: the slow reference that dispatch must equal."""
         x = hidden_states.reshape(-1, self.hidden_size)
-        _, _, top_k_probs, top_k_index = self.router(x)
-        weights = self._combine(top_k_probs, self.num_experts).to(x.dtype)  # (T, K)
-        dense_w = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-        dense_w.scatter_(1, top_k_index, weights)  # (T, N), zero for unselected experts
+        dense_w = self.routing_weights(x)  # (T, N), zero for unselected experts
         out = torch.einsum("tn,tnh->th", dense_w, self.expert_outputs(x)) + self._shared(x)
         return out.view(hidden_states.shape)
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, top_k={self.top_k}, expert_size={self.expert_size}, "
-                f"shared={self.shared_size}, output_mode={self.output_mode}")
+        return (f"experts={self.num_experts}, top_k={self.top_k}{' (per-token, mean)' if self.adaptive else ''}, "
+                f"expert_size={self.expert_size}, shared={self.shared_size}, output_mode={self.output_mode}")
 
 
 def other_rows(first: torch.Tensor, total: int) -> torch.Tensor:
@@ -321,9 +384,46 @@ def k_offsets(model: nn.Module) -> dict[int, int]:
     return {i: m.k_offset for i, m in factorized_layers(model).items() if m.k_offset}
 
 
+@contextmanager
+def count_active_experts(model: nn.Module) -> Iterator[dict[int, float]]:
+    """Measure the experts that run per token in each per-token-K layer while active.
+
+    Yields a dict that is filled on exit with {layer: mean experts per routed token} (layers with no
+    routed token, and top-K layers, are left out: they run their K)."""
+    layers = {i: m for i, m in factorized_layers(model).items() if m.adaptive}
+    for m in layers.values():
+        m.active_count = [0, 0]
+    result: dict[int, float] = {}
+    try:
+        yield result
+    finally:
+        for i, m in layers.items():
+            tokens, pairs = m.active_count
+            m.active_count = None
+            if tokens:
+                result[i] = pairs / tokens
+
+
+def layer_mean_k(model: nn.Module, top_k: int | None = None) -> dict[int, float]:
+    """{layer: experts per token} at nominal K top_k (None: each layer's current K), with each
+    layer's per-layer K offset; for per-token K the mean that training measured at that K."""
+    out = {}
+    for i, m in factorized_layers(model).items():
+        k = m.top_k if top_k is None else layer_k(top_k, m.k_offset, m.num_experts)
+        out[i] = float(m.expected_k[k - 1]) if m.expected_k is not None else float(k)
+    return out
+
+
+def chosen_lists(top_k_index: torch.Tensor) -> list[list[int]]:
+    """A trace's chosen experts as one list per token, best first (per-token K: the -1 padding dropped)."""
+    return [[e for e in row if e >= 0] for row in top_k_index.tolist()]
+
+
 @dataclass
 class RoutingTrace:
-    """Per factorized layer: chosen experts (T, K) and router probabilities (T, N), per forward."""
+    """Per factorized layer: chosen experts (T, K) and router probabilities (T, N), per forward.
+
+    For per-token K layers the chosen experts are (T, N), best first, padded with -1."""
     top_k_index: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     probs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -341,8 +441,11 @@ def record_routing(model: nn.Module) -> Iterator[RoutingTrace]:
     for i, mlp in factorized_layers(model).items():
         trace.top_k_index[i], trace.probs[i] = [], []
 
-        def hook(_module, _inputs, output, i=i):
-            _, probs, _, top_k_index = output
+        def hook(_module, _inputs, output, i=i, mlp=mlp):
+            logits, probs, _, top_k_index = output
+            if mlp.adaptive:  # per-token K: every expert best first, -1 where it does not run
+                index, weights = mlp.adaptive_selection(logits)
+                top_k_index = index.masked_fill(weights == 0, -1)
             trace.top_k_index[i].append(top_k_index.detach().cpu())
             trace.probs[i].append(probs.detach().cpu())
 
@@ -355,5 +458,5 @@ def record_routing(model: nn.Module) -> Iterator[RoutingTrace]:
 
 
 __all__ = ["FactorizedMLP", "TopKRouter", "OUTPUT_MODES", "factorized_layers", "set_top_k", "set_k_offsets",
-           "k_offsets", "layer_k", "mark_first_tokens",
+           "k_offsets", "layer_k", "mark_first_tokens", "count_active_experts", "layer_mean_k", "chosen_lists",
            "record_routing", "RoutingTrace", "scaled_weights", "gated_weights"]

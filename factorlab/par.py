@@ -13,7 +13,7 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -127,6 +127,7 @@ class TrainConfig:
     refine_rounds: int = 2  # after the refit: relabel (best joint K experts), retrain router, refit again
     gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit
     gate_up_lr: float = 1e-4
+    adaptive_rounds: int = 0  # > 0: per-token K at the same mean (experts mode), fitted in this many rounds
     e2e_steps: int = 0  # optional end-to-end logit distillation steps after the layer-wise pass
     e2e_lr: float = 3e-4  # measured with e2e_params="down" (issue 7); use ~1e-4 with "all"
     e2e_batch: int = 2  # sequences per e2e step
@@ -147,13 +148,15 @@ class TrainConfig:
             raise ValueError(f"e2e_params must be one of {', '.join(E2E_PARAMS)}, got {self.e2e_params!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        for name in ("router_steps", "gate_up_steps", "e2e_steps", "refine_rounds"):
+        for name in ("router_steps", "gate_up_steps", "e2e_steps", "refine_rounds", "adaptive_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0 (0 = plain least squares), got {self.ridge}")
         if self.gate_up_lr <= 0:
             raise ValueError(f"gate_up_lr must be positive, got {self.gate_up_lr}")
+        if self.adaptive_rounds and (self.mode != "experts" or not self.refit_down):
+            raise ValueError("adaptive_rounds (per-token K) needs mode 'experts' with the down refit on")
         for name in ("minutes", "e2e_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (or None for no time limit)")
@@ -279,6 +282,87 @@ def joint_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor,
     return torch.cat(masks)
 
 
+# ---------------------------------------------------------------- per-token K (adaptive routing)
+def subset_masks(num_experts: int) -> torch.Tensor:
+    """Every non-empty set of experts as a 0/1 row: (2^N - 1, N), smallest sets first."""
+    sets = [c for k in range(1, num_experts + 1) for c in itertools.combinations(range(num_experts), k)]
+    masks = torch.zeros(len(sets), num_experts)
+    for row, c in enumerate(sets):
+        masks[row, list(c)] = 1.0
+    return masks
+
+
+def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, mean_k: float,
+                    chunk: int) -> torch.Tensor:
+    """Per-token sets of experts with mean size mean_k that minimise the total error: (T, N) 0/1.
+
+    Each token's error for every set of experts (with the current weights and the scaled rule's
+    N/K, K = the layer's K) is computed exactly; a Lagrange multiplier on the set size, found by
+    bisection, picks each token's set (argmin error + lam * size) so that the mean size is mean_k.
+    """
+    if mlp.num_experts > 8:
+        raise ValueError(f"per-token K enumerates every set of experts: at most 8 experts, got {mlp.num_experts}")
+    masks = subset_masks(mlp.num_experts)  # (S, N)
+    weight = mlp.num_experts / mlp.top_k if mlp.output_mode == "scaled" else 1.0 / mlp.top_k
+    errs = []
+    with torch.no_grad():
+        for x, t in zip(inputs.split(chunk), target.split(chunk)):
+            o = mlp.expert_outputs(x).float() * weight  # (c, N, H)
+            r = (t - mlp.shared_output(x)).float()
+            b = torch.einsum("th,tnh->tn", r, o)
+            g = torch.einsum("tnh,tmh->tnm", o, o)
+            errs.append(r.pow(2).sum(1, keepdim=True) - 2 * b @ masks.t()
+                        + torch.einsum("sn,tnm,sm->ts", masks, g, masks))
+    err = torch.cat(errs)  # (T, S)
+    size = masks.sum(1)
+    lo, hi = 0.0, float(err.max().clamp_min(0)) + 1.0
+    for _ in range(60):
+        lam = (lo + hi) / 2
+        if size[(err + lam * size).argmin(1)].mean() > mean_k:
+            lo = lam
+        else:
+            hi = lam
+    return masks[(err + hi * size).argmin(1)].to(inputs.dtype)
+
+
+def tune_thresholds(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per nominal K = 1..N, the sigmoid-score threshold at which K experts run per token on average
+    (the best always runs), and the mean it gives on these scores: (N,), (N,)."""
+    n = scores.shape[1]
+    sorted_scores = scores.sort(dim=1, descending=True).values
+    rest = sorted_scores[:, 1:].flatten()
+    thresholds, means = torch.zeros(n), torch.zeros(n)
+    for k in range(1, n + 1):
+        if k == n:
+            tau = 0.0  # every expert
+        elif k == 1:
+            tau = float(rest.max()) + 1e-6  # the best one only
+        else:  # the (k-1) * T largest scores after each token's best
+            tau = float(rest.topk((k - 1) * scores.shape[0]).values[-1])
+        thresholds[k - 1] = tau
+        means[k - 1] = 1 + (sorted_scores[:, 1:] >= tau).float().sum(1).mean()
+    return thresholds, means
+
+
+def adaptive_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, cfg: TrainConfig,
+                    check: Callable[[], None], deadline: float | None) -> dict:
+    """Switch a layer to per-token K at the same mean and fit it: per round, the best sets of
+    experts (adaptive_labels, mean = the layer's K) -> router trained on them (BCE) -> thresholds
+    tuned on these tokens -> least-squares refit of the down projections under the new routing."""
+    stats: dict = {}
+    bce = replace(cfg, label_loss="bce")
+    for _ in range(cfg.adaptive_rounds):
+        check()
+        labels = adaptive_labels(mlp, inputs, target, mlp.top_k, cfg.chunk_tokens)
+        stats = train_router(mlp, inputs, labels, bce, check, deadline)
+        with torch.no_grad():
+            scores = torch.cat([mlp.router.linear(x).float().sigmoid() for x in inputs.split(cfg.chunk_tokens)])
+        mlp.set_thresholds(*tune_thresholds(scores))
+        if cfg.refit_down:
+            refit_down(mlp, inputs, target, cfg.ridge, cfg.chunk_tokens)
+    return stats
+
+
 # ---------------------------------------------------------------- least-squares refit
 def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, ridge: float,
                chunk: int) -> None:
@@ -307,10 +391,7 @@ def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, r
 
 def _design(mlp: FactorizedMLP, x: torch.Tensor) -> torch.Tensor:
     """Rows of the least-squares design matrix for tokens x (T, H): (T, S + N*D)."""
-    _, _, top_k_probs, top_k_index = mlp.router(x)
-    weights = mlp._combine(top_k_probs, mlp.num_experts).to(x.dtype)  # (T, K)
-    per_expert = torch.zeros(x.shape[0], mlp.num_experts, dtype=x.dtype).scatter_(1, top_k_index, weights)
-    acts = mlp.expert_activations(x) * per_expert.unsqueeze(-1)  # (T, N, D)
+    acts = mlp.expert_activations(x) * mlp.routing_weights(x).unsqueeze(-1)  # (T, N, D)
     parts = [acts.reshape(x.shape[0], -1)]
     if mlp.shared_size:
         h = x @ mlp.shared_gate_up.t()
@@ -478,6 +559,9 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
                 labels = joint_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)
                 stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
                 refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
+        if cfg.adaptive_rounds:
+            stats = adaptive_rounds(mlp, ffn_in, target, cfg, check, deadline)
+            result.router_label_accuracy[i] = stats.get("label_accuracy", result.router_label_accuracy[i])
         if cfg.gate_up_steps:
             tune_gate_up(mlp, ffn_in, target, cfg, check, deadline)
             if cfg.refit_down:  # the steps moved gate/up: the closed-form down fits them best

@@ -129,6 +129,10 @@ def run_config(spec: FactorizeSpec, partition: Partition, loaded, moe=None, **ex
             "first_token_dense": spec.first_token_dense, "spec": asdict(spec), **extra}
     if moe is not None:
         config["k_offsets"] = {str(i): o for i, o in k_offsets(moe).items()}
+        per_token = {str(i): [round(float(v), 4) for v in m.expected_k]
+                     for i, m in factorized_layers(moe).items() if m.adaptive}
+        if per_token:  # per-token K: the mean experts per token training measured at each K
+            config["per_token_k"] = per_token
     return config
 
 

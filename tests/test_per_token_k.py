@@ -1,0 +1,173 @@
+"""Per-token K (adaptive routing at the same mean K): dispatch, labels, thresholds, training, runs, FLOPs."""
+import pytest
+import torch
+
+from factorlab.factorize import build_moe, make_partition
+from factorlab.flops import flops_per_token, mean_k_plan
+from factorlab.models import model_info
+from factorlab.moe import count_active_experts, factorized_layers, layer_mean_k, mark_first_tokens, set_top_k
+from factorlab.par import (TrainConfig, adaptive_labels, adaptive_rounds, joint_labels, layer_labels, refit_down,
+                           subset_masks, train, train_router, tune_thresholds)
+from factorlab.runs import load_moe, moe_tensors, save_run
+
+
+def _adaptive_moe(tiny_model, mode="scaled", k=2, first_token_dense=False, shared=0):
+    calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0)) if shared else None
+    part = make_partition(tiny_model, 4, "random", seed=0, calibration_ids=calib, shared_size=shared)
+    moe = build_moe(tiny_model, part, top_k=k, output_mode=mode, first_token_dense=first_token_dense)
+    with torch.no_grad():
+        for mlp in factorized_layers(moe).values():
+            mlp.router.linear.weight.normal_()
+            mlp.set_thresholds(torch.tensor([0.99, 0.6, 0.3, 0.0]))
+    return part, moe
+
+
+@pytest.mark.parametrize("mode", ["scaled", "gated"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_per_token_dispatch_equals_the_masked_reference(tiny_model, mode, k):
+    _, moe = _adaptive_moe(tiny_model, mode, k, shared=16)
+    mlp = factorized_layers(moe)[0]
+    for shape in [(1, 1, 64), (1, 2, 64), (3, 7, 64), (2, 33, 64)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.allclose(mlp(x), mlp.forward_reference(x), atol=1e-5)
+
+
+def test_tokens_run_a_varying_number_of_experts_and_k_n_runs_all(tiny_model):
+    _, moe = _adaptive_moe(tiny_model, "scaled", 2)
+    mlp = factorized_layers(moe)[0]
+    x = torch.randn(500, 64)
+    with torch.no_grad():
+        weights = mlp.routing_weights(x)
+        sizes = (weights > 0).sum(1)
+        assert sizes.min() >= 1 and sizes.max() > sizes.min()  # per token, not a fixed K
+        assert torch.allclose(weights[weights > 0], torch.tensor(2.0))  # scaled: N / nominal K
+        with count_active_experts(moe) as active:
+            moe(torch.randint(0, 128, (2, 25)))
+        assert set(active) == {0, 1} and all(1.0 <= v <= 4.0 for v in active.values())
+        set_top_k(moe, 4)  # threshold 0: every expert, weight N/N = 1: the dense FFN (untrained weights)
+        dense = tiny_model.model.layers[0].mlp
+        assert torch.allclose(mlp(x), dense(x), atol=1e-5)
+    with pytest.raises(ValueError, match="one threshold per K"):
+        mlp.set_thresholds(torch.tensor([0.5, 0.2]))
+    mlp.set_thresholds(None)
+    assert not mlp.adaptive and layer_mean_k(moe) == {0: 4.0, 1: 4.0}
+
+
+def test_first_token_dense_with_per_token_k(tiny_model):
+    _, moe = _adaptive_moe(tiny_model, "gated", 2, first_token_dense=True)
+    handles = mark_first_tokens(moe)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad(), count_active_experts(moe) as active:
+        out = moe(ids).logits
+    for h in handles:
+        h.remove()
+    assert torch.isfinite(out).all()
+    assert set(active) == {0, 1}  # 16 routed tokens per layer (the two first tokens run the whole FFN)
+
+
+def test_adaptive_labels_pick_each_tokens_best_set_of_its_size(tiny_model):
+    _, moe = _adaptive_moe(tiny_model, "scaled", 2)
+    mlp = factorized_layers(moe)[0]
+    x = torch.randn(400, 64)
+    with torch.no_grad():
+        target = tiny_model.model.layers[0].mlp(x)
+        labels = adaptive_labels(mlp, x, target, 2.0, chunk=128)
+        assert abs(labels.sum(1).mean().item() - 2.0) < 0.1
+        masks = subset_masks(4)
+        outs = mlp.expert_outputs(x) * 2.0  # (T, N, H), scaled weight N/K
+        errs = ((target.unsqueeze(1) - torch.einsum("sn,tnh->tsh", masks, outs)).pow(2).sum(-1))  # (T, 15)
+    chosen = (labels.unsqueeze(1) == masks.unsqueeze(0)).all(-1).float().argmax(1)  # each token's set
+    for t in range(len(x)):
+        same_size = masks.sum(1) == labels[t].sum()
+        assert errs[t, chosen[t]] <= errs[t, same_size].min() + 1e-4
+
+
+def test_thresholds_give_the_mean_k_they_are_tuned_for():
+    scores = torch.rand(2000, 4, generator=torch.Generator().manual_seed(0))
+    thresholds, means = tune_thresholds(scores)
+    assert torch.allclose(means, torch.tensor([1.0, 2.0, 3.0, 4.0]), atol=0.01)
+    assert torch.all(thresholds[:-1] >= thresholds[1:]) and thresholds[-1] == 0
+
+
+def test_adaptive_rounds_beat_top_k_at_the_same_mean(tiny_model):
+    """Tokens of unequal size (norms 0.5 and 3, as FFN inputs vary): on held-out inputs, per-token K at
+    mean <= 2 fits the FFN clearly better than the same layer trained for top-2 (router, refit, refine)."""
+    part = make_partition(tiny_model, 4, "random", seed=0)
+    moe = build_moe(tiny_model, part, top_k=2)
+    mlp, dense = factorized_layers(moe)[0], tiny_model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(1)
+
+    def data(n):
+        return torch.randn(n, 64, generator=g) * torch.where(torch.rand(n, 1, generator=g) < 0.3, 3.0, 0.5)
+
+    x, held = data(3000), data(1000)
+    cfg = TrainConfig(router_steps=200, chunk_tokens=1024)
+    with torch.no_grad():
+        target, held_target = dense(x), dense(held)
+    train_router(mlp, x, layer_labels(mlp, x, target, 2, 1024), cfg, lambda: None)
+    refit_down(mlp, x, target, 1e-3, 1024)
+    for _ in range(2):
+        train_router(mlp, x, joint_labels(mlp, x, target, 2, 1024), cfg, lambda: None)
+        refit_down(mlp, x, target, 1e-3, 1024)
+    with torch.no_grad():
+        before = (mlp(held) - held_target).pow(2).sum() / held_target.pow(2).sum()
+    adaptive_rounds(mlp, x, target, TrainConfig(adaptive_rounds=3, router_steps=200, chunk_tokens=1024),
+                    lambda: None, None)
+    with torch.no_grad(), count_active_experts(moe) as active:
+        after = (mlp(held) - held_target).pow(2).sum() / held_target.pow(2).sum()
+    assert mlp.adaptive and 1.7 < active[0] < 2.1
+    assert after < 0.92 * before
+
+
+def test_a_per_token_k_run_trains_saves_reloads_and_counts_its_flops(tiny_model, runs_dir):
+    part = make_partition(tiny_model, 4, "random", seed=0)
+    moe = build_moe(tiny_model, part, top_k=2)
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    result = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=50, router_batch=64,
+                                                      adaptive_rounds=1))
+    layers = factorized_layers(moe)
+    assert all(m.adaptive for m in layers.values()) and set(result.layer_mse) == {0, 1}
+    save_run("ptk", {"model": "tiny", "top_k": 2, "output_mode": "scaled", "partition": part.to_config(),
+                     "mode": "experts"}, moe_tensors(moe, part, ("down", "shared_down")))
+    again = load_moe("ptk", tiny_model)
+    with torch.no_grad():
+        assert torch.equal(again(ids[:2]).logits, moe(ids[:2]).logits)
+    means = layer_mean_k(again, 2)
+    assert all(abs(v - 2.0) < 0.05 for v in means.values())
+    info = model_info(tiny_model)
+    plan = mean_k_plan({i: layers[i].expected_k.tolist() for i in layers}, 2, 4)
+    assert plan == pytest.approx(means)
+    measured = flops_per_token(info, 64, 4, 2, [0, 1], top_k_per_layer=plan)["ffn"]
+    assert measured == pytest.approx(flops_per_token(info, 64, 4, 2, [0, 1])["ffn"], rel=0.03)
+
+
+def test_mean_k_plan_and_config_checks():
+    assert mean_k_plan(None, 2, 4) is None
+    assert mean_k_plan({"3": [1.0, 2.1, 3.05, 4.0]}, 2, 4, {3: 1}) == {3: 3.05}
+    with pytest.raises(ValueError, match="adaptive_rounds"):
+        TrainConfig(mode="router", adaptive_rounds=2)
+    with pytest.raises(ValueError, match="adaptive_rounds must be >= 0"):
+        TrainConfig(adaptive_rounds=-1)
+
+
+def test_routing_traces_record_the_experts_that_ran(tiny_model):
+    from factorlab.lab import Routing
+    from factorlab.moe import chosen_lists, record_routing
+
+    _, moe = _adaptive_moe(tiny_model, "scaled", 2)
+    ids = torch.randint(0, 128, (1, 30))
+    with torch.no_grad(), record_routing(moe) as trace:
+        moe(ids)
+    index, _ = trace.stacked()
+    lists = chosen_lists(index[0])
+    seen = {}
+    handle = factorized_layers(moe)[0].register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        moe(ids)
+        weights = factorized_layers(moe)[0].routing_weights(seen["x"])
+    handle.remove()
+    assert [sorted(r) for r in lists] == [sorted((w > 0).nonzero().flatten().tolist()) for w in weights]
+    assert len({len(r) for r in lists}) > 1  # per-token K: the counts vary
+    routing = Routing(["a", "b"], [0], {0: [[1], [0, 2]]}, {0: [[0.25] * 4] * 2}, 4)
+    assert routing.loads()[0] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
