@@ -132,12 +132,12 @@ def factorize(model, n, k, split, layers, output_mode, seed, shared, calibration
 
 def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k,
                    mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
-                   gate_up, e2e):
+                   gate_up, e2e, adaptive_rounds):
     """Validate the page's settings and queue a training job."""
     spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k)
     job_id = lab.start_training(spec, lab.TRAIN_MODES.get(mode, mode), lab.DATA_SOURCES.get(data_kind, data_kind),
                                 upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
-                                gate_up, e2e)
+                                gate_up, e2e, adaptive_rounds)
     poll = {**(poll or {}), "started": [*(poll or {}).get("started", []), job_id], "key": None}
     view = lab.job_view(get_manager().get(job_id))
     return poll, viz.progress_html(view), f"Queued training job `{job_id}` → run `{view['name']}`."
@@ -420,6 +420,10 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                                                   "default model); or LAYERS=K entries such as '3-6=3;2,11=1'")
                         heldout_tokens = gr.Number(2048, precision=0, elem_id="heldout-tokens", label="Held-out tokens")
                         seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")
+                        adaptive_rounds = gr.Number(TrainConfig.adaptive_rounds, precision=0, label="Per-token K rounds",
+                                                    info="0 = every token runs its top K experts; > 0: tokens run 1..N "
+                                                         "experts, K on average (router scores above a threshold), "
+                                                         "fitted in this many rounds after the refit")
                         gate_up = gr.Number(0, precision=0, label="gate/up Adam steps per layer")
                         e2e = gr.Number(0, precision=0, label="End-to-end distillation steps",
                                         info="KL to the dense model after the layer-wise pass (at most this many; "
@@ -558,7 +562,7 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
     factorize_btn.click(shown(gpu(factorize)), factor_inputs, [train_md, flops_df], api_name="factorize")
     start_btn.click(shown(start_training),
                     [poll_state, *factor_inputs, mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len,
-                     router_steps, minutes, run_name, gate_up, e2e],
+                     router_steps, minutes, run_name, gate_up, e2e, adaptive_rounds],
                     [poll_state, job_html, train_md], api_name="train_start", concurrency_limit=None)
     cancel_btn.click(shown(cancel_job), None, train_md, api_name="job_cancel", concurrency_limit=None)
     load_btn.click(shown(load_run), run_pick, [run_state, runs_md], api_name="run_load")

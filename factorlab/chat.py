@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .moe import record_routing, set_top_k
+from .moe import chosen_lists, record_routing, set_top_k
 
 MAX_NEW_TOKENS = 1024
 
@@ -178,7 +178,7 @@ def stream_reply(handle: ModelHandle, messages: list[dict[str, str]], sampling: 
         if more or trace:  # read the token back in (at the end only to record its experts)
             logits, routing, seconds = _forward(handle, torch.tensor([[token]], device=device), cache, top_k, trace)
             if trace:
-                step.experts.append({i: r[0].tolist() for i, r in routing.items()})
+                step.experts.append({i: chosen_lists(r)[0] for i, r in routing.items()})
             if more:
                 step.decode_s += seconds
                 step.decode_forwards += 1

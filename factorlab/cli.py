@@ -197,6 +197,9 @@ def add_train(sub) -> None:
     p.add_argument("--router-steps", type=int, default=TrainConfig.router_steps)
     p.add_argument("--refine-rounds", type=int, default=TrainConfig.refine_rounds,
                    help="after the refit: relabel with the best joint K experts, retrain the router, refit again")
+    p.add_argument("--adaptive-rounds", type=int, default=TrainConfig.adaptive_rounds,
+                   help="per-token K at the same mean: after the refine rounds, this many rounds of (best sets "
+                        "of experts per token -> router -> thresholds -> refit); 0 = fixed top-K")
     p.add_argument("--label-loss", choices=LABEL_LOSSES, default="kl")
     p.add_argument("--ridge", type=float, default=TrainConfig.ridge,
                    help="least-squares refit regulariser (relative to the mean diagonal of the Gram matrix)")
@@ -231,7 +234,7 @@ def cmd_train(args) -> int:
                          layers=args.layers, output_mode=args.output_mode, seed=args.seed, shared_size=args.shared,
                          first_token_dense=args.first_token == "dense", layer_k=args.layer_k)
     cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
-                      label_loss=args.label_loss, ridge=args.ridge,
+                      label_loss=args.label_loss, ridge=args.ridge, adaptive_rounds=args.adaptive_rounds,
                       target=args.target, gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
                       e2e_steps=args.e2e_steps,
                       e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,

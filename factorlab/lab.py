@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from .chat import ModelHandle
-from .flops import flops_per_token, flops_table
+from .flops import flops_per_token, flops_table, mean_k_plan
 from .jobs import JobCancelled, JobInfo, get_manager
 from .models import HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
 from .data import BUILTIN_DEFAULT
-from .moe import factorized_layers, k_offsets, record_routing, set_k_offsets, set_top_k
+from .moe import chosen_lists, factorized_layers, k_offsets, record_routing, set_k_offsets, set_top_k
 from .runs import RunError, config_k_offsets, list_runs, load_moe, load_run, runs_root, sanitize_name
 
 MODEL_CHOICES = ("default", *HUB_MODELS)
@@ -118,7 +118,16 @@ def run_shape(name: str) -> dict:
     part = config["partition"]
     return {"model": config["model"], "num_experts": part["num_experts"], "top_k": config.get("top_k", 1),
             "layers": part["layers"], "shared_size": part.get("shared_size", 0), "mode": config.get("mode"),
-            "first_token_dense": config.get("first_token_dense", False), "k_offsets": config_k_offsets(config)}
+            "first_token_dense": config.get("first_token_dense", False), "k_offsets": config_k_offsets(config),
+            "per_token_k": config.get("per_token_k")}
+
+
+def _run_flops(info: dict, shape: dict, k: int, seq_len: int) -> dict:
+    """FLOPs per token of a run at K, from its config (per-token K: the means training measured)."""
+    return flops_per_token(info, seq_len, shape["num_experts"], k, shape["layers"], shape["shared_size"],
+                           top_k_per_layer=mean_k_plan(shape["per_token_k"], k, shape["num_experts"],
+                                                       shape["k_offsets"]),
+                           first_token_dense=shape["first_token_dense"], k_offsets=shape["k_offsets"])
 
 
 def dense_ffn_gflops(spec: str, seq_len: int = 512) -> float:
@@ -130,8 +139,7 @@ def ffn_gflops(name: str, k: int, seq_len: int = 512) -> tuple[float, float]:
     """Active FFN GFLOPs per token: (dense, the run at K)."""
     shape = run_shape(name)
     info = dense_info(shape["model"])
-    moe = flops_per_token(info, seq_len, shape["num_experts"], k, shape["layers"], shape["shared_size"],
-                          first_token_dense=shape["first_token_dense"], k_offsets=shape["k_offsets"])
+    moe = _run_flops(info, shape, k, seq_len)
     return flops_per_token(info, seq_len)["ffn"] / 1e9, moe["ffn"] / 1e9
 
 
@@ -179,6 +187,10 @@ def describe_run(name: str | None) -> str:
         lines[0] += f", per-layer K plan ({plan}; mean K {c['top_k'] + sum(offsets.values()) / len(c['layers']):.2f})"
     if c.get("first_token_dense"):
         lines[0] += ", first token of each sequence through the whole FFN"
+    if c.get("per_token_k"):
+        means = [v[c["top_k"] - 1] for v in c["per_token_k"].values()]
+        lines[0] += (f", per-token K (each token runs the experts its router scores above a threshold; "
+                     f"{sum(means) / len(means):.2f} experts per token at K={c['top_k']}, measured in training)")
     for k, h in sorted((m.get("heldout") or {}).items(), key=lambda kv: int(kv[0])):
         if h:
             lines.append(f"- held-out at K={k}: perplexity {h['perplexity']:.2f} (dense {h['dense_perplexity']:.2f}), "
@@ -313,7 +325,7 @@ def data_source(kind: str, upload: str | None, hub_id: str | None) -> str:
 
 def start_training(spec, mode: str, data_kind: str, upload: str | None, hub_id: str | None, train_tokens,
                    heldout_tokens, seq_len, router_steps, minutes, name: str | None,
-                   gate_up_steps=0, e2e_steps=0) -> str:
+                   gate_up_steps=0, e2e_steps=0, adaptive_rounds=None) -> str:
     """Validate everything the user chose, then queue a training job; returns its id."""
     from .factorize import resolve_layers, validate_experts
     from .par import TrainConfig
@@ -324,7 +336,9 @@ def start_training(spec, mode: str, data_kind: str, upload: str | None, hub_id: 
     minutes = float(minutes) if minutes not in (None, "") and float(minutes) > 0 else None
     cfg = TrainConfig(mode=mode, top_k=spec.top_k, router_steps=_int(router_steps, "router steps"), minutes=minutes,
                       seed=spec.seed, gate_up_steps=_int(gate_up_steps, "gate/up steps"),
-                      e2e_steps=_int(e2e_steps, "end-to-end steps"))
+                      e2e_steps=_int(e2e_steps, "end-to-end steps"),
+                      adaptive_rounds=(TrainConfig.adaptive_rounds if adaptive_rounds in (None, "")
+                                       else _int(adaptive_rounds, "per-token K rounds")))
     data = DataSpec(data_source(data_kind, upload, hub_id), _int(train_tokens, "train tokens"),
                     _int(heldout_tokens, "held-out tokens"), _int(seq_len, "sequence length"))
     if spec.model == "default" or Path(spec.model).expanduser().exists() or not hub_reachable():
@@ -518,7 +532,8 @@ def _duration(seconds: float | None) -> str | None:
 # ---------------------------------------------------------------- routing
 @dataclass
 class Routing:
-    """Routing of one text: tokens, layers, per layer chosen experts (T, K) and probabilities (T, N)."""
+    """Routing of one text: tokens, layers, per layer chosen experts (per token a list, best first: K of
+    them, or 1..N with per-token K) and probabilities (T, N)."""
     tokens: list[str]
     layers: list[int]
     top_k_index: dict[int, list[list[int]]]
@@ -529,7 +544,8 @@ class Routing:
         """Per layer, the share of (token, slot) assignments each expert receives."""
         out = {}
         for i in self.layers:
-            counts = torch.bincount(torch.tensor(self.top_k_index[i]).flatten(), minlength=self.num_experts).float()
+            counts = torch.bincount(torch.tensor([e for row in self.top_k_index[i] for e in row], dtype=torch.long),
+                                    minlength=self.num_experts).float()
             out[i] = (counts / counts.sum()).tolist()
         return out
 
@@ -556,7 +572,7 @@ def route(name: str, text: str, top_k: int, trained: bool = True) -> Routing:
     chosen, probs = rec.stacked()
     layers = sorted(chosen)
     return Routing([handle.tokenizer.decode([t]) for t in ids[0].tolist()], layers,
-                   {i: chosen[i].tolist() for i in layers}, {i: probs[i].tolist() for i in layers},
+                   {i: chosen_lists(chosen[i]) for i in layers}, {i: probs[i].tolist() for i in layers},
                    factorized_layers(handle.model)[layers[0]].num_experts)
 
 
@@ -576,9 +592,7 @@ def tradeoff_view(name: str, task: str, top_k: int, seq_len: int) -> dict:
     m, shape = run.metrics, run_shape(name)
     info = dense_info(shape["model"])
     dense_flops = flops_per_token(info, seq_len)
-    flops_k = {k: flops_per_token(info, seq_len, shape["num_experts"], k, shape["layers"], shape["shared_size"],
-                                  first_token_dense=shape["first_token_dense"], k_offsets=shape["k_offsets"])
-               for k in range(1, shape["num_experts"] + 1)}
+    flops_k = {k: _run_flops(info, shape, k, seq_len) for k in range(1, shape["num_experts"] + 1)}
     gflops = {None: dense_flops["total"] / 1e9, **{k: f["total"] / 1e9 for k, f in flops_k.items()}}
     points, headers, rows, metric = _task_points(m, task, gflops)
     for row, point in zip(rows, points):

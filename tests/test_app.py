@@ -21,7 +21,8 @@ from factorlab.lab import DATA_SOURCES  # noqa: E402
 
 LOCAL_PROSE = next(label for label, kind in DATA_SOURCES.items() if kind == "local")
 TRAIN = dict(mode="router + experts (PAR)", data_kind=LOCAL_PROSE, upload=None,
-             hub_id="", train_tokens=512, heldout_tokens=256, seq_len=128, router_steps=5, minutes=0, gate_up=0, e2e=0)
+             hub_id="", train_tokens=512, heldout_tokens=256, seq_len=128, router_steps=5, minutes=0, gate_up=0, e2e=0,
+             adaptive_rounds=0)
 
 
 def free_port() -> int:
@@ -65,7 +66,7 @@ def train_args(name: str, **overrides) -> list:
     order = ["model", "n", "k", "split", "layers", "output_mode", "seed", "shared", "calibration", "first_token",
              "layer_k", "mode",
              "data_kind", "upload", "hub_id", "train_tokens", "heldout_tokens", "seq_len", "router_steps",
-             "minutes", "name", "gate_up", "e2e"]
+             "minutes", "name", "gate_up", "e2e", "adaptive_rounds"]
     return [values[key] for key in order]
 
 

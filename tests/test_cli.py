@@ -55,7 +55,8 @@ def test_unreachable_hub_model_is_a_clear_error(capsys):
 
 
 def test_train_options_reach_the_trainer(monkeypatch, capsys):
-    """--split coverage, --ridge, --gate-up-steps and --gate-up-lr arrive in the specs train_run receives."""
+    """--split coverage, --ridge, --gate-up-steps, --gate-up-lr and --adaptive-rounds arrive in the specs
+    train_run receives."""
     import factorlab.workflows as workflows
 
     seen = {}
@@ -66,6 +67,7 @@ def test_train_options_reach_the_trainer(monkeypatch, capsys):
 
     monkeypatch.setattr(workflows, "train_run", fake_train_run)
     assert main(["train", "x", "--split", "coverage", "--ridge", "0.05", "--gate-up-steps", "7",
-                 "--gate-up-lr", "0.002", "--json"]) == 0
+                 "--gate-up-lr", "0.002", "--adaptive-rounds", "2", "--json"]) == 0
     assert seen["spec"].split == "coverage"
     assert (seen["cfg"].ridge, seen["cfg"].gate_up_steps, seen["cfg"].gate_up_lr) == (0.05, 7, 0.002)
+    assert seen["cfg"].adaptive_rounds == 2
