@@ -95,6 +95,7 @@ class FactorizedMLP(nn.Module):
         # that K experts run per token on average; expected_k[K-1] is that measured mean. None = top-K.
         self.thresholds: torch.Tensor | None = None  # (N,)
         self.expected_k: torch.Tensor | None = None  # (N,)
+        self.min_experts = 1  # per-token K: 0 lets a token run no routed expert (the shared block only)
         self.active_count: list[int] | None = None  # [tokens, (token, expert) pairs] while counted
         self.set_output_mode(output_mode)
         self.set_top_k(top_k)
@@ -113,15 +114,21 @@ class FactorizedMLP(nn.Module):
     def adaptive(self) -> bool:
         return self.thresholds is not None
 
-    def set_thresholds(self, thresholds: torch.Tensor | None, expected_k: torch.Tensor | None = None) -> None:
-        """Switch to per-token K (thresholds (N,), one per nominal K) or back to top-K (None)."""
+    def set_thresholds(self, thresholds: torch.Tensor | None, expected_k: torch.Tensor | None = None,
+                       min_experts: int = 1) -> None:
+        """Switch to per-token K (thresholds (N,), one per nominal K) or back to top-K (None).
+
+        min_experts 1: the best expert always runs; 0: a token may run none (only the shared block)."""
+        if min_experts not in (0, 1):
+            raise ValueError(f"min_experts must be 0 or 1, got {min_experts}")
+        self.min_experts = int(min_experts)
         if thresholds is not None:
-            thresholds = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float32).flatten().clone()
             if thresholds.numel() != self.num_experts:
                 raise ValueError(f"adaptive routing needs one threshold per K (1..{self.num_experts}), "
                                  f"got {thresholds.numel()}")
             expected_k = (torch.arange(1, self.num_experts + 1, dtype=torch.float32) if expected_k is None
-                          else torch.as_tensor(expected_k, dtype=torch.float32).flatten())
+                          else torch.as_tensor(expected_k, dtype=torch.float32).flatten().clone())
         self.thresholds = thresholds
         self.expected_k = expected_k if thresholds is not None else None
 
@@ -157,18 +164,19 @@ class FactorizedMLP(nn.Module):
         """Per-token K: every expert, best first (T, N), and its weight (T, N), 0 where it does not run.
 
         An expert runs when sigmoid(logit) >= the threshold of the current K; the best one always
-        runs. Weights: `scaled` N/K for each running expert (K the nominal K, as in the refit),
+        runs unless min_experts is 0. Weights: `scaled` N/K for each running expert (K the nominal K, as in the refit),
         `gated` the running experts' sigmoid scores renormalised to sum to 1.
         """
         scores = router_logits.float().sigmoid()  # (T, N)
         sorted_scores, index = scores.sort(dim=-1, descending=True)
         run = sorted_scores >= self.thresholds[self.top_k - 1].to(scores.device)
-        run[:, 0] = True
+        if self.min_experts:
+            run[:, 0] = True
         if self.output_mode == "scaled":
             weights = run.to(router_logits.dtype) * (self.num_experts / self.top_k)
         else:
             kept = sorted_scores * run
-            weights = (kept / kept.sum(dim=-1, keepdim=True)).to(router_logits.dtype)
+            weights = (kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-12)).to(router_logits.dtype)
         return index, weights
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,7 @@ class TrainConfig:
     gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit
     gate_up_lr: float = 1e-4
     adaptive_rounds: int = 0  # > 0: per-token K at the same mean (experts mode), fitted in this many rounds
+    adaptive_min_experts: int = 1  # per-token K: 0 lets a token run no routed expert (shared block only)
     e2e_steps: int = 0  # optional end-to-end logit distillation steps after the layer-wise pass
     e2e_lr: float = 3e-4  # measured with e2e_params="down" (issue 7); use ~1e-4 with "all"
     e2e_batch: int = 2  # sequences per e2e step
@@ -155,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"ridge must be >= 0 (0 = plain least squares), got {self.ridge}")
         if self.gate_up_lr <= 0:
             raise ValueError(f"gate_up_lr must be positive, got {self.gate_up_lr}")
+        if self.adaptive_min_experts not in (0, 1):
+            raise ValueError(f"adaptive_min_experts must be 0 or 1, got {self.adaptive_min_experts}")
         if self.adaptive_rounds and (self.mode != "experts" or not self.refit_down):
             raise ValueError("adaptive_rounds (per-token K) needs mode 'experts' with the down refit on")
         for name in ("minutes", "e2e_minutes"):
@@ -283,9 +286,9 @@ def joint_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor,
 
 
 # ---------------------------------------------------------------- per-token K (adaptive routing)
-def subset_masks(num_experts: int) -> torch.Tensor:
-    """Every non-empty set of experts as a 0/1 row: (2^N - 1, N), smallest sets first."""
-    sets = [c for k in range(1, num_experts + 1) for c in itertools.combinations(range(num_experts), k)]
+def subset_masks(num_experts: int, empty: bool = False) -> torch.Tensor:
+    """Every non-empty set of experts (and the empty one first if asked) as a 0/1 row: (S, N), smallest first."""
+    sets = [c for k in range(0 if empty else 1, num_experts + 1) for c in itertools.combinations(range(num_experts), k)]
     masks = torch.zeros(len(sets), num_experts)
     for row, c in enumerate(sets):
         masks[row, list(c)] = 1.0
@@ -293,8 +296,9 @@ def subset_masks(num_experts: int) -> torch.Tensor:
 
 
 def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, mean_k: float,
-                    chunk: int) -> torch.Tensor:
+                    chunk: int, min_experts: int = 1) -> torch.Tensor:
     """Per-token sets of experts with mean size mean_k that minimise the total error: (T, N) 0/1.
+    min_experts 0 lets a token's set be empty (the shared block alone).
 
     Each token's error for every set of experts (with the current weights and the scaled rule's
     N/K, K = the layer's K) is computed exactly; a Lagrange multiplier on the set size, found by
@@ -302,7 +306,7 @@ def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     """
     if mlp.num_experts > 8:
         raise ValueError(f"per-token K enumerates every set of experts: at most 8 experts, got {mlp.num_experts}")
-    masks = subset_masks(mlp.num_experts)  # (S, N)
+    masks = subset_masks(mlp.num_experts, empty=min_experts == 0)  # (S, N)
     weight = mlp.num_experts / mlp.top_k if mlp.output_mode == "scaled" else 1.0 / mlp.top_k
     errs = []
     with torch.no_grad():
@@ -325,22 +329,23 @@ def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     return masks[(err + hi * size).argmin(1)].to(inputs.dtype)
 
 
-def tune_thresholds(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tune_thresholds(scores: torch.Tensor, min_experts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per nominal K = 1..N, the sigmoid-score threshold at which K experts run per token on average
-    (the best always runs), and the mean it gives on these scores: (N,), (N,)."""
+    (the best always runs when min_experts is 1), and the mean it gives on these scores: (N,), (N,)."""
     n = scores.shape[1]
     sorted_scores = scores.sort(dim=1, descending=True).values
-    rest = sorted_scores[:, 1:].flatten()
+    always = min_experts  # experts every token runs whatever its scores
+    rest = sorted_scores[:, always:]
     thresholds, means = torch.zeros(n), torch.zeros(n)
     for k in range(1, n + 1):
         if k == n:
             tau = 0.0  # every expert
-        elif k == 1:
+        elif k == always:
             tau = float(rest.max()) + 1e-6  # the best one only
-        else:  # the (k-1) * T largest scores after each token's best
-            tau = float(rest.topk((k - 1) * scores.shape[0]).values[-1])
+        else:  # the (k - always) * T largest of the other scores
+            tau = float(rest.flatten().topk((k - always) * scores.shape[0]).values[-1])
         thresholds[k - 1] = tau
-        means[k - 1] = 1 + (sorted_scores[:, 1:] >= tau).float().sum(1).mean()
+        means[k - 1] = always + (rest >= tau).float().sum(1).mean()
     return thresholds, means
 
 
@@ -353,11 +358,11 @@ def adaptive_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     bce = replace(cfg, label_loss="bce")
     for _ in range(cfg.adaptive_rounds):
         check()
-        labels = adaptive_labels(mlp, inputs, target, mlp.top_k, cfg.chunk_tokens)
+        labels = adaptive_labels(mlp, inputs, target, mlp.top_k, cfg.chunk_tokens, cfg.adaptive_min_experts)
         stats = train_router(mlp, inputs, labels, bce, check, deadline)
         with torch.no_grad():
             scores = torch.cat([mlp.router.linear(x).float().sigmoid() for x in inputs.split(cfg.chunk_tokens)])
-        mlp.set_thresholds(*tune_thresholds(scores))
+        mlp.set_thresholds(*tune_thresholds(scores, cfg.adaptive_min_experts), min_experts=cfg.adaptive_min_experts)
         if cfg.refit_down:
             refit_down(mlp, inputs, target, cfg.ridge, cfg.chunk_tokens)
     return stats

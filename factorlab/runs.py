@@ -110,6 +110,7 @@ def moe_tensors(moe: nn.Module, partition: Partition, tuned: tuple[str, ...] | b
         tensors[f"router.{i}"] = mlp.router.linear.weight
         if mlp.adaptive:  # per-token K: the thresholds per K and the mean K each gave in training
             tensors[f"thresholds.{i}"], tensors[f"expected_k.{i}"] = mlp.thresholds, mlp.expected_k
+            tensors[f"min_experts.{i}"] = torch.tensor([mlp.min_experts])
         for pname in names:
             if getattr(mlp, pname).numel():
                 tensors[f"{pname}.{i}"] = getattr(mlp, pname)
@@ -175,7 +176,8 @@ def load_moe(run: Run | str, dense: nn.Module, root: str | Path | None = None) -
             if f"router.{i}" in tensors:
                 mlp.router.linear.weight.copy_(tensors[f"router.{i}"])
             if f"thresholds.{i}" in tensors:
-                mlp.set_thresholds(tensors[f"thresholds.{i}"], tensors.get(f"expected_k.{i}"))
+                mlp.set_thresholds(tensors[f"thresholds.{i}"], tensors.get(f"expected_k.{i}"),
+                                   int(tensors[f"min_experts.{i}"]) if f"min_experts.{i}" in tensors else 1)
             for pname in EXPERT_TENSORS:
                 if f"{pname}.{i}" in tensors:
                     getattr(mlp, pname).copy_(tensors[f"{pname}.{i}"])

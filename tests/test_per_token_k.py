@@ -171,3 +171,34 @@ def test_routing_traces_record_the_experts_that_ran(tiny_model):
     assert len({len(r) for r in lists}) > 1  # per-token K: the counts vary
     routing = Routing(["a", "b"], [0], {0: [[1], [0, 2]]}, {0: [[0.25] * 4] * 2}, 4)
     assert routing.loads()[0] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
+
+
+def test_tokens_may_run_no_expert_when_allowed(tiny_model, runs_dir):
+    """min_experts 0: a token may run only the shared block; labels, thresholds, dispatch and runs follow."""
+    part, moe = _adaptive_moe(tiny_model, "gated", 1, shared=16)
+    mlp = factorized_layers(moe)[0]
+    x = torch.randn(600, 64)
+    with torch.no_grad():
+        target = tiny_model.model.layers[0].mlp(x)
+        labels = adaptive_labels(mlp, x, target, 1.0, chunk=256, min_experts=0)
+        assert (labels.sum(1) == 0).any() and abs(labels.sum(1).mean().item() - 1.0) < 0.1
+        scores = mlp.router.linear(x).sigmoid()
+    thresholds, means = tune_thresholds(scores, min_experts=0)
+    assert torch.allclose(means, torch.tensor([1.0, 2.0, 3.0, 4.0]), atol=0.01)
+    for m in factorized_layers(moe).values():
+        m.set_thresholds(thresholds, means, min_experts=0)
+    with torch.no_grad():
+        weights = mlp.routing_weights(x)
+        none = (weights == 0).all(1)
+        assert none.any()
+        out, ref = mlp(x), mlp.forward_reference(x)
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.allclose(out[none], mlp.shared_output(x[none]), atol=1e-6)  # the shared block alone
+    save_run("none", {"model": "tiny", "top_k": 1, "output_mode": "gated", "partition": part.to_config(),
+                      "mode": "experts"}, moe_tensors(moe, part, True))
+    again = factorized_layers(load_moe("none", tiny_model))[0]
+    assert again.min_experts == 0 and torch.equal(again(x), mlp(x))
+    with pytest.raises(ValueError, match="min_experts must be 0 or 1"):
+        mlp.set_thresholds(thresholds, means, min_experts=2)
+    with pytest.raises(ValueError, match="adaptive_min_experts"):
+        TrainConfig(adaptive_min_experts=2)
