@@ -4,8 +4,10 @@ T=tokens H=hidden N=experts K=top_k D=expert width
 Modes: `none` (untrained router, FactorLLM's Ex0), `router` (routers only, on FFN inputs cached from
 one teacher pass), `experts` (layer by layer on the factorized model's own inputs: router, then a
 closed-form least-squares refit of the experts' down projections to the teacher, `refine_rounds` of
-relabel (the K experts whose joint output is closest) + router + refit, then optional gradient
-steps on gate/up), with optional end-to-end logit distillation afterwards.
+relabel (the K experts whose joint output is closest) + router + refit, then `adaptive_rounds` that
+switch the layer to per-token K at the same mean (each token's best set of experts -> router ->
+score thresholds -> refit; the default), then optional gradient steps on gate/up), with optional
+end-to-end logit distillation afterwards.
 """
 from __future__ import annotations
 
@@ -124,11 +126,12 @@ class TrainConfig:
     target: str = "teacher"  # experts mode: fit the original FFN on own inputs (measured better than "residual")
     ridge: float = 1e-3  # least-squares regulariser, relative to the mean diagonal of the Gram matrix
     refit_down: bool = True
-    refine_rounds: int = 2  # after the refit: relabel (best joint K experts), retrain router, refit again
+    refine_rounds: int = 0  # top-K: after the refit, relabel (best joint K experts), retrain router, refit again
+    # (the top-K recipe used 2; with per-token K they add nothing measurable, issue 7 round 5)
     gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit
     gate_up_lr: float = 1e-4
-    adaptive_rounds: int = 0  # > 0: per-token K at the same mean (experts mode), fitted in this many rounds
-    adaptive_min_experts: int = 1  # per-token K: 0 lets a token run no routed expert (shared block only)
+    adaptive_rounds: int = 3  # experts mode: per-token K at the same mean, fitted in this many rounds; 0 = top-K
+    adaptive_min_experts: int = 0  # per-token K: 0 lets a token run no routed expert (shared block only), 1 not
     e2e_steps: int = 0  # optional end-to-end logit distillation steps after the layer-wise pass
     e2e_lr: float = 3e-4  # measured with e2e_params="down" (issue 7); use ~1e-4 with "all"
     e2e_batch: int = 2  # sequences per e2e step
@@ -158,8 +161,6 @@ class TrainConfig:
             raise ValueError(f"gate_up_lr must be positive, got {self.gate_up_lr}")
         if self.adaptive_min_experts not in (0, 1):
             raise ValueError(f"adaptive_min_experts must be 0 or 1, got {self.adaptive_min_experts}")
-        if self.adaptive_rounds and (self.mode != "experts" or not self.refit_down):
-            raise ValueError("adaptive_rounds (per-token K) needs mode 'experts' with the down refit on")
         for name in ("minutes", "e2e_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (or None for no time limit)")

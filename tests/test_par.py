@@ -119,18 +119,21 @@ def test_refine_rounds_fit_routing_and_experts_to_each_other(tiny_model):
     for rounds in (0, 2):
         _, moe = _setup(tiny_model, k=2)
         results[rounds] = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=100,
-                                                                 router_batch=128, refine_rounds=rounds))
+                                                                 router_batch=128, refine_rounds=rounds,
+                                                                 adaptive_rounds=0))
     before, after = results[0].layer_mse, results[2].layer_mse
     assert sum(after.values()) < sum(before.values())
     with pytest.raises(ValueError, match="refine_rounds"):
         TrainConfig(refine_rounds=-1)
 
 
-def test_experts_mode_beats_none_on_heldout(tiny_model):
+@pytest.mark.parametrize("per_token", [dict(adaptive_rounds=0), dict(adaptive_rounds=2, adaptive_min_experts=1)])
+def test_experts_mode_beats_none_on_heldout(tiny_model, per_token):
     ids, moe_none = _setup(tiny_model, k=1)
     _, moe_exp = _setup(tiny_model, k=1)
     train(tiny_model, moe_none, ids, TrainConfig(mode="none", top_k=1))
-    train(tiny_model, moe_exp, ids, TrainConfig(mode="experts", top_k=1, router_steps=100, router_batch=128))
+    train(tiny_model, moe_exp, ids, TrainConfig(mode="experts", top_k=1, router_steps=100, router_batch=128,
+                                                **per_token))
     held = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = tiny_model(held).logits.log_softmax(-1)
@@ -326,10 +329,11 @@ def test_gate_up_steps_are_followed_by_a_down_refit(tiny_model, monkeypatch):
     monkeypatch.setattr(par, "refit_down", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     ids, moe = _setup(tiny_model)
     layers = len(factorized_layers(moe))
-    train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0))
+    train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0,
+                                            adaptive_rounds=0))
     assert len(calls) == layers  # one refit per layer
     calls.clear()
     ids, moe = _setup(tiny_model)
     train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0,
-                                            gate_up_steps=3, gate_up_lr=1e-3))
+                                            adaptive_rounds=0, gate_up_steps=3, gate_up_lr=1e-3))
     assert len(calls) == 2 * layers  # and one more after the gate/up steps

@@ -92,7 +92,9 @@ def test_thresholds_give_the_mean_k_they_are_tuned_for():
 
 def test_adaptive_rounds_beat_top_k_at_the_same_mean(tiny_model):
     """Tokens of unequal size (norms 0.5 and 3, as FFN inputs vary): on held-out inputs, per-token K at
-    mean <= 2 fits the FFN clearly better than the same layer trained for top-2 (router, refit, refine)."""
+    mean <= 2 fits the FFN clearly better than the same layer trained for top-2 (router, refit, refine).
+    Every token runs its best expert here (min 1): on these random inputs a router cannot tell which
+    tokens need none, so the library's default (min 0, measured better on the real model) is not."""
     part = make_partition(tiny_model, 4, "random", seed=0)
     moe = build_moe(tiny_model, part, top_k=2)
     mlp, dense = factorized_layers(moe)[0], tiny_model.model.layers[0].mlp
@@ -112,8 +114,8 @@ def test_adaptive_rounds_beat_top_k_at_the_same_mean(tiny_model):
         refit_down(mlp, x, target, 1e-3, 1024)
     with torch.no_grad():
         before = (mlp(held) - held_target).pow(2).sum() / held_target.pow(2).sum()
-    adaptive_rounds(mlp, x, target, TrainConfig(adaptive_rounds=3, router_steps=200, chunk_tokens=1024),
-                    lambda: None, None)
+    adaptive_rounds(mlp, x, target, TrainConfig(adaptive_rounds=3, adaptive_min_experts=1, router_steps=200,
+                                                chunk_tokens=1024), lambda: None, None)
     with torch.no_grad(), count_active_experts(moe) as active:
         after = (mlp(held) - held_target).pow(2).sum() / held_target.pow(2).sum()
     assert mlp.adaptive and 1.7 < active[0] < 2.1
@@ -145,8 +147,6 @@ def test_a_per_token_k_run_trains_saves_reloads_and_counts_its_flops(tiny_model,
 def test_mean_k_plan_and_config_checks():
     assert mean_k_plan(None, 2, 4) is None
     assert mean_k_plan({"3": [1.0, 2.1, 3.05, 4.0]}, 2, 4, {3: 1}) == {3: 3.05}
-    with pytest.raises(ValueError, match="adaptive_rounds"):
-        TrainConfig(mode="router", adaptive_rounds=2)
     with pytest.raises(ValueError, match="adaptive_rounds must be >= 0"):
         TrainConfig(adaptive_rounds=-1)
 
