@@ -48,7 +48,7 @@ def no_check() -> None:
 
 def recipe(m, perm, x, t, k: int, ridge: float = 1e-3, output_mode: str = "scaled") -> FactorizedMLP:
     """The default recipe's steps for one layer, on fixed inputs x and teacher outputs t."""
-    cfg = TrainConfig(ridge=ridge, top_k=k)
+    cfg = TrainConfig(ridge=ridge, top_k=k, refine_rounds=2)  # the top-K recipe of rounds 1-4
     mlp = FactorizedMLP(m, perm, 4, k, shared_size=256, output_mode=output_mode)
     for p in mlp.parameters():
         p.requires_grad_(False)

@@ -1,6 +1,7 @@
 """A linear bypass next to the experts, single layers (issue 7, fifth round): a negative result.
 
 Usage: PYTHONPATH=. python experiments/linear_probe.py LAYERS OUT.json   (e.g. 4,15,24 out.json)
+Environment: THREADS (default 2). Result: experiments/results/linear_probe.json.
 
 After the default recipe's per-layer steps at K=2 (experiments/layer_probe.recipe, dense model's FFN
 inputs, 32,768 `everyday` training tokens, 4,096 held-out tokens), fit what the experts miss with a
@@ -9,6 +10,7 @@ in full (576 x 576, costs as much as ~384 neurons) and truncated to rank 32 / 64
 fitted outputs' leading directions; rank r costs as much as ~2r/3 neurons). Held-out relative error.
 """
 import json
+import os
 import sys
 
 import torch
@@ -21,7 +23,7 @@ from factorlab.workflows import DataSpec, load_data
 
 def main() -> None:
     layers, out_path = [int(i) for i in sys.argv[1].split(",")], sys.argv[2]
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     loaded = load_model("default")
     train, held = load_data(loaded, DataSpec(source="everyday", train_tokens=32768, heldout_tokens=4096))
     din = calibration_inputs(loaded.model, train, layers, skip_first=True)

@@ -141,7 +141,8 @@ def main() -> None:
         install_sets(mlp, dense.model.layers[i].mlp, sets[i])
         mlp.original_norms = mlp.down.detach().pow(2).sum(-1).clone()  # (C, D)
     par.layer_labels, par.refit_down = energy_labels, refit_sets
-    cfg = par.TrainConfig(top_k=1, ridge=RIDGE, router_steps=20 if smoke else 600, seed=seed)
+    cfg = par.TrainConfig(top_k=1, ridge=RIDGE, router_steps=20 if smoke else 600, seed=seed, refine_rounds=2,
+                          adaptive_rounds=0)  # the top-K layer-wise pass of round 4
     result = par.train(dense, moe, train_ids, cfg, started=start)
     train_seconds = result.seconds
     heldout = evaluate.heldout_metrics(dense, moe, held)

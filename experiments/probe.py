@@ -22,7 +22,7 @@ for row in rows:
     ks = row.pop("eval_ks", None)
     sensitivity = row.pop("sensitivity", False)
     base = {"model": "default", "num_experts": 4, "top_k": 2, "split": "cluster", "mode": "experts",
-            "shared_size": 256}
+            "shared_size": 256, "adaptive_rounds": 0, "refine_rounds": 2}  # the top-K recipe these probes ran
     setting = {**base, **row}
     spec, cfg, data = _split(setting, {"data": {"heldout_tokens": 8192}})
     t = time.time()

@@ -35,6 +35,6 @@ for row in json.loads(sys.argv[1]):
     p = make_partition(m, n, "cluster", calibration_ids=train_ids[:16], shared_size=sh)
     moe = build_moe(m, p, k, output_mode=om)
     t=time.time()
-    r = train(m, moe, train_ids, TrainConfig(top_k=k, **row))
+    r = train(m, moe, train_ids, TrainConfig(top_k=k, **{"adaptive_rounds": 0, "refine_rounds": 2, **row}))
     s = r.summary()
     print(n, k, om, sh, rows, row, "time %.1f" % (time.time()-t), "acc %.3f" % (s["mean_router_label_accuracy"] or 0), "ppl K %.1f" % ppl(moe), flush=True)

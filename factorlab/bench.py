@@ -100,11 +100,12 @@ def expert_load(moe: nn.Module, ids: torch.Tensor) -> dict:
     """Share of (token, expert) pairs each expert receives on these tokens, summed over factorized layers."""
     with record_routing(moe) as trace:
         _prefill(moe, ids)
-    chosen, _ = trace.stacked()
+    stacked, _ = trace.stacked()
+    chosen = {i: c[c >= 0] for i, c in stacked.items()}  # per-token K pads with -1
     n = next(iter(factorized_layers(moe).values())).num_experts
-    counts = sum(torch.bincount(c.flatten(), minlength=n) for c in chosen.values())
+    counts = sum(torch.bincount(c, minlength=n) for c in chosen.values())
     share = (counts / counts.sum()).tolist()
-    per_layer_max = max(torch.bincount(c.flatten(), minlength=n).max().item() / (c.numel() / n)
+    per_layer_max = max(torch.bincount(c, minlength=n).max().item() / max(c.numel() / n, 1e-9)
                         for c in chosen.values())
     return {"share": share, "max_over_mean": max(share) * n, "worst_layer_max_over_mean": per_layer_max}
 

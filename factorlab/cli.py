@@ -202,7 +202,7 @@ def add_train(sub) -> None:
                         "of experts per token -> router -> thresholds -> refit); 0 = fixed top-K")
     p.add_argument("--adaptive-min-experts", type=int, choices=(0, 1), default=TrainConfig.adaptive_min_experts,
                    help="per-token K: 1 = every token runs at least its best expert; 0 = a token may run none "
-                        "(only the shared neurons)")
+                        "(only the shared neurons); default: 0 with shared neurons, 1 without")
     p.add_argument("--label-loss", choices=LABEL_LOSSES, default="kl")
     p.add_argument("--ridge", type=float, default=TrainConfig.ridge,
                    help="least-squares refit regulariser (relative to the mean diagonal of the Gram matrix)")

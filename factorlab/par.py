@@ -131,7 +131,9 @@ class TrainConfig:
     gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit
     gate_up_lr: float = 1e-4
     adaptive_rounds: int = 3  # experts mode: per-token K at the same mean, fitted in this many rounds; 0 = top-K
-    adaptive_min_experts: int = 0  # per-token K: 0 lets a token run no routed expert (shared block only), 1 not
+    # per-token K: 0 lets a token run no routed expert (the shared block only), 1 runs at least its best one;
+    # None: 0 in layers with shared neurons (measured better there), 1 without (a token would skip the FFN)
+    adaptive_min_experts: int | None = None
     e2e_steps: int = 0  # optional end-to-end logit distillation steps after the layer-wise pass
     e2e_lr: float = 3e-4  # measured with e2e_params="down" (issue 7); use ~1e-4 with "all"
     e2e_batch: int = 2  # sequences per e2e step
@@ -159,7 +161,7 @@ class TrainConfig:
             raise ValueError(f"ridge must be >= 0 (0 = plain least squares), got {self.ridge}")
         if self.gate_up_lr <= 0:
             raise ValueError(f"gate_up_lr must be positive, got {self.gate_up_lr}")
-        if self.adaptive_min_experts not in (0, 1):
+        if self.adaptive_min_experts not in (None, 0, 1):
             raise ValueError(f"adaptive_min_experts must be 0 or 1, got {self.adaptive_min_experts}")
         for name in ("minutes", "e2e_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
@@ -357,13 +359,14 @@ def adaptive_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     tuned on these tokens -> least-squares refit of the down projections under the new routing."""
     stats: dict = {}
     bce = replace(cfg, label_loss="bce")
+    least = cfg.adaptive_min_experts if cfg.adaptive_min_experts is not None else (0 if mlp.shared_size else 1)
     for _ in range(cfg.adaptive_rounds):
         check()
-        labels = adaptive_labels(mlp, inputs, target, mlp.top_k, cfg.chunk_tokens, cfg.adaptive_min_experts)
+        labels = adaptive_labels(mlp, inputs, target, mlp.top_k, cfg.chunk_tokens, least)
         stats = train_router(mlp, inputs, labels, bce, check, deadline)
         with torch.no_grad():
             scores = torch.cat([mlp.router.linear(x).float().sigmoid() for x in inputs.split(cfg.chunk_tokens)])
-        mlp.set_thresholds(*tune_thresholds(scores, cfg.adaptive_min_experts), min_experts=cfg.adaptive_min_experts)
+        mlp.set_thresholds(*tune_thresholds(scores, least), min_experts=least)
         if cfg.refit_down:
             refit_down(mlp, inputs, target, cfg.ridge, cfg.chunk_tokens)
     return stats

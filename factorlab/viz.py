@@ -53,14 +53,16 @@ def routing_heatmap(tokens: Sequence[str], layers: Sequence[int], top_k_index: d
                     title: str = "") -> go.Figure:
     """Tokens (x) by layers (y), coloured by top-1 expert (categorical) or by P(expert) (sequential).
 
-    top_k_index[layer] is (T, K) chosen experts, best first; probs[layer] is (T, N) router probabilities.
+    top_k_index[layer] holds each token's chosen experts, best first (K of them, or 0..N with per-token
+    K); probs[layer] is (T, N) router probabilities.
     """
     colors = expert_colors(num_experts)
     hover = [[_cell_hover(tokens[t], t, layer, top_k_index[layer][t], probs[layer][t]) for t in range(len(tokens))]
              for layer in layers]
     x = list(range(len(tokens)))
     if expert is None:
-        z = [[top_k_index[layer][t][0] for t in x] for layer in layers]
+        # a token that runs no routed expert (per-token K) is left blank
+        z = [[top_k_index[layer][t][0] if len(top_k_index[layer][t]) else None for t in x] for layer in layers]
         scale = [[v, colors[i]] for i in range(num_experts) for v in (i / num_experts, (i + 1) / num_experts)]
         trace = go.Heatmap(z=z, x=x, y=list(range(len(layers))), colorscale=scale, zmin=-0.5, zmax=num_experts - 0.5,
                            showscale=False, customdata=hover, hovertemplate="%{customdata}<extra></extra>", xgap=1,
@@ -91,7 +93,7 @@ def _tick(token: str) -> str:
 
 
 def _cell_hover(token: str, position: int, layer: int, chosen: Sequence[int], probs: Sequence[float]) -> str:
-    experts = ", ".join(f"{e} ({probs[e]:.2f})" for e in chosen)
+    experts = ", ".join(f"{e} ({probs[e]:.2f})" for e in chosen) or "none (the shared neurons only)"
     top = sorted(range(len(probs)), key=lambda e: -probs[e])[:4]
     best = " ".join(f"{e}:{probs[e]:.2f}" for e in top)
     return (f"token <b>{html.escape(repr(token), quote=False)}</b> (#{position})<br>layer {layer}<br>"

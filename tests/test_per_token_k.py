@@ -93,8 +93,8 @@ def test_thresholds_give_the_mean_k_they_are_tuned_for():
 def test_adaptive_rounds_beat_top_k_at_the_same_mean(tiny_model):
     """Tokens of unequal size (norms 0.5 and 3, as FFN inputs vary): on held-out inputs, per-token K at
     mean <= 2 fits the FFN clearly better than the same layer trained for top-2 (router, refit, refine).
-    Every token runs its best expert here (min 1): on these random inputs a router cannot tell which
-    tokens need none, so the library's default (min 0, measured better on the real model) is not."""
+    Every token runs its best expert (min 1, the default without shared neurons): on these random
+    inputs a router cannot tell which tokens need no routed expert."""
     part = make_partition(tiny_model, 4, "random", seed=0)
     moe = build_moe(tiny_model, part, top_k=2)
     mlp, dense = factorized_layers(moe)[0], tiny_model.model.layers[0].mlp
@@ -202,3 +202,24 @@ def test_tokens_may_run_no_expert_when_allowed(tiny_model, runs_dir):
         mlp.set_thresholds(thresholds, means, min_experts=2)
     with pytest.raises(ValueError, match="adaptive_min_experts"):
         TrainConfig(adaptive_min_experts=2)
+
+
+def test_the_heatmap_shows_tokens_that_run_no_routed_expert():
+    from factorlab.viz import routing_heatmap
+
+    fig = routing_heatmap(["a", "b", "c"], [1], {1: [[2], [], [0, 3, 1]]}, {1: [[0.1, 0.2, 0.6, 0.1]] * 3}, 4)
+    assert fig.data[0].z[0] == (2, None, 0) or list(fig.data[0].z[0]) == [2, None, 0]
+    assert "none (the shared neurons only)" in fig.data[0].customdata[0][1]
+
+
+def test_by_default_tokens_may_skip_the_routed_experts_only_where_shared_neurons_remain(tiny_model):
+    x = torch.randn(800, 64)
+    with torch.no_grad():
+        target = tiny_model.model.layers[0].mlp(x)
+    for shared, least in ((0, 1), (16, 0)):
+        _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=shared)
+        mlp = factorized_layers(moe)[0]
+        mlp.set_thresholds(None)
+        adaptive_rounds(mlp, x, target, TrainConfig(adaptive_rounds=1, router_steps=20, chunk_tokens=400),
+                        lambda: None, None)
+        assert mlp.min_experts == least
