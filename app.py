@@ -422,10 +422,12 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                                                   "default model); or LAYERS=K entries such as '3-6=3;2,11=1'")
                         heldout_tokens = gr.Number(2048, precision=0, elem_id="heldout-tokens", label="Held-out tokens")
                         seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")
-                        adaptive_rounds = gr.Number(TrainConfig.adaptive_rounds, precision=0, label="Per-token K rounds",
-                                                    info="0 = every token runs its top K experts; > 0: tokens run 1..N "
-                                                         "experts, K on average (router scores above a threshold), "
-                                                         "fitted in this many rounds after the refit")
+                        adaptive_rounds = gr.Number(TrainConfig.adaptive_rounds, precision=0,
+                                                    label="Per-token K rounds",
+                                                    info="0 = every token runs its top K experts; > 0 (default 3): "
+                                                         "tokens run 0..N experts (0: only the shared neurons), K "
+                                                         "on average (router scores above a threshold), fitted in "
+                                                         "this many rounds after the refit")
                         gate_up = gr.Number(0, precision=0, label="gate/up Adam steps per layer")
                         e2e = gr.Number(0, precision=0, label="End-to-end distillation steps",
                                         info="KL to the dense model after the layer-wise pass (at most this many; "

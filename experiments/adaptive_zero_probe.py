@@ -32,7 +32,8 @@ def labels(mlp, x, t, mean_k, zero, scale):
         for xc, tc in zip(x.split(CH), t.split(CH)):
             o = mlp.expert_outputs(xc) * scale; r = tc - mlp.shared_output(xc)
             b = torch.einsum("th,tnh->tn", r, o); g = torch.einsum("tnh,tmh->tnm", o, o)
-            errs.append(r.pow(2).sum(1, keepdim=True) - 2 * b @ masks.t() + torch.einsum("sn,tnm,sm->ts", masks, g, masks))
+            errs.append(r.pow(2).sum(1, keepdim=True) - 2 * b @ masks.t()
+                        + torch.einsum("sn,tnm,sm->ts", masks, g, masks))
     err = torch.cat(errs); size = masks.sum(1); lo, hi = 0.0, float(err.max()) + 1
     for _ in range(60):
         lam = (lo + hi) / 2
@@ -73,7 +74,8 @@ def out(mlp, x, sel, scale):
 lm = load_model("default")
 layers = [int(i) for i in sys.argv[1].split(",")]
 tr, he = load_data(lm, DataSpec(source="everyday", train_tokens=32768, heldout_tokens=4096))
-din = calibration_inputs(lm.model, tr, layers, skip_first=True); dh = calibration_inputs(lm.model, he, layers, skip_first=True)
+din = calibration_inputs(lm.model, tr, layers, skip_first=True)
+dh = calibration_inputs(lm.model, he, layers, skip_first=True)
 for i in layers:
     m = lm.model.model.layers[i].mlp; x, hx = din[i], dh[i]
     with torch.no_grad():

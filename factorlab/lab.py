@@ -533,7 +533,7 @@ def _duration(seconds: float | None) -> str | None:
 @dataclass
 class Routing:
     """Routing of one text: tokens, layers, per layer chosen experts (per token a list, best first: K of
-    them, or 1..N with per-token K) and probabilities (T, N)."""
+    them, or 0..N with per-token K) and probabilities (T, N)."""
     tokens: list[str]
     layers: list[int]
     top_k_index: dict[int, list[list[int]]]

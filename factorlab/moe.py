@@ -91,8 +91,9 @@ class FactorizedMLP(nn.Module):
             self.register_buffer("original_down", d_t.clone(), persistent=False)  # (I, H), permuted
         self.router = TopKRouter(hidden, num_experts, top_k).to(device=gate.device, dtype=gate.dtype)
         # Per-token K (adaptive routing): expert e runs for a token when sigmoid(router logit e) >=
-        # thresholds[K-1] (the best expert always runs). thresholds[K-1] was tuned on training tokens so
-        # that K experts run per token on average; expected_k[K-1] is that measured mean. None = top-K.
+        # thresholds[K-1] (the best expert runs anyway unless min_experts is 0). thresholds[K-1] was tuned
+        # on training tokens so that K experts run per token on average; expected_k[K-1] is that
+        # measured mean. None = top-K.
         self.thresholds: torch.Tensor | None = None  # (N,)
         self.expected_k: torch.Tensor | None = None  # (N,)
         self.min_experts = 1  # per-token K: 0 lets a token run no routed expert (the shared block only)
@@ -164,8 +165,8 @@ class FactorizedMLP(nn.Module):
         """Per-token K: every expert, best first (T, N), and its weight (T, N), 0 where it does not run.
 
         An expert runs when sigmoid(logit) >= the threshold of the current K; the best one always
-        runs unless min_experts is 0. Weights: `scaled` N/K for each running expert (K the nominal K, as in the refit),
-        `gated` the running experts' sigmoid scores renormalised to sum to 1.
+        runs unless min_experts is 0. Weights: `scaled` N/K for each running expert (K the nominal K,
+        as in the refit), `gated` the running experts' sigmoid scores renormalised to sum to 1.
         """
         scores = router_logits.float().sigmoid()  # (T, N)
         sorted_scores, index = scores.sort(dim=-1, descending=True)
