@@ -202,9 +202,15 @@ class FactorizedMLP(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or self.gate_up.requires_grad
                                         or self.down.requires_grad):  # training: ops autograd can follow
             return self._dispatch_sorted(x, top_k_index, weights, self._experts_autograd)
-        if top_k_index.shape[0] == 1 and self.thresholds is None:  # decode: read only the K selected experts' weights
-            if x.device.type == "cpu":  # CPU: indexing by Python ints costs no device sync
-                return self._dispatch_one_token(x, top_k_index, weights)
+        if top_k_index.shape[0] == 1 and x.device.type == "cpu":  # decode: only the selected experts' weights
+            if self.thresholds is not None:  # per-token K: the experts that run (weight > 0), maybe none
+                run = weights[0] > 0
+                if self.active_count is not None:
+                    self.active_count[0] += 1
+                    self.active_count[1] += int(run.sum())
+                top_k_index, weights = top_k_index[:, run], weights[:, run]
+            return self._dispatch_one_token(x, top_k_index, weights)  # indexing by Python ints: no device sync
+        if top_k_index.shape[0] == 1 and self.thresholds is None:
             return self._dispatch_gather_weights(x, top_k_index, weights)
         return self._dispatch_sorted(x, top_k_index, weights, self._experts_inplace)
 
@@ -271,7 +277,7 @@ class FactorizedMLP(nn.Module):
             h = F.linear(x, self.gate_up[e])  # (1, 2D)
             a = self.act_fn(h[:, :d]).mul_(h[:, d:])  # (1, D)
             out = torch.mm(a, self.down[e]).mul_(w) if out is None else out.addmm_(a, self.down[e], alpha=w)
-        return out  # (1, H)
+        return x.new_zeros(x.shape) if out is None else out  # (1, H); per-token K may run no expert
 
     def _dispatch_gather_weights(self, x: torch.Tensor, top_k_index: torch.Tensor,
                                  weights: torch.Tensor) -> torch.Tensor:

@@ -194,6 +194,9 @@ def test_tokens_may_run_no_expert_when_allowed(tiny_model, runs_dir):
         out, ref = mlp(x), mlp.forward_reference(x)
         assert torch.allclose(out, ref, atol=1e-5)
         assert torch.allclose(out[none], mlp.shared_output(x[none]), atol=1e-6)  # the shared block alone
+        first_none = int(none.nonzero()[0])
+        for i in [first_none] + list(range(10)):  # decode (one token at a time) takes its own path
+            assert torch.allclose(mlp(x[i:i + 1]), ref[i:i + 1], atol=1e-5)
     save_run("none", {"model": "tiny", "top_k": 1, "output_mode": "gated", "partition": part.to_config(),
                       "mode": "experts"}, moe_tensors(moe, part, True))
     again = factorized_layers(load_moe("none", tiny_model))[0]
