@@ -15,7 +15,7 @@ import itertools, json, sys, torch
 from factorlab.factorize import _complement, _shared_neurons, balanced_kmeans, calibration_inputs
 from factorlab.models import load_model
 from factorlab.workflows import DataSpec, load_data
-from factorlab.par import TrainConfig, train_router, refit_down
+from factorlab.par import TrainConfig, train_router
 from experiments.layer_probe import recipe, rel
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 CH = 4096
