@@ -130,14 +130,24 @@ def factorize(model, n, k, split, layers, output_mode, seed, shared, calibration
                                                    "total vs dense"])
 
 
+# Training jobs each page started, by Gradio session, kept on the server: the page's poll state is
+# also written by timer ticks, and a tick that began before Start returned would drop the new job id.
+_STARTED: dict[str, set[str]] = {}
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
 def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k,
                    mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
-                   gate_up, e2e, adaptive_rounds):
+                   gate_up, e2e, adaptive_rounds, request: gr.Request = None):
     """Validate the page's settings and queue a training job."""
     spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k)
     job_id = lab.start_training(spec, lab.TRAIN_MODES.get(mode, mode), lab.DATA_SOURCES.get(data_kind, data_kind),
                                 upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
                                 gate_up, e2e, adaptive_rounds)
+    _STARTED.setdefault(_session(request), set()).add(job_id)
     poll = {**(poll or {}), "started": [*(poll or {}).get("started", []), job_id], "key": None}
     view = lab.job_view(get_manager().get(job_id))
     return poll, viz.progress_html(view), f"Queued training job `{job_id}` → run `{view['name']}`."
@@ -152,7 +162,7 @@ def cancel_job():
     return f"Cancel requested for {job.kind} job `{job.id}`: it stops within one step; no run is half-written."
 
 
-def poll_jobs(poll, run, version):
+def poll_jobs(poll, run, version, request: gr.Request = None):
     """Timer tick: redraw job views only when something changed; adopt a run this page trained."""
     manager = get_manager()
     jobs = manager.jobs()
@@ -164,8 +174,9 @@ def poll_jobs(poll, run, version):
     poll = dict(poll or {})
     if poll.get("key") == key:
         return (gr.skip(),) * 8
+    started = set(poll.get("started", [])) | _STARTED.get(_session(request), set())
     for job in jobs:
-        if job.id in poll.get("started", []) and job.kind == "train" and job.state == "done" \
+        if job.id in started and job.kind == "train" and job.state == "done" \
                 and job.id not in poll.get("adopted", []):
             run = job.result["run"]
             poll["adopted"] = [*poll.get("adopted", []), job.id]
