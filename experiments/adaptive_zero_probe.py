@@ -12,11 +12,8 @@ other documents, the dense model's FFN inputs, 32,768 `everyday` training tokens
 Result (layer 4; layer 24 was stopped to free the machine): experiments/results/adaptive_zero_probe.jsonl.
 """
 import itertools, json, sys, torch
-from factorlab.factorize import _complement, _shared_neurons, balanced_kmeans, calibration_inputs
-from factorlab.models import load_model
-from factorlab.workflows import DataSpec, load_data
 from factorlab.par import TrainConfig, train_router
-from experiments.layer_probe import recipe, rel
+from experiments.layer_probe import load_inputs, recipe, rel, split_layer
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 CH = 4096
 
@@ -71,18 +68,12 @@ def out(mlp, x, sel, scale):
         return torch.cat([mlp.shared_output(xc) + torch.einsum("tn,tnh->th", sc * scale, mlp.expert_outputs(xc))
                           for xc, sc in zip(x.split(CH), sel.split(CH))])
 
-lm = load_model("default")
 layers = [int(i) for i in sys.argv[1].split(",")]
-tr, he = load_data(lm, DataSpec(source="everyday", train_tokens=32768, heldout_tokens=4096))
-din = calibration_inputs(lm.model, tr, layers, skip_first=True)
-dh = calibration_inputs(lm.model, he, layers, skip_first=True)
+lm, din, dh = load_inputs(layers)
 for i in layers:
     m = lm.model.model.layers[i].mlp; x, hx = din[i], dh[i]
-    with torch.no_grad():
-        h = m.act_fn(m.gate_proj(x)) * m.up_proj(x); w = m.down_proj.weight.t()
-        t, ht = h @ w, (m.act_fn(m.gate_proj(hx)) * m.up_proj(hx)) @ w
-        sh = _shared_neurons(h.abs(), 256); rest = _complement(sh, 1536)
-        a = balanced_kmeans(h.abs()[:, rest].t(), 4, 0); perm = torch.cat([sh] + [rest[a == c] for c in range(4)])
+    split = split_layer(m, x, hx)
+    t, ht, perm = split.t, split.ht, split.perm
     row = {}
     for k in (1, 2):
         base = recipe(m, perm, x, t, k); row[f"recipe_k{k}"] = rel(ht, base(hx))

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,29 @@ def rel(t: torch.Tensor, o: torch.Tensor) -> float:
 
 def no_check() -> None:
     return None
+
+
+def load_inputs(layers: list[int], train_tokens: int = 32768) -> tuple:
+    """The embedded model and its FFN inputs at `layers` on `everyday` text (each row's first token
+    left out): (loaded, {layer: training inputs}, {layer: 4,096 held-out inputs of other documents})."""
+    loaded = load_model("default")
+    train, held = load_data(loaded, DataSpec(source="everyday", train_tokens=train_tokens, heldout_tokens=4096))
+    return (loaded, calibration_inputs(loaded.model, train, layers, skip_first=True),
+            calibration_inputs(loaded.model, held, layers, skip_first=True))
+
+
+def split_layer(m, x: torch.Tensor, hx: torch.Tensor) -> SimpleNamespace:
+    """One dense FFN on training inputs x and held-out inputs hx: activations h / hh, down rows w,
+    outputs t / ht, the recipe's 256 shared neurons, the other neurons (rest), their cluster split
+    into 4 (assign) and the permutation shared + experts (perm)."""
+    with torch.no_grad():
+        h, hh = (m.act_fn(m.gate_proj(v)) * m.up_proj(v) for v in (x, hx))
+        w = m.down_proj.weight.t()
+        shared = _shared_neurons(h.abs(), 256)
+        rest = _complement(shared, h.shape[1])
+        assign = balanced_kmeans(h.abs()[:, rest].t(), 4, 0)
+        perm = torch.cat([shared] + [rest[assign == c] for c in range(4)])
+    return SimpleNamespace(h=h, hh=hh, w=w, t=h @ w, ht=hh @ w, shared=shared, rest=rest, assign=assign, perm=perm)
 
 
 def recipe(m, perm, x, t, k: int, ridge: float = 1e-3, output_mode: str = "scaled") -> FactorizedMLP:
@@ -116,23 +140,13 @@ def main() -> None:
     layers, out_path = [int(i) for i in sys.argv[1].split(",")], sys.argv[2]
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     start = time.time()
-    loaded = load_model("default")
-    train, held = load_data(loaded, DataSpec(source="everyday", train_tokens=int(os.environ.get("TOKENS", "32768")),
-                                             heldout_tokens=4096))
-    din = calibration_inputs(loaded.model, train, layers, skip_first=True)
-    dheld = calibration_inputs(loaded.model, held, layers, skip_first=True)
+    loaded, din, dheld = load_inputs(layers, int(os.environ.get("TOKENS", "32768")))
     result = {"layers": {}}
     for i in layers:
         m = loaded.model.model.layers[i].mlp
         x, hx = din[i], dheld[i]
-        with torch.no_grad():
-            h, hh = (m.act_fn(m.gate_proj(v)) * m.up_proj(v) for v in (x, hx))
-            w = m.down_proj.weight.t()
-            t, ht = h @ w, hh @ w
-            shared = _shared_neurons(h.abs(), 256)
-            rest = _complement(shared, h.shape[1])
-            assign = balanced_kmeans(h.abs()[:, rest].t(), 4, 0)
-            perm = torch.cat([shared] + [rest[assign == c] for c in range(4)])
+        s = split_layer(m, x, hx)
+        h, hh, w, t, ht, shared, rest, assign, perm = s.h, s.hh, s.w, s.t, s.ht, s.shared, s.rest, s.assign, s.perm
         row = {}
         base = recipe(m, perm, x, t, 2)
         row["recipe_k2"] = errors(base, x, t, hx, ht)

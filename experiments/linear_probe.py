@@ -15,32 +15,20 @@ import sys
 
 import torch
 
-from experiments.layer_probe import recipe, rel
-from factorlab.factorize import _complement, _shared_neurons, balanced_kmeans, calibration_inputs
-from factorlab.models import load_model
-from factorlab.workflows import DataSpec, load_data
+from experiments.layer_probe import load_inputs, recipe, rel, split_layer
 
 
 def main() -> None:
     layers, out_path = [int(i) for i in sys.argv[1].split(",")], sys.argv[2]
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    loaded = load_model("default")
-    train, held = load_data(loaded, DataSpec(source="everyday", train_tokens=32768, heldout_tokens=4096))
-    din = calibration_inputs(loaded.model, train, layers, skip_first=True)
-    dheld = calibration_inputs(loaded.model, held, layers, skip_first=True)
+    loaded, din, dheld = load_inputs(layers)
     result = {}
     for i in layers:
         m = loaded.model.model.layers[i].mlp
         x, hx = din[i], dheld[i]
-        with torch.no_grad():
-            h = m.act_fn(m.gate_proj(x)) * m.up_proj(x)
-            w = m.down_proj.weight.t()
-            t, ht = h @ w, (m.act_fn(m.gate_proj(hx)) * m.up_proj(hx)) @ w
-            shared = _shared_neurons(h.abs(), 256)
-            rest = _complement(shared, h.shape[1])
-            assign = balanced_kmeans(h.abs()[:, rest].t(), 4, 0)
-            perm = torch.cat([shared] + [rest[assign == c] for c in range(4)])
-        mlp = recipe(m, perm, x, t, 2)
+        s = split_layer(m, x, hx)
+        t, ht = s.t, s.ht
+        mlp = recipe(m, s.perm, x, t, 2)
         with torch.no_grad():
             r, hr = t - mlp(x), ht - mlp(hx)
             row = {"recipe_k2": rel(ht, ht - hr)}
