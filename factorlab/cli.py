@@ -399,9 +399,18 @@ def _print_sweep(sweep: dict) -> None:
                   f"{_pct(r.get('above_chance')):>11s}{r['gflops_per_token']:>11.3f}{r['seconds']:>7.1f}")
     for k, s in sweep["summary"]["k"].items():
         excluded = ", ".join(s["above_chance_excluded"]) or "none"
-        print(f"K={k}: mean relative {_pct(s['relative_capped'])}% (each task capped at 100%; uncapped "
-              f"{_pct(s['relative'])}%), above-chance retention {_pct(s['above_chance'])}% over "
-              f"{len(s['above_chance_tasks'])} tasks (left out, dense within 2 s.e. of chance: {excluded})")
+        ci = s.get("ci95") or {}
+        print(f"K={k}: mean relative {_pct(s['relative_capped'])}%{_interval(ci.get('relative_capped'))} (each task "
+              f"capped at 100%; uncapped {_pct(s['relative'])}%), above-chance retention "
+              f"{_pct(s['above_chance'])}%{_interval(ci.get('above_chance'))} over {len(s['above_chance_tasks'])} "
+              f"tasks (left out, dense within 2 s.e. of chance: {excluded})")
+    if any(s.get("ci95") for s in sweep["summary"]["k"].values()):
+        print("[a, b]: 95% paired bootstrap interval over the items (the same resampled items for dense and "
+              "factorized)")
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{_pct(ci[0])}, {_pct(ci[1])}]"
 
 
 def cmd_eval(args) -> int:

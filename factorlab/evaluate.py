@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # Above-chance retention needs the dense score this many standard errors above chance (GUIDE §7:
 # undefined at chance, e.g. the default model's 50.4% on Winogrande against 50%).
 ABOVE_CHANCE_MIN_SE = 2.0
+# Resamples of the paired bootstrap behind the means' intervals (bootstrap_means).
+BOOTSTRAP_RESAMPLES = 2000
 # callback(done, total, message): called after every forward; a job may raise from it to cancel.
 Callback = Callable[[int, int, str], None]
 
@@ -291,9 +293,62 @@ def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int |
                            k_offsets=k_offsets(moe))["total"] / 1e9
 
 
+def correct_bits(task: TaskData, lls: Sequence[Sequence[float]]) -> str:
+    """Each item's main-metric outcome as one character, "1" right and "0" wrong (in item order):
+    what paired comparisons and bootstrap intervals need, compact enough to keep in every sweep."""
+    acc, norm = score_items(task, lls)
+    return "".join("1" if x else "0" for x in (norm if task.spec.has_acc_norm else acc))
+
+
+def _bits(value: str) -> torch.Tensor:
+    return torch.tensor([c == "1" for c in value], dtype=torch.float64)
+
+
+def bootstrap_means(tasks: dict[str, dict], k: str, above_tasks: Sequence[str], resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = 0, level: float = 0.95) -> dict | None:
+    """Paired bootstrap interval of the two headline means at K: the items of each task are resampled
+    (the same draw for the dense and the factorized model, tasks independently) and the capped mean
+    relative maintenance and the mean above-chance retention (over `above_tasks`, the tasks where it
+    is defined for the full item set) are recomputed per resample; percentiles give the interval.
+    None when a task lacks per-item outcomes (sweeps written before they were stored)."""
+    names = [n for n, t in tasks.items() if k in t.get("k", {})]
+    if not names or any("correct" not in (tasks[n].get("dense") or {}) or "correct" not in tasks[n]["k"][k]
+                        for n in names):
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    rel, above = torch.zeros(resamples, dtype=torch.float64), torch.zeros(resamples, dtype=torch.float64)
+    for n in names:
+        d, f = _bits(tasks[n]["dense"]["correct"]), _bits(tasks[n]["k"][k]["correct"])
+        if d.numel() != f.numel() or d.numel() == 0:
+            return None
+        idx = torch.randint(0, d.numel(), (resamples, d.numel()), generator=gen)
+        dm, fm = d[idx].mean(1), f[idx].mean(1)
+        rel += torch.where(dm > 0, fm / dm.clamp_min(1e-12), torch.ones_like(dm)).clamp(max=1.0)
+        if n in above_tasks:  # a resample whose dense mean falls to chance makes the ratio undefined
+            gap = dm - tasks[n]["chance"]
+            above += torch.where(gap > 0, (fm - tasks[n]["chance"]) / gap.clamp_min(1e-12),
+                                 torch.full_like(gap, float("nan")))
+    rel /= len(names)
+    tail = (1 - level) / 2 * 100
+
+    def interval(x: torch.Tensor) -> list[float] | None:
+        x = x[~x.isnan()]
+        if x.numel() < resamples // 2:
+            return None
+        return [float(v) for v in torch.quantile(x, torch.tensor([tail / 100, 1 - tail / 100], dtype=x.dtype))]
+
+    out = {"level": level, "resamples": resamples, "relative_capped": interval(rel)}
+    if above_tasks:
+        above /= len(above_tasks)
+        out["above_chance"] = interval(above)
+        out["above_chance_resamples"] = int((~above.isnan()).sum())
+    return out
+
+
 def summarize(tasks: dict[str, dict]) -> dict:
     """Per K over the tasks that have it: mean relative maintenance capped at 100% per task and
-    uncapped, and mean above-chance retention over the tasks where it is defined."""
+    uncapped, and mean above-chance retention over the tasks where it is defined; with per-item
+    outcomes stored, a paired bootstrap 95% interval of both ("ci95", bootstrap_means)."""
     ks = sorted({k for t in tasks.values() for k in t.get("k", {})}, key=int)
     out = {}
     for k in ks:
@@ -306,6 +361,9 @@ def summarize(tasks: dict[str, dict]) -> dict:
                   "above_chance": (sum(rows[n]["above_chance"] for n in defined) / len(defined)) if defined else None,
                   "above_chance_tasks": defined,
                   "above_chance_excluded": sorted(set(rows) - set(defined))}
+        ci = bootstrap_means({n: tasks[n] for n in rows}, k, defined)
+        if ci is not None:
+            out[k]["ci95"] = ci
     return {"k": out}
 
 
@@ -350,7 +408,8 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
             seq_len = max(1, round(prep.mean_tokens))
             entry = {"n": d.n, "limit": limit, "seed": seed, "split": prep.task.split, "source": prep.task.source,
                      "chance": d.chance, "main_metric": prep.task.spec.main_metric, "flops_seq_len": seq_len,
-                     "dense": {**d.as_dict(), "gflops_per_token": _gflops(info, seq_len)}, "k": {}}
+                     "dense": {**d.as_dict(), "gflops_per_token": _gflops(info, seq_len),
+                               "correct": correct_bits(prep.task, d.loglikelihoods)}, "k": {}}
             for k in ks:
                 set_top_k(moe, k)
                 with count_active_experts(moe) as active:  # per-token K: what ran on these items
@@ -360,7 +419,8 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
                 entry["k"][str(k)] = {**f.as_dict(), "relative": relative(f.main, d.main),
                                       "relative_acc": relative(f.acc, d.acc),
                                       "above_chance": above_chance(f.main, d.main, d.chance, d.main_stderr),
-                                      "gflops_per_token": _gflops(info, seq_len, moe, k, active)}
+                                      "gflops_per_token": _gflops(info, seq_len, moe, k, active),
+                                      "correct": correct_bits(prep.task, f.loglikelihoods)}
                 if active:
                     entry["k"][str(k)]["experts_per_token"] = sum(active.values()) / len(active)
             out[name] = entry

@@ -246,6 +246,11 @@ def _pct(x: float | None) -> str | None:
     return None if x is None else f"{100 * x:.1f}%"
 
 
+def _ci(interval: list[float] | None) -> str:
+    """A 95% bootstrap interval after a percentage (evaluate.bootstrap_means), or nothing."""
+    return "" if not interval else f" (95% CI {100 * interval[0]:.1f}–{100 * interval[1]:.1f}%)"
+
+
 # ---------------------------------------------------------------- factorize
 def factorize_spec(model: str, num_experts, top_k, split: str, layers: str, output_mode: str, seed,
                    shared_size=0, calibration_tokens=4096, first_token_dense=False, layer_k="uniform"):
@@ -629,8 +634,10 @@ def _task_points(m: dict, task: str, gflops: dict) -> tuple[list[dict], list[str
                 points.append(point(f"K={k}", int(k), s["relative_capped"]))
             excluded = s.get("above_chance_excluded") or []
             note = f" (undefined for {', '.join(excluded)}: left out)" if excluded else ""
-            rows.append([f"K={k}", _pct(s.get("relative_capped")), _pct(s.get("relative")),
-                         f"{_pct(s.get('above_chance'))}{note}", ", ".join(s.get("tasks", []))])
+            ci = s.get("ci95") or {}
+            rows.append([f"K={k}", f"{_pct(s.get('relative_capped'))}{_ci(ci.get('relative_capped'))}",
+                         _pct(s.get("relative")), f"{_pct(s.get('above_chance'))}{_ci(ci.get('above_chance'))}{note}",
+                         ", ".join(s.get("tasks", []))])
         return points, headers, rows, "relative maintenance (factorized / dense)"
     entry = (ev.get("tasks") or {}).get(task)
     if not entry:

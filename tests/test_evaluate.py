@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from factorlab import cli, tasks
-from factorlab.evaluate import (above_chance, encode_pair, evaluate, group_by_context, heldout_metrics,
+from factorlab.evaluate import (above_chance, bootstrap_means, encode_pair, evaluate, group_by_context, heldout_metrics,
                                 loglikelihoods, mean_stderr, pack, relative, run_sweep, score_items, store_eval,
                                 summarize)
 from factorlab.factorize import build_moe, make_partition
@@ -131,6 +131,42 @@ def test_summary_caps_relative_and_leaves_out_undefined():
     assert s["above_chance"] == 0.5 and s["above_chance_excluded"] == ["boolq"]
 
 
+def _bits_task(dense_right: int, fact_right: int, n: int, chance: float, both: int | None = None) -> dict:
+    """A task entry with per-item outcomes: the factorized model right on `both` of the dense model's
+    right items (all it can be, by default) and wrong elsewhere when it has no more to place."""
+    both = min(dense_right, fact_right) if both is None else both
+    d = [1] * dense_right + [0] * (n - dense_right)
+    f = ([1] * both + [0] * (dense_right - both) + [1] * (fact_right - both)
+         + [0] * (n - dense_right - fact_right + both))
+    bits = lambda xs: "".join(map(str, xs))  # noqa: E731
+    dm, fm = dense_right / n, fact_right / n
+    return {"chance": chance, "dense": {"correct": bits(d)},
+            "k": {"2": {"relative": fm / dm, "above_chance": (fm - chance) / (dm - chance), "correct": bits(f)}}}
+
+
+def test_bootstrap_interval_of_the_means_is_paired_and_shrinks_with_items():
+    small = {"a": _bits_task(60, 45, 100, 0.25), "b": _bits_task(70, 60, 100, 0.5)}
+    s = summarize(small)["k"]["2"]
+    ci = s["ci95"]
+    assert ci["level"] == 0.95 and ci["resamples"] > 1000
+    assert ci["relative_capped"][0] < s["relative_capped"] < ci["relative_capped"][1]
+    assert ci["above_chance"][0] < s["above_chance"] < ci["above_chance"][1]
+    big = {n: _bits_task(6 * r, 6 * f, 600, c) for n, (r, f, c) in {"a": (60, 45, 0.25), "b": (70, 60, 0.5)}.items()}
+    ci_big = summarize(big)["k"]["2"]["ci95"]
+    width = lambda c: c[1] - c[0]  # noqa: E731
+    assert width(ci_big["above_chance"]) < 0.6 * width(ci["above_chance"])
+    # paired: a model right on exactly the dense model's items keeps 100% in every resample
+    same = {"a": _bits_task(60, 60, 100, 0.25)}
+    assert summarize(same)["k"]["2"]["ci95"]["above_chance"] == pytest.approx([1.0, 1.0])
+    # the same marginal scores with fewer shared right items: wider (the pairing is what narrows it)
+    mixed = {"a": _bits_task(60, 60, 100, 0.25, both=40)}
+    assert width(summarize(mixed)["k"]["2"]["ci95"]["above_chance"]) > 0.3
+    # deterministic, and absent where the per-item outcomes are (sweeps written before they were kept)
+    assert bootstrap_means(small, "2", ["a", "b"]) == bootstrap_means(small, "2", ["a", "b"])
+    old = {"a": {**small["a"], "dense": {}}}
+    assert "ci95" not in summarize(old)["k"]["2"]
+
+
 def _write_task_data(root):
     """A tiny arc_easy and boolq in the Hub's schema, as --data-dir folders."""
     arc = [{"question": f"What is thing {i}?", "choices": {"text": ["red", "a blue car", "green", "the sun"],
@@ -162,6 +198,13 @@ def test_sweep_k_equals_n_matches_dense_and_restores_k(tiny_model, tmp_path):
     assert arc["k"]["2"]["gflops_per_token"] == pytest.approx(arc["dense"]["gflops_per_token"], rel=1e-2)  # + router
     assert arc["k"]["1"]["gflops_per_token"] < arc["k"]["2"]["gflops_per_token"]
     assert sweep["tasks"]["boolq"]["k"]["1"]["acc_norm"] is None
+    # per-item outcomes of the main metric, kept for paired intervals
+    assert arc["k"]["2"]["correct"] == arc["dense"]["correct"] and len(arc["dense"]["correct"]) == 6
+    for entry in (arc["dense"], arc["k"]["1"]):
+        assert entry["correct"].count("1") / 6 == pytest.approx(entry["acc_norm"])
+    boolq = sweep["tasks"]["boolq"]["k"]["1"]
+    assert boolq["correct"].count("1") / 6 == pytest.approx(boolq["acc"])
+    assert "ci95" in sweep["summary"]["k"]["1"]
     assert set(sweep["summary"]["k"]) == {"1", "2"}
     assert all(m.top_k == 1 for m in factorized_layers(moe).values())
     assert len(cache) == 2  # dense scored once per task; a second sweep reuses it
@@ -234,6 +277,10 @@ def test_cli_eval_sweep_json_and_store(tiny_model, tmp_path, runs_dir, monkeypat
     out = json.loads(capsys.readouterr().out)
     assert set(out["tasks"]["arc_easy"]["k"]) == {"1", "2"} and out["run"] == "r"
     assert load_run("r").metrics["eval"]["tasks"]["arc_easy"]["k"]["2"]["relative"] == 1.0
+    assert cli.main(["eval", "r", "--tasks", "arc_easy", "--k", "1", "--data-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"K=1: mean relative [\d.]+% \[[\d.]+, [\d.]+\]", text)  # with its bootstrap interval
+    assert "95% paired bootstrap interval" in text
     path = tmp_path / "dense.json"
     assert cli.main(["eval", "--dense-only", "--tasks", "boolq", "--data-dir", str(tmp_path), "--json", str(path)]) == 0
     assert json.loads(path.read_text())["tasks"]["boolq"]["k"] == {}

@@ -94,9 +94,10 @@ def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
     monkeypatch.setattr(lab, "dense_info", lambda spec: info)
     stderr = {"acc": 0.05, "acc_norm": 0.05}
     entry = {"n": 40, "limit": 40, "seed": 0, "chance": 0.25, "main_metric": "acc_norm",
-             "dense": {"acc": 0.6, "acc_norm": 0.62, "n": 40, "stderr": stderr},
+             "dense": {"acc": 0.6, "acc_norm": 0.62, "n": 40, "stderr": stderr, "correct": "1" * 25 + "0" * 15},
              "k": {str(k): {"acc": 0.4 + 0.05 * k, "acc_norm": 0.42 + 0.05 * k, "n": 40, "stderr": stderr,
-                            "relative": (0.42 + 0.05 * k) / 0.62, "above_chance": 0.5} for k in (1, 2, 4)}}
+                            "relative": (0.42 + 0.05 * k) / 0.62, "above_chance": 0.5,
+                            "correct": "1" * (17 + 2 * k) + "0" * (23 - 2 * k)} for k in (1, 2, 4)}}
     from factorlab.evaluate import summarize
 
     fake_run(runs_dir, {"heldout": HELDOUT, "eval": {"tasks": {"arc_easy": entry},
@@ -115,6 +116,7 @@ def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
     assert [p["score"] for p in held["points"]] == pytest.approx([1.0, 0.6, 0.7, 0.8])
     mean = lab.tradeoff_view("fake", lab.MEAN_TASK, 1, 128)
     assert mean["points"][0]["score"] == 1.0 and len(mean["points"]) == 4
+    assert all("95% CI" in row[2] and "95% CI" in row[4] for row in mean["rows"][1:])  # paired bootstrap intervals
     json.dumps(view["rows"])  # plain values, ready for a Dataframe
 
 
