@@ -31,6 +31,7 @@ def lines(rows):
                     "ppl": h.get("perplexity"), "dense_ppl": h.get("dense_perplexity"),
                     "agreement": h.get("agreement"), "relative": summ.get("relative_capped"),
                     "above_chance": summ.get("above_chance"), "above_tasks": summ.get("above_chance_tasks"),
+                    "ci": summ.get("ci95") or {},
                     "mmlu": mmlu and mmlu.get("acc"), "row": r})
     return out
 
@@ -41,8 +42,15 @@ def summary_table(ls):
     print("|---|---|---|---|---|---|---|---|---|")
     for x in ls:
         print(f"| {x['label']} | {x['K']} | {x['minutes']:.1f} | {x['gflops']:.3f} of {x['dense_gflops']:.3f} | "
-              f"{x['ppl']:.1f} ({x['dense_ppl']:.1f}) | {x['agreement']:.3f} | {pct(x['relative'])}% | "
-              f"{pct(x['above_chance'])}% | {pct(x['mmlu'])} |")
+              f"{x['ppl']:.1f} ({x['dense_ppl']:.1f}) | {x['agreement']:.3f} | {pct(x['relative'])}%"
+              f"{interval(x['ci'].get('relative_capped'))} | {pct(x['above_chance'])}%"
+              f"{interval(x['ci'].get('above_chance'))} | {pct(x['mmlu'])} |")
+    if any(x["ci"] for x in ls):
+        print("\n[a–b]: 95% paired bootstrap interval over the items (rows that stored per-item outcomes)")
+
+
+def interval(ci) -> str:
+    return f" [{pct(ci[0], 0)}–{pct(ci[1], 0)}]" if ci else ""
 
 
 def task_table(ls):

@@ -300,7 +300,8 @@ def correct_bits(task: TaskData, lls: Sequence[Sequence[float]]) -> str:
     return "".join("1" if x else "0" for x in (norm if task.spec.has_acc_norm else acc))
 
 
-def _bits(value: str) -> torch.Tensor:
+def outcomes(value: str) -> torch.Tensor:
+    """Per-item outcomes stored as "1"/"0" characters (correct_bits) as a float tensor."""
     return torch.tensor([c == "1" for c in value], dtype=torch.float64)
 
 
@@ -318,7 +319,7 @@ def bootstrap_means(tasks: dict[str, dict], k: str, above_tasks: Sequence[str], 
     gen = torch.Generator().manual_seed(seed)
     rel, above = torch.zeros(resamples, dtype=torch.float64), torch.zeros(resamples, dtype=torch.float64)
     for n in names:
-        d, f = _bits(tasks[n]["dense"]["correct"]), _bits(tasks[n]["k"][k]["correct"])
+        d, f = outcomes(tasks[n]["dense"]["correct"]), outcomes(tasks[n]["k"][k]["correct"])
         if d.numel() != f.numel() or d.numel() == 0:
             return None
         idx = torch.randint(0, d.numel(), (resamples, d.numel()), generator=gen)
