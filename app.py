@@ -374,7 +374,9 @@ embedded model, this keeps far more of the dense model's answers than giving eve
    items scored as lm-evaluation-harness does (log-likelihood of each choice; `acc_norm` divides by its length),
    on a seeded subset; ± is the standard error. Where the dense model is at or below chance (BoolQ, Winogrande
    for small models) *above-chance retention* is undefined and left out of the mean; the headline mean caps each
-   task at 100%. Speed ratios are **measured** on this machine (median of alternating repeats), never derived.
+   task at 100%; its *95% CI* resamples the items (the same draw for dense and factorized), so a small task
+   (ARC-Challenge: 299 items) shows how far one run's mean can move by chance. Speed ratios are **measured** on
+   this machine (median of alternating repeats), never derived.
 4. **Chat.** The same prompt, chat template, sampling settings and seed go to the dense model (left) and the
    factorized one at the K you choose (right). Under each: decode tokens/s and the active FFN GFLOPs per token.
    Optionally colour the factorized reply's tokens by the expert they were sent to at one layer.
