@@ -437,7 +437,7 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                         seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")
                         adaptive_rounds = gr.Number(TrainConfig.adaptive_rounds, precision=0,
                                                     label="Per-token K rounds",
-                                                    info="0 = every token runs its top K experts; > 0 (default 3): "
+                                                    info="0 = every token runs its top K experts; > 0 (default 5): "
                                                          "tokens run 0..N experts (0: only the shared neurons), K "
                                                          "on average (router scores above a threshold), fitted in "
                                                          "this many rounds after the refit")
