@@ -63,16 +63,17 @@ def main() -> None:
         rel["b"] += (bm / dm).clamp(max=1.0)
         if ta["k"][ka].get("above_chance") is not None and tb["k"][kb].get("above_chance") is not None:
             above_tasks.append(t)
-            gap = (dm - ta["chance"]).clamp_min(1e-12)  # a resample at chance: huge ratios in both, cancelling
-            above["a"] += (am - ta["chance"]) / gap
-            above["b"] += (bm - ta["chance"]) / gap
+            gap = dm - ta["chance"]  # a resample with the dense model at chance: undefined (dropped, as in
+            nan = torch.full_like(gap, float("nan"))  # evaluate.bootstrap_means)
+            above["a"] += torch.where(gap > 0, (am - ta["chance"]) / gap.clamp_min(1e-12), nan)
+            above["b"] += torch.where(gap > 0, (bm - ta["chance"]) / gap.clamp_min(1e-12), nan)
     out = {"a": f"{name_a}:{ka}", "b": f"{name_b}:{kb}", "tasks": rows, "resamples": n_res}
     for label, series, count in (("mean relative (capped)", rel, len(tasks)),
                                  ("mean above-chance", above, len(above_tasks))):
         if not count:
             continue
         diff = (series["a"] - series["b"]) / count
-        diff = diff[diff.isfinite()]
+        diff = diff[~diff.isnan()]
         lo, hi = (float(v) for v in torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)))
         ahead = float((diff > 0).double().mean())
         print(f"{label}: A − B median {100 * float(diff.median()):+.1f} points, 95% interval "
