@@ -330,13 +330,13 @@ def bootstrap_means(tasks: dict[str, dict], k: str, above_tasks: Sequence[str], 
             above += torch.where(gap > 0, (fm - tasks[n]["chance"]) / gap.clamp_min(1e-12),
                                  torch.full_like(gap, float("nan")))
     rel /= len(names)
-    tail = (1 - level) / 2 * 100
+    tail = (1 - level) / 2
 
     def interval(x: torch.Tensor) -> list[float] | None:
         x = x[~x.isnan()]
         if x.numel() < resamples // 2:
             return None
-        return [float(v) for v in torch.quantile(x, torch.tensor([tail / 100, 1 - tail / 100], dtype=x.dtype))]
+        return [float(v) for v in torch.quantile(x, torch.tensor([tail, 1 - tail], dtype=x.dtype))]
 
     out = {"level": level, "resamples": resamples, "relative_capped": interval(rel)}
     if above_tasks:

@@ -131,7 +131,7 @@ class TrainConfig:
     gate_up_steps: int = 0  # optional Adam steps on gate/up per layer after the refit
     gate_up_lr: float = 1e-4
     # experts mode: per-token K at the same mean, fitted in this many rounds; 0 = top-K. 5 rounds against 3:
-    # held-out KL 5% lower in two seeds for ~2 more minutes (issue 7, round 6)
+    # held-out KL 4-5% lower in two paired seeds for ~2 more minutes (issue 7, round 6)
     adaptive_rounds: int = 5
     # per-token K: 0 lets a token run no routed expert (the shared block only), 1 runs at least its best one;
     # None: 0 in layers with shared neurons (measured better there), 1 without (a token would skip the FFN)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from factorlab import cli, tasks
-from factorlab.evaluate import (above_chance, bootstrap_means, encode_pair, evaluate, group_by_context, heldout_metrics,
-                                loglikelihoods, mean_stderr, pack, relative, run_sweep, score_items, store_eval,
-                                summarize)
+from factorlab.evaluate import (above_chance, bootstrap_means, encode_pair, evaluate, group_by_context,
+                                heldout_metrics, loglikelihoods, mean_stderr, pack, relative, run_sweep, score_items,
+                                store_eval, summarize)
 from factorlab.factorize import build_moe, make_partition
 from factorlab.moe import factorized_layers
 from factorlab.runs import load_run, save_run
