@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from factorlab.evaluate import BOOTSTRAP_RESAMPLES, outcomes
+from factorlab.evaluate import BOOTSTRAP_RESAMPLES, above_chance_series, outcomes, resampled_means
 
 SEVEN = "hellaswag,openbookqa,winogrande,arc_easy,arc_challenge,boolq,piqa"
 
@@ -50,8 +50,7 @@ def main() -> None:
         if ta["dense"]["correct"] != tb["dense"]["correct"]:
             sys.exit(f"{t}: the two sweeps scored different items (their dense outcomes differ)")
         fa, fb = outcomes(ta["k"][ka]["correct"]), outcomes(tb["k"][kb]["correct"])
-        idx = torch.randint(0, d.numel(), (n_res, d.numel()), generator=gen)
-        dm, am, bm = d[idx].mean(1), fa[idx].mean(1), fb[idx].mean(1)
+        dm, (am, bm) = resampled_means(d, [fa, fb], n_res, gen)
         diff = am - bm
         lo, hi = (float(v) for v in torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)))
         point = float(fa.mean() - fb.mean())
@@ -63,10 +62,8 @@ def main() -> None:
         rel["b"] += (bm / dm).clamp(max=1.0)
         if ta["k"][ka].get("above_chance") is not None and tb["k"][kb].get("above_chance") is not None:
             above_tasks.append(t)
-            gap = dm - ta["chance"]  # a resample with the dense model at chance: undefined (dropped, as in
-            nan = torch.full_like(gap, float("nan"))  # evaluate.bootstrap_means)
-            above["a"] += torch.where(gap > 0, (am - ta["chance"]) / gap.clamp_min(1e-12), nan)
-            above["b"] += torch.where(gap > 0, (bm - ta["chance"]) / gap.clamp_min(1e-12), nan)
+            above["a"] += above_chance_series(am, dm, ta["chance"])  # NaN where dense is at chance: dropped
+            above["b"] += above_chance_series(bm, dm, ta["chance"])
     out = {"a": f"{name_a}:{ka}", "b": f"{name_b}:{kb}", "tasks": rows, "resamples": n_res}
     for label, series, count in (("mean relative (capped)", rel, len(tasks)),
                                  ("mean above-chance", above, len(above_tasks))):

@@ -305,6 +305,20 @@ def outcomes(value: str) -> torch.Tensor:
     return torch.tensor([c == "1" for c in value], dtype=torch.float64)
 
 
+def resampled_means(dense: torch.Tensor, models: Sequence[torch.Tensor], resamples: int,
+                    gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One task's bootstrap: `resamples` draws of its items with replacement, the same draw for the
+    dense model's outcomes and every model's; the mean score per draw: (R,), [(R,), ...]."""
+    idx = torch.randint(0, dense.numel(), (resamples, dense.numel()), generator=gen)
+    return dense[idx].mean(1), [m[idx].mean(1) for m in models]
+
+
+def above_chance_series(model_means: torch.Tensor, dense_means: torch.Tensor, chance: float) -> torch.Tensor:
+    """Above-chance retention per resample; NaN (undefined) where the resampled dense score is at chance."""
+    gap = dense_means - chance
+    return torch.where(gap > 0, (model_means - chance) / gap.clamp_min(1e-12), torch.full_like(gap, float("nan")))
+
+
 def bootstrap_means(tasks: dict[str, dict], k: str, above_tasks: Sequence[str], resamples: int = BOOTSTRAP_RESAMPLES,
                     seed: int = 0, level: float = 0.95) -> dict | None:
     """Paired bootstrap interval of the two headline means at K: the items of each task are resampled
@@ -322,13 +336,10 @@ def bootstrap_means(tasks: dict[str, dict], k: str, above_tasks: Sequence[str], 
         d, f = outcomes(tasks[n]["dense"]["correct"]), outcomes(tasks[n]["k"][k]["correct"])
         if d.numel() != f.numel() or d.numel() == 0:
             return None
-        idx = torch.randint(0, d.numel(), (resamples, d.numel()), generator=gen)
-        dm, fm = d[idx].mean(1), f[idx].mean(1)
+        dm, (fm,) = resampled_means(d, [f], resamples, gen)
         rel += torch.where(dm > 0, fm / dm.clamp_min(1e-12), torch.ones_like(dm)).clamp(max=1.0)
         if n in above_tasks:  # a resample whose dense mean falls to chance makes the ratio undefined
-            gap = dm - tasks[n]["chance"]
-            above += torch.where(gap > 0, (fm - tasks[n]["chance"]) / gap.clamp_min(1e-12),
-                                 torch.full_like(gap, float("nan")))
+            above += above_chance_series(fm, dm, tasks[n]["chance"])
     rel /= len(names)
     tail = (1 - level) / 2
 
