@@ -158,7 +158,7 @@ def cmd_flops(args) -> int:
 
 # ---- train ----
 def add_train(sub) -> None:
-    from .par import E2E_PARAMS, LABEL_LOSSES, MODES, TARGETS, TrainConfig
+    from .par import E2E_PARAMS, LABEL_LOSSES, MODES, TARGETS, TOKEN_WEIGHTS, TrainConfig
     from .workflows import RECIPE_LAYERS, DataSpec
 
     p = sub.add_parser("train", help="factorize + PAR training + held-out metrics, saved as a run")
@@ -207,6 +207,9 @@ def add_train(sub) -> None:
     p.add_argument("--ridge", type=float, default=TrainConfig.ridge,
                    help="least-squares refit regulariser (relative to the mean diagonal of the Gram matrix)")
     p.add_argument("--target", choices=TARGETS, default="teacher")
+    p.add_argument("--token-weight", choices=TOKEN_WEIGHTS, default=TrainConfig.token_weight,
+                   help="how each token's error counts in the refits and per-token sets: none = squared error; "
+                        "residual = relative to the token's residual stream (attention sinks do not dominate)")
     p.add_argument("--gate-up-steps", type=int, default=0,
                    help="Adam steps per layer on the experts' gate/up (and down) after the refit; the down "
                         "projections are refitted once more after them")
@@ -239,7 +242,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
                       label_loss=args.label_loss, ridge=args.ridge, adaptive_rounds=args.adaptive_rounds,
                       adaptive_min_experts=args.adaptive_min_experts,
-                      target=args.target, gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
+                      target=args.target, token_weight=args.token_weight, gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
                       e2e_steps=args.e2e_steps,
                       e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
                       e2e_params=args.e2e_params, minutes=args.minutes, seed=args.seed)

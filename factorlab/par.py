@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MODES = ("none", "router", "experts")
 LABEL_LOSSES = ("kl", "bce")
 TARGETS = ("teacher", "residual")
+TOKEN_WEIGHTS = ("none", "residual")
 E2E_PARAMS = ("all", "down")
 
 
@@ -125,6 +126,10 @@ class TrainConfig:
     label_loss: str = "kl"
     target: str = "teacher"  # experts mode: fit the original FFN on own inputs (measured better than "residual")
     ridge: float = 1e-3  # least-squares regulariser, relative to the mean diagonal of the Gram matrix
+    # how each token's FFN-output error counts in the refits and per-token sets: "none" = squared error;
+    # "residual" = squared error relative to the token's residual stream after the dense FFN (1/||h||^2,
+    # mean 1), so tokens with huge residuals (attention sinks) do not dominate the fit
+    token_weight: str = "none"
     refit_down: bool = True
     refine_rounds: int = 0  # top-K: after the refit, relabel (best joint K experts), retrain router, refit again
     # (the top-K recipe used 2; with per-token K they add nothing measurable, issue 7 round 5)
@@ -156,6 +161,8 @@ class TrainConfig:
             raise ValueError(f"e2e_params must be one of {', '.join(E2E_PARAMS)}, got {self.e2e_params!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.token_weight not in TOKEN_WEIGHTS:
+            raise ValueError(f"token_weight must be one of {', '.join(TOKEN_WEIGHTS)}, got {self.token_weight!r}")
         for name in ("router_steps", "gate_up_steps", "e2e_steps", "refine_rounds", "adaptive_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -301,9 +308,10 @@ def subset_masks(num_experts: int, empty: bool = False) -> torch.Tensor:
 
 
 def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, mean_k: float,
-                    chunk: int, min_experts: int = 1) -> torch.Tensor:
+                    chunk: int, min_experts: int = 1, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token sets of experts with mean size mean_k that minimise the total error: (T, N) 0/1.
-    min_experts 0 lets a token's set be empty (the shared block alone).
+    min_experts 0 lets a token's set be empty (the shared block alone); weights (T,) scale each
+    token's error (None: all 1).
 
     Each token's error for every set of experts (with the current weights and the scaled rule's
     N/K, K = the layer's K) is computed exactly; a Lagrange multiplier on the set size, found by
@@ -323,6 +331,8 @@ def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
             errs.append(r.pow(2).sum(1, keepdim=True) - 2 * b @ masks.t()
                         + torch.einsum("sn,tnm,sm->ts", masks, g, masks))
     err = torch.cat(errs)  # (T, S)
+    if weights is not None:
+        err = err * weights.float().unsqueeze(1)
     size = masks.sum(1)
     lo, hi = 0.0, float(err.max().clamp_min(0)) + 1.0
     for _ in range(60):
@@ -355,7 +365,8 @@ def tune_thresholds(scores: torch.Tensor, min_experts: int = 1) -> tuple[torch.T
 
 
 def adaptive_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, cfg: TrainConfig,
-                    check: Callable[[], None], deadline: float | None) -> dict:
+                    check: Callable[[], None], deadline: float | None,
+                    weights: torch.Tensor | None = None) -> dict:
     """Switch a layer to per-token K at the same mean and fit it: per round, the best sets of
     experts (adaptive_labels, mean = the layer's K) -> router trained on them (BCE) -> thresholds
     tuned on these tokens -> least-squares refit of the down projections under the new routing."""
@@ -364,33 +375,37 @@ def adaptive_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     least = cfg.adaptive_min_experts if cfg.adaptive_min_experts is not None else (0 if mlp.shared_size else 1)
     for _ in range(cfg.adaptive_rounds):
         check()
-        labels = adaptive_labels(mlp, inputs, target, mlp.top_k, cfg.chunk_tokens, least)
+        labels = adaptive_labels(mlp, inputs, target, mlp.top_k, cfg.chunk_tokens, least, weights)
         stats = train_router(mlp, inputs, labels, bce, check, deadline)
         with torch.no_grad():
             scores = torch.cat([mlp.router.linear(x).float().sigmoid() for x in inputs.split(cfg.chunk_tokens)])
         mlp.set_thresholds(*tune_thresholds(scores, least), min_experts=least)
         if cfg.refit_down:
-            refit_down(mlp, inputs, target, cfg.ridge, cfg.chunk_tokens)
+            refit_down(mlp, inputs, target, cfg.ridge, cfg.chunk_tokens, weights)
     return stats
 
 
 # ---------------------------------------------------------------- least-squares refit
 def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, ridge: float,
-               chunk: int) -> None:
+               chunk: int, weights: torch.Tensor | None = None) -> None:
     """Closed-form refit of the down projections (experts and shared) to `target` under the current routing.
 
     Solves min_W ||A W - target||^2 + lam ||W - W0||^2 where A (T, S + N*D) holds each token's shared
-    activations and its selected experts' activations times their output weights (zeros elsewhere).
+    activations and its selected experts' activations times their output weights (zeros elsewhere);
+    with weights (T,), each token's squared error is scaled by its weight.
     """
     n, d, s = mlp.num_experts, mlp.expert_size, mlp.shared_size
     cols = s + n * d
     gram = torch.zeros(cols, cols, dtype=torch.float64)
     cross = torch.zeros(cols, target.shape[-1], dtype=torch.float64)
     with torch.no_grad():
-        for x, t in zip(inputs.split(chunk), target.split(chunk)):
+        parts = zip(inputs.split(chunk), target.split(chunk),
+                    weights.split(chunk) if weights is not None else itertools.repeat(None))
+        for x, t, w in parts:
             a = _design(mlp, x)  # (c, cols)
-            gram += (a.t() @ a).double()
-            cross += (a.t() @ t).double()
+            aw = a if w is None else a * w.to(a.dtype).unsqueeze(1)
+            gram += (aw.t() @ a).double()
+            cross += (aw.t() @ t).double()
         w0 = torch.cat([mlp.shared_down.reshape(-1, mlp.hidden_size),
                         mlp.down.reshape(-1, mlp.hidden_size)]).double()  # (cols, H)
         lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
@@ -559,24 +574,31 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
             first_in = ffn_in[first]
             rest = other_rows(first, ffn_in.shape[0])
             ffn_in, target = ffn_in[rest], target[rest]
+        weights = None
+        if cfg.token_weight == "residual":  # error relative to the residual stream the output lands in
+            with torch.no_grad():
+                h = _flat(attn)
+                h = (h if first is None else h[rest]) + target
+                weights = 1.0 / h.float().pow(2).sum(1).clamp_min(1e-6)
+                weights = weights / weights.mean()
         labels = layer_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)  # the layer's K (per-layer plans)
         stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
         result.router_label_accuracy[i] = stats["label_accuracy"]
         report("router", i, stats)
         if cfg.refit_down:
-            refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
+            refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens, weights)
             for _ in range(cfg.refine_rounds):  # routing and experts fitted to each other
                 check()
                 labels = joint_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)
                 stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
-                refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
+                refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens, weights)
         if cfg.adaptive_rounds:
-            stats = adaptive_rounds(mlp, ffn_in, target, cfg, check, deadline)
+            stats = adaptive_rounds(mlp, ffn_in, target, cfg, check, deadline, weights)
             result.router_label_accuracy[i] = stats.get("label_accuracy", result.router_label_accuracy[i])
         if cfg.gate_up_steps:
             tune_gate_up(mlp, ffn_in, target, cfg, check, deadline)
             if cfg.refit_down:  # the steps moved gate/up: the closed-form down fits them best
-                refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens)
+                refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens, weights)
         with torch.no_grad():
             out = _apply_mlp(mlp, ffn_in, cfg.chunk_tokens)  # (T, H)
             mse = F.mse_loss(out, target).item()

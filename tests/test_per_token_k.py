@@ -226,3 +226,53 @@ def test_by_default_tokens_may_skip_the_routed_experts_only_where_shared_neurons
         adaptive_rounds(mlp, x, target, TrainConfig(adaptive_rounds=1, router_steps=20, chunk_tokens=400),
                         lambda: None, None)
         assert mlp.min_experts == least
+
+
+def test_token_weights_scale_each_tokens_error_in_the_refit_and_the_sets(tiny_model):
+    """Weight w on a token = the token counted w times: all ones change nothing, weight 2 equals the
+    token twice, weight 0 drops it; in the per-token sets, tokens that count little get fewer experts
+    at the same mean."""
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        target = tiny_model.model.layers[0].mlp(x)
+
+    _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
+    mlp = factorized_layers(moe)[0]
+    start = mlp.shared_down.clone(), mlp.down.clone()
+
+    def refit(xs, ts, w=None):
+        with torch.no_grad():
+            mlp.shared_down.copy_(start[0])
+            mlp.down.copy_(start[1])
+        refit_down(mlp, xs, ts, 1e-4, 128, w)
+        return torch.cat([mlp.shared_down.flatten(), mlp.down.flatten()])
+
+    plain = refit(x, target)
+    assert torch.allclose(refit(x, target, torch.ones(300)), plain, atol=1e-5)
+    twice = torch.ones(300)
+    twice[:50] = 2.0
+    assert torch.allclose(refit(x, target, twice), refit(torch.cat([x, x[:50]]), torch.cat([target, target[:50]])),
+                          atol=1e-4)
+    dropped = torch.ones(300)
+    dropped[200:] = 0.0
+    assert not torch.allclose(refit(x, target, dropped), plain, atol=1e-3)
+    small = torch.ones(300)
+    small[:150] = 1e-3
+    with torch.no_grad():  # a target that every added expert brings closer
+        every = mlp.shared_output(x) + 2.0 * mlp.expert_outputs(x).sum(1)
+        for least in (0, 1):
+            even = adaptive_labels(mlp, x, every, 2.0, chunk=128, min_experts=least).sum(1)
+            sizes = adaptive_labels(mlp, x, every, 2.0, chunk=128, min_experts=least, weights=small).sum(1)
+            assert abs(sizes.mean().item() - 2.0) < 0.05 and abs(even.mean().item() - 2.0) < 0.05
+            assert abs(even[:150].mean() - even[150:].mean()) < 0.5  # unweighted: about the same on both halves
+            assert sizes[:150].max() == least and sizes[150:].mean() > 2.5  # weighted: the light half gets the least
+
+
+def test_residual_token_weights_train_and_are_validated(tiny_model):
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
+    result = train(tiny_model, moe, ids, TrainConfig(top_k=2, router_steps=30, router_batch=64, adaptive_rounds=1,
+                                                     token_weight="residual"))
+    assert set(result.layer_mse) == {0, 1} and all(v == v and v < float("inf") for v in result.layer_mse.values())
+    with pytest.raises(ValueError, match="token_weight"):
+        TrainConfig(token_weight="norm")
