@@ -200,6 +200,9 @@ def add_train(sub) -> None:
     p.add_argument("--adaptive-rounds", type=int, default=TrainConfig.adaptive_rounds,
                    help="per-token K at the same mean: after the refine rounds, this many rounds of (best sets "
                         "of experts per token -> router -> thresholds -> refit); 0 = fixed top-K")
+    p.add_argument("--adaptive-router-steps", type=int, default=TrainConfig.adaptive_router_steps,
+                   help="router Adam steps in each per-token round (it starts from the last round's router); "
+                        "default: --router-steps")
     p.add_argument("--adaptive-min-experts", type=int, choices=(0, 1), default=TrainConfig.adaptive_min_experts,
                    help="per-token K: 1 = every token runs at least its best expert; 0 = a token may run none "
                         "(only the shared neurons); default: 0 with shared neurons, 1 without")
@@ -242,6 +245,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
                       label_loss=args.label_loss, ridge=args.ridge, adaptive_rounds=args.adaptive_rounds,
                       adaptive_min_experts=args.adaptive_min_experts,
+                      adaptive_router_steps=args.adaptive_router_steps,
                       target=args.target, token_weight=args.token_weight, gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
                       e2e_steps=args.e2e_steps,
                       e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,

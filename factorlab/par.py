@@ -138,6 +138,9 @@ class TrainConfig:
     # experts mode: per-token K at the same mean, fitted in this many rounds; 0 = top-K. 5 rounds against 3:
     # held-out KL 4-5% lower in two paired seeds for ~2 more minutes (issue 7, round 6)
     adaptive_rounds: int = 5
+    # Adam steps of the router in each per-token round (it starts from the previous round's router);
+    # None = router_steps
+    adaptive_router_steps: int | None = None
     # per-token K: 0 lets a token run no routed expert (the shared block only), 1 runs at least its best one;
     # None: 0 in layers with shared neurons (measured better there), 1 without (a token would skip the FFN)
     adaptive_min_experts: int | None = None
@@ -163,6 +166,9 @@ class TrainConfig:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.token_weight not in TOKEN_WEIGHTS:
             raise ValueError(f"token_weight must be one of {', '.join(TOKEN_WEIGHTS)}, got {self.token_weight!r}")
+        if self.adaptive_router_steps is not None and self.adaptive_router_steps < 1:
+            raise ValueError(f"adaptive_router_steps must be >= 1 (or None for router_steps), "
+                             f"got {self.adaptive_router_steps}")
         for name in ("router_steps", "gate_up_steps", "e2e_steps", "refine_rounds", "adaptive_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -371,7 +377,7 @@ def adaptive_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     experts (adaptive_labels, mean = the layer's K) -> router trained on them (BCE) -> thresholds
     tuned on these tokens -> least-squares refit of the down projections under the new routing."""
     stats: dict = {}
-    bce = replace(cfg, label_loss="bce")
+    bce = replace(cfg, label_loss="bce", router_steps=cfg.adaptive_router_steps or cfg.router_steps)
     least = cfg.adaptive_min_experts if cfg.adaptive_min_experts is not None else (0 if mlp.shared_size else 1)
     for _ in range(cfg.adaptive_rounds):
         check()
@@ -392,7 +398,9 @@ def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, r
 
     Solves min_W ||A W - target||^2 + lam ||W - W0||^2 where A (T, S + N*D) holds each token's shared
     activations and its selected experts' activations times their output weights (zeros elsewhere);
-    with weights (T,), each token's squared error is scaled by its weight.
+    with weights (T,), each token's squared error is scaled by its weight. The normal equations are
+    accumulated block by block over the tokens that run each expert (normal_equations), so a token
+    costs what its own experts cost, not the whole FFN.
     """
     n, d, s = mlp.num_experts, mlp.expert_size, mlp.shared_size
     cols = s + n * d
@@ -402,10 +410,7 @@ def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, r
         parts = zip(inputs.split(chunk), target.split(chunk),
                     weights.split(chunk) if weights is not None else itertools.repeat(None))
         for x, t, w in parts:
-            a = _design(mlp, x)  # (c, cols)
-            aw = a if w is None else a * w.to(a.dtype).unsqueeze(1)
-            gram += (aw.t() @ a).double()
-            cross += (aw.t() @ t).double()
+            normal_equations(mlp, x, t, w, gram, cross)
         w0 = torch.cat([mlp.shared_down.reshape(-1, mlp.hidden_size),
                         mlp.down.reshape(-1, mlp.hidden_size)]).double()  # (cols, H)
         lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
@@ -415,14 +420,50 @@ def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, r
         mlp.down.copy_(solution[s:].reshape(n, d, -1).to(mlp.down.dtype))
 
 
-def _design(mlp: FactorizedMLP, x: torch.Tensor) -> torch.Tensor:
-    """Rows of the least-squares design matrix for tokens x (T, H): (T, S + N*D)."""
-    acts = mlp.expert_activations(x) * mlp.routing_weights(x).unsqueeze(-1)  # (T, N, D)
-    parts = [acts.reshape(x.shape[0], -1)]
-    if mlp.shared_size:
+def normal_equations(mlp: FactorizedMLP, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None,
+                     gram: torch.Tensor, cross: torch.Tensor) -> None:
+    """Add tokens x (T, H) with targets t (T, H) and optional weights w (T,) to the refit's normal
+    equations: gram += A^T diag(w) A, cross += A^T diag(w) t, A the design of refit_down.
+
+    Only the blocks the routing fills are computed: expert e's activations for the tokens that run
+    it, the (e, f) block over the tokens that run both, the shared block over every token.
+    """
+    n, d, s = mlp.num_experts, mlp.expert_size, mlp.shared_size
+    routing = mlp.routing_weights(x)  # (T, N), 0 where an expert does not run
+    runs = routing != 0
+    tw = None if w is None else w.to(x.dtype)
+    rows, acts, weighted = [], [], []
+    for e in range(n):
+        r = runs[:, e].nonzero().squeeze(1)
+        h = x[r] @ mlp.gate_up[e].t()  # (|r|, 2D)
+        a = mlp.act_fn(h[:, :d]) * h[:, d:] * routing[r, e].unsqueeze(1)
+        rows.append(r)
+        acts.append(a)
+        weighted.append(a if tw is None else a * tw[r].unsqueeze(1))
+    col = [slice(s + e * d, s + (e + 1) * d) for e in range(n)]
+    if s:
         h = x @ mlp.shared_gate_up.t()
-        parts.insert(0, mlp.act_fn(h[:, :mlp.shared_size]) * h[:, mlp.shared_size:])
-    return torch.cat(parts, dim=1)
+        shared = mlp.act_fn(h[:, :s]) * h[:, s:]  # (T, S)
+        shared_w = shared if tw is None else shared * tw.unsqueeze(1)
+        gram[:s, :s] += (shared_w.t() @ shared).double()
+        cross[:s] += (shared_w.t() @ t).double()
+    position = [runs[:, f].long().cumsum(0) - 1 for f in range(n)]  # token -> its row among f's tokens
+    for e in range(n):
+        if not len(rows[e]):
+            continue
+        cross[col[e]] += (weighted[e].t() @ t[rows[e]]).double()
+        gram[col[e], col[e]] += (weighted[e].t() @ acts[e]).double()
+        if s:
+            block = (weighted[e].t() @ shared[rows[e]]).double()  # (D, S)
+            gram[col[e], :s] += block
+            gram[:s, col[e]] += block.t()
+        for f in range(e + 1, n):
+            both = runs[rows[e], f]  # which of e's tokens also run f
+            if not both.any():
+                continue
+            block = (weighted[e][both].t() @ acts[f][position[f][rows[e][both]]]).double()  # (D, D)
+            gram[col[e], col[f]] += block
+            gram[col[f], col[e]] += block.t()
 
 
 def tune_gate_up(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, cfg: TrainConfig,

@@ -276,3 +276,49 @@ def test_residual_token_weights_train_and_are_validated(tiny_model):
     assert set(result.layer_mse) == {0, 1} and all(v == v and v < float("inf") for v in result.layer_mse.values())
     with pytest.raises(ValueError, match="token_weight"):
         TrainConfig(token_weight="norm")
+
+
+@pytest.mark.parametrize("mode,shared,adaptive,weighted", [("scaled", 16, True, False), ("scaled", 0, True, True),
+                                                           ("gated", 16, False, True), ("scaled", 0, False, False)])
+def test_block_normal_equations_equal_the_full_design(tiny_model, mode, shared, adaptive, weighted):
+    """The refit's normal equations, accumulated only over the blocks each token's experts fill, equal
+    A^T diag(w) A and A^T diag(w) t of the full design matrix (zeros where an expert does not run)."""
+    from factorlab.par import normal_equations
+
+    _, moe = _adaptive_moe(tiny_model, mode, 2, shared=shared)
+    mlp = factorized_layers(moe)[0]
+    if not adaptive:
+        mlp.set_thresholds(None)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(257, 64, generator=g), torch.randn(257, 64, generator=g)
+    w = torch.rand(257, generator=g) + 0.1 if weighted else None
+    with torch.no_grad():
+        acts = mlp.expert_activations(x) * mlp.routing_weights(x).unsqueeze(-1)  # (T, N, D)
+        parts = [acts.reshape(x.shape[0], -1)]
+        if shared:
+            h = x @ mlp.shared_gate_up.t()
+            parts.insert(0, mlp.act_fn(h[:, :shared]) * h[:, shared:])
+        a = torch.cat(parts, 1).double()
+        aw = a if w is None else a * w.double().unsqueeze(1)
+        cols = a.shape[1]
+        gram, cross = torch.zeros(cols, cols, dtype=torch.float64), torch.zeros(cols, 64, dtype=torch.float64)
+        normal_equations(mlp, x, t, w, gram, cross)
+    assert (mlp.routing_weights(x) == 0).any()  # the routing leaves blocks empty
+    assert torch.allclose(gram, aw.t() @ a, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(cross, aw.t() @ t.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_adaptive_rounds_train_the_router_for_their_own_step_count(tiny_model, monkeypatch):
+    import factorlab.par as par
+
+    steps = []
+    real = par.train_router
+    monkeypatch.setattr(par, "train_router", lambda mlp, x, labels, cfg, *a, **kw: (steps.append(
+        (cfg.label_loss, cfg.router_steps)), real(mlp, x, labels, cfg, *a, **kw))[1])
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
+    train(tiny_model, moe, ids, TrainConfig(top_k=2, router_steps=20, router_batch=64, adaptive_rounds=2,
+                                            adaptive_router_steps=7))
+    assert steps == [("kl", 20), ("bce", 7), ("bce", 7)] * 2  # per layer: PAR router, then each round
+    with pytest.raises(ValueError, match="adaptive_router_steps"):
+        TrainConfig(adaptive_router_steps=0)
