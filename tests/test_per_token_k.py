@@ -320,5 +320,11 @@ def test_adaptive_rounds_train_the_router_for_their_own_step_count(tiny_model, m
     train(tiny_model, moe, ids, TrainConfig(top_k=2, router_steps=20, router_batch=64, adaptive_rounds=2,
                                             adaptive_router_steps=7))
     assert steps == [("kl", 20), ("bce", 7), ("bce", 7)] * 2  # per layer: PAR router, then each round
+    steps.clear()
+    _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
+    train(tiny_model, moe, ids, TrainConfig(top_k=2, router_steps=20, router_batch=64, adaptive_rounds=1,
+                                            adaptive_router_steps=None))
+    assert steps == [("kl", 20), ("bce", 20)] * 2  # None: the PAR router's step count
+    assert TrainConfig().adaptive_router_steps == 200
     with pytest.raises(ValueError, match="adaptive_router_steps"):
         TrainConfig(adaptive_router_steps=0)
