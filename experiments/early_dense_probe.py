@@ -2,10 +2,10 @@
 
 Usage: PYTHONPATH=. python experiments/early_dense_probe.py RUN P1,P2,... [ROWS] [OUT.json]   (THREADS, default 1)
 Runs the first ROWS (default 32) held-out rows of the recipe's held-out text (rows of 256 `everyday`
-tokens) through the run three ways per P: as trained, and with positions 0..P-1 of every factorized
-layer running the dense model's FFN. The mean
-KL(dense || factorized) of the next-token distributions at positions >= P shows how much of the later
-positions' error comes from the first P positions' FFN errors (through attention).
+tokens) through the run as trained and, per P, with positions 0..P-1 of every factorized layer
+running the dense model's FFN. The mean KL(dense || factorized) of the next-token distributions at
+positions >= P, with and without, shows how much of the later positions' error comes from the first
+P positions' FFN errors (through attention).
 """
 import json
 import os

@@ -245,7 +245,8 @@ def cmd_train(args) -> int:
                       label_loss=args.label_loss, ridge=args.ridge, adaptive_rounds=args.adaptive_rounds,
                       adaptive_min_experts=args.adaptive_min_experts,
                       adaptive_router_steps=args.adaptive_router_steps,
-                      target=args.target, token_weight=args.token_weight, gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
+                      target=args.target, token_weight=args.token_weight,
+                      gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
                       e2e_steps=args.e2e_steps,
                       e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
                       e2e_params=args.e2e_params, minutes=args.minutes, seed=args.seed)
