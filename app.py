@@ -441,7 +441,7 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                                                          "tokens run 0..N experts (0: only the shared neurons), K "
                                                          "on average (router scores above a threshold), fitted in "
                                                          "this many rounds after the refit (each: "
-                                                         f"{TrainConfig.adaptive_router_steps} router steps, a refit)")
+                                                         "a third of the router steps, a refit)")
                         gate_up = gr.Number(0, precision=0, label="gate/up Adam steps per layer")
                         e2e = gr.Number(0, precision=0, label="End-to-end distillation steps",
                                         info="KL to the dense model after the layer-wise pass (at most this many; "

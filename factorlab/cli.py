@@ -201,7 +201,8 @@ def add_train(sub) -> None:
                    help="per-token K at the same mean: after the refine rounds, this many rounds of (best sets "
                         "of experts per token -> router -> thresholds -> refit); 0 = fixed top-K")
     p.add_argument("--adaptive-router-steps", type=int, default=TrainConfig.adaptive_router_steps,
-                   help="router Adam steps in each per-token round (it starts from the last round's router)")
+                   help="router Adam steps in each per-token round (it starts from the last round's router); "
+                        "default: a third of --router-steps (200)")
     p.add_argument("--adaptive-min-experts", type=int, choices=(0, 1), default=TrainConfig.adaptive_min_experts,
                    help="per-token K: 1 = every token runs at least its best expert; 0 = a token may run none "
                         "(only the shared neurons); default: 0 with shared neurons, 1 without")

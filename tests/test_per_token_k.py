@@ -324,7 +324,7 @@ def test_adaptive_rounds_train_the_router_for_their_own_step_count(tiny_model, m
     _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
     train(tiny_model, moe, ids, TrainConfig(top_k=2, router_steps=20, router_batch=64, adaptive_rounds=1,
                                             adaptive_router_steps=None))
-    assert steps == [("kl", 20), ("bce", 20)] * 2  # None: the PAR router's step count
-    assert TrainConfig().adaptive_router_steps == 200
+    assert steps == [("kl", 20), ("bce", 6)] * 2  # None: a third of the PAR router's steps
+    assert TrainConfig().round_router_steps == 200 and TrainConfig(router_steps=2).round_router_steps == 1
     with pytest.raises(ValueError, match="adaptive_router_steps"):
         TrainConfig(adaptive_router_steps=0)
