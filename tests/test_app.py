@@ -275,13 +275,14 @@ def test_eval_and_benchmark_jobs_fill_the_tradeoffs(client, trained):
 
 
 def test_chat_streams_both_sides_and_regenerates(client, trained):
-    job = client.submit("What is the capital of France?", [], [], 0, 0.9, 8, 0, 2, True, 1, api_name="/chat")
+    # K=4 of 4: the tiny run's greedy reply has tokens to colour (at K=2 it now ends its turn at once)
+    job = client.submit("What is the capital of France?", [], [], 0, 0.9, 8, 0, 4, True, 1, api_name="/chat")
     outputs = list(job)
     assert len(outputs) > 3  # streamed: one update per token
     _, dense, moe, stats_dense, stats_moe, tokens = job.outputs()[-1]
     assert dense[-1]["role"] == "assistant" and dense[-1]["content"][0]["text"]
     assert moe[-1]["content"][0]["text"]
-    assert "tokens/s" in stats_dense and "GFLOPs/token" in stats_moe and "K=2 of 4" in stats_moe
+    assert "tokens/s" in stats_dense and "GFLOPs/token" in stats_moe and "K=4 of 4" in stats_moe
     assert "fl-tok" in tokens and "layer 1" in tokens
     again = client.predict(dense, moe, 0, 0.9, 8, 0, 2, False, 1, api_name="/chat_regenerate")
     assert again[1][-1]["content"] == dense[-1]["content"]  # greedy: the same reply again
