@@ -192,9 +192,8 @@ class FactorizedMLP(nn.Module):
 
     def dense_output(self, x: torch.Tensor) -> torch.Tensor:
         """The whole FFN on x (T, H) with the original down projections: what the first token runs."""
-        h = x @ self.shared_gate_up.t()  # (T, 2S)
-        shared = self.act_fn(h[:, :self.shared_size]) * h[:, self.shared_size:]  # (T, S)
-        acts = torch.cat([shared, self.expert_activations(x).reshape(x.shape[0], -1)], dim=1)  # (T, I)
+        acts = torch.cat([self.shared_activations(x), self.expert_activations(x).reshape(x.shape[0], -1)],
+                         dim=1)  # (T, I)
         return acts @ self.original_down
 
     def dispatch(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -288,14 +287,21 @@ class FactorizedMLP(nn.Module):
         a = self.act_fn(h[..., :d]) * h[..., d:] * weights.unsqueeze(-1)  # (T, K, D)
         return torch.einsum("tkd,tkdh->th", a, self.down[top_k_index])  # (T, H)
 
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+    def expert_activation(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's intermediate activation act(gate) * up for tokens x: (c, H) -> (c, D)."""
         h = x @ self.gate_up[e].t()  # (c, 2D)
-        a = self.act_fn(h[:, :self.expert_size]) * h[:, self.expert_size:]  # (c, D)
-        return a @ self.down[e]  # (c, H)
+        return self.act_fn(h[:, :self.expert_size]) * h[:, self.expert_size:]
+
+    def shared_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared neurons' intermediate activations: (T, H) -> (T, S)."""
+        h = x @ self.shared_gate_up.t()  # (T, 2S)
+        return self.act_fn(h[:, :self.shared_size]) * h[:, self.shared_size:]
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.expert_activation(x, e) @ self.down[e]  # (c, H)
 
     def _shared_ffn(self, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.shared_gate_up.t()  # (T, 2S)
-        return (self.act_fn(h[:, :self.shared_size]) * h[:, self.shared_size:]) @ self.shared_down  # (T, H)
+        return self.shared_activations(x) @ self.shared_down  # (T, H)
 
     def _add_shared_ffn(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return out + self._shared_ffn(x)

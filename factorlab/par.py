@@ -444,15 +444,13 @@ def normal_equations(mlp: FactorizedMLP, x: torch.Tensor, t: torch.Tensor, w: to
     rows, acts, weighted = [], [], []
     for e in range(n):
         r = runs[:, e].nonzero().squeeze(1)
-        h = x[r] @ mlp.gate_up[e].t()  # (|r|, 2D)
-        a = mlp.act_fn(h[:, :d]) * h[:, d:] * routing[r, e].unsqueeze(1)
+        a = mlp.expert_activation(x[r], e) * routing[r, e].unsqueeze(1)  # (|r|, D)
         rows.append(r)
         acts.append(a)
         weighted.append(a if tw is None else a * tw[r].unsqueeze(1))
     col = [slice(s + e * d, s + (e + 1) * d) for e in range(n)]
     if s:
-        h = x @ mlp.shared_gate_up.t()
-        shared = mlp.act_fn(h[:, :s]) * h[:, s:]  # (T, S)
+        shared = mlp.shared_activations(x)  # (T, S)
         shared_w = shared if tw is None else shared * tw.unsqueeze(1)
         gram[:s, :s] += (shared_w.t() @ shared).double()
         cross[:s] += (shared_w.t() @ t).double()
