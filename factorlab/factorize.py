@@ -225,7 +225,9 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
     for i in chosen:
         if needs_calibration:
             with torch.no_grad():
-                act = _activations(mods[i].mlp, inputs[i]).abs()  # (T, I)
+                # the split is computed on the CPU whatever the model's device (k-means' greedy
+                # assignment is Python-bound; permutations are stored as CPU tensors)
+                act = _activations(mods[i].mlp, inputs[i]).abs().float().cpu()  # (T, I)
             shared = _shared_neurons(act, shared_size)
         else:
             act, shared = None, torch.empty(0, dtype=torch.long)
@@ -237,7 +239,7 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
         else:
             assign = balanced_kmeans(act[:, rest].t(), num_experts, seed + i)
             if strategy == "coverage":
-                down_norm2 = mods[i].mlp.down_proj.weight.detach().pow(2).sum(0)  # (I,)
+                down_norm2 = mods[i].mlp.down_proj.weight.detach().float().pow(2).sum(0).cpu()  # (I,)
                 assign = coverage_refine(act[:, rest].pow(2) * down_norm2[rest], assign, num_experts, top_k)
             routed = rest[torch.cat([torch.nonzero(assign == c).flatten() for c in range(num_experts)])]
         perms[i] = torch.cat([shared, routed])

@@ -60,14 +60,14 @@ def combination_labels(expert_outputs: torch.Tensor, target: torch.Tensor, weigh
     b = torch.einsum("th,tnh->tn", target.float(), o)  # (T, N)
     gram = torch.einsum("tnh,tmh->tnm", o, o)  # (T, N, N)
     if math.comb(num_experts, top_k) <= max_combinations:
-        combos = torch.tensor(list(itertools.combinations(range(num_experts), top_k)))  # (C, K)
+        combos = torch.tensor(list(itertools.combinations(range(num_experts), top_k)), device=b.device)  # (C, K)
         err = -2 * b[:, combos].sum(-1)  # (T, C)
         for i in range(top_k):
             for j in range(top_k):
                 err += gram[:, combos[:, i], combos[:, j]]
-        mask = torch.zeros(tokens, num_experts, dtype=expert_outputs.dtype)
+        mask = torch.zeros(tokens, num_experts, dtype=expert_outputs.dtype, device=b.device)
         return mask.scatter_(1, combos[err.argmin(dim=1)], 1.0)
-    chosen = torch.zeros(tokens, num_experts, dtype=torch.float32)
+    chosen = torch.zeros(tokens, num_experts, dtype=torch.float32, device=b.device)
     diag = gram.diagonal(dim1=1, dim2=2)
     for _ in range(top_k):  # marginal error of adding n: -2 b_n + G_nn + 2 sum_chosen G_cn
         gain = -2 * b + diag + 2 * torch.einsum("tc,tcn->tn", chosen, gram)
@@ -227,7 +227,7 @@ class LayerStream:
         self.layers = inner.layers
         with torch.no_grad():
             self.hidden = inner.embed_tokens(input_ids)  # (B, L, H)
-            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
             self.position_embeddings = inner.rotary_emb(self.hidden, position_ids=position_ids)
             self.mask = create_causal_mask(config=model.config, inputs_embeds=self.hidden[:1],
                                            attention_mask=None, past_key_values=None, position_ids=position_ids)
@@ -334,7 +334,7 @@ def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     """
     if mlp.num_experts > 8:
         raise ValueError(f"per-token K enumerates every set of experts: at most 8 experts, got {mlp.num_experts}")
-    masks = subset_masks(mlp.num_experts, empty=min_experts == 0)  # (S, N)
+    masks = subset_masks(mlp.num_experts, empty=min_experts == 0).to(inputs.device)  # (S, N)
     weight = mlp.num_experts / mlp.top_k if mlp.output_mode == "scaled" else 1.0 / mlp.top_k
     errs = []
     with torch.no_grad():
@@ -413,8 +413,8 @@ def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, r
     """
     n, d, s = mlp.num_experts, mlp.expert_size, mlp.shared_size
     cols = s + n * d
-    gram = torch.zeros(cols, cols, dtype=torch.float64)
-    cross = torch.zeros(cols, target.shape[-1], dtype=torch.float64)
+    gram = torch.zeros(cols, cols, dtype=torch.float64, device=inputs.device)
+    cross = torch.zeros(cols, target.shape[-1], dtype=torch.float64, device=inputs.device)
     with torch.no_grad():
         parts = zip(inputs.split(chunk), target.split(chunk),
                     weights.split(chunk) if weights is not None else itertools.repeat(None))
@@ -618,7 +618,7 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
                 target = _flat(dense_hidden - attn)  # what puts the stream back on the dense one
         first = None
         if mlp.first_token_dense:  # the first tokens run the whole FFN: routing and refits skip them
-            first = torch.arange(attn.shape[0]) * attn.shape[1]
+            first = torch.arange(attn.shape[0], device=attn.device) * attn.shape[1]
             first_in = ffn_in[first]
             rest = other_rows(first, ffn_in.shape[0])
             ffn_in, target = ffn_in[rest], target[rest]
@@ -652,7 +652,7 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
             mse = F.mse_loss(out, target).item()
             if first is not None:
                 # after any gate/up steps, as inference computes it
-                out = torch.empty(attn.shape[0] * attn.shape[1], attn.shape[2]).index_copy_(
+                out = torch.empty(attn.shape[0] * attn.shape[1], attn.shape[2], device=attn.device).index_copy_(
                     0, rest, out).index_copy_(0, first, mlp.dense_output(first_in))
             hidden = attn + out.view(attn.shape)
         result.layer_mse[i] = mse
