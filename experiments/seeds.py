@@ -1,0 +1,85 @@
+"""One recipe trained with several seeds: its mean over the seeds, with intervals (issue 7).
+
+Usage: PYTHONPATH=. python experiments/seeds.py OUT.json SCREEN.json[:K] SCREEN.json[:K] ...
+Each SCREEN is a sweep of the same recipe with another training seed on the same items
+(experiments/screen.py). Prints, over the seven tasks of issue 7, each seed's mean relative
+maintenance (capped) and mean above-chance retention, their mean over the seeds and the seeds'
+standard deviation, and two 95% bootstrap intervals of the seed mean (2,000 resamples, seed 0):
+- items: the items of each task resampled (the same draw for the dense model and every seed), the
+  seeds fixed — how much the score on these tasks' items is uncertain for these trained models;
+- seeds and items: the seeds resampled with replacement as well — for the recipe, a new seed included.
+Writes the numbers to OUT.json.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from factorlab.evaluate import BOOTSTRAP_RESAMPLES, above_chance_series, outcomes, resampled_means
+
+SEVEN = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa"]
+
+
+def load(spec: str) -> tuple[str, dict, str]:
+    path, _, k = spec.partition(":")
+    sweep = json.loads(Path(path).read_text())
+    ks = sorted({kk for t in sweep["tasks"].values() for kk in t["k"]})
+    if not k:
+        if len(ks) != 1:
+            sys.exit(f"{path} has K values {ks}: name one as {path}:K")
+        k = ks[0]
+    return Path(path).stem, sweep, k
+
+
+def interval(x: torch.Tensor) -> list[float]:
+    x = x[~x.isnan()]
+    return [float(v) for v in torch.quantile(x, torch.tensor([0.025, 0.975], dtype=x.dtype))]
+
+
+def main() -> None:
+    if len(sys.argv) < 4:
+        sys.exit(__doc__)
+    out_path, specs = sys.argv[1], [load(s) for s in sys.argv[2:]]
+    names = [n for n, _, _ in specs]
+    first = specs[0][1]
+    n_seeds, n_res = len(specs), BOOTSTRAP_RESAMPLES
+    gen = torch.Generator().manual_seed(0)
+    rel = torch.zeros(n_res, n_seeds, dtype=torch.float64)
+    above = torch.zeros(n_res, n_seeds, dtype=torch.float64)
+    point_rel, point_above = torch.zeros(n_seeds, dtype=torch.float64), torch.zeros(n_seeds, dtype=torch.float64)
+    above_tasks = []
+    for t in SEVEN:
+        dense_bits = first["tasks"][t]["dense"]["correct"]
+        if any(s["tasks"][t]["dense"]["correct"] != dense_bits for _, s, _ in specs):
+            sys.exit(f"{t}: the sweeps scored different items (their dense outcomes differ)")
+        d = outcomes(dense_bits)
+        models = [outcomes(s["tasks"][t]["k"][k]["correct"]) for _, s, k in specs]
+        dm, means = resampled_means(d, models, n_res, gen)
+        means = torch.stack(means, 1)  # (R, seeds)
+        rel += (means / dm.unsqueeze(1)).clamp(max=1.0)
+        point_rel += (torch.stack([m.mean() for m in models]) / d.mean()).clamp(max=1.0)
+        if first["tasks"][t]["k"][specs[0][2]].get("above_chance") is not None:
+            above_tasks.append(t)
+            chance = first["tasks"][t]["chance"]
+            above += above_chance_series(means, dm.unsqueeze(1).expand_as(means), chance)
+            point_above += (torch.stack([m.mean() for m in models]) - chance) / (d.mean() - chance)
+    rel, above = rel / len(SEVEN), above / len(above_tasks)
+    point_rel, point_above = point_rel / len(SEVEN), point_above / len(above_tasks)
+    pick = torch.randint(0, n_seeds, (n_res, n_seeds), generator=gen)  # seeds drawn with replacement
+    result = {"screens": names, "tasks": SEVEN, "above_chance_tasks": above_tasks, "resamples": n_res}
+    print(f"{n_seeds} seeds: {', '.join(names)}; seven tasks (above-chance over {', '.join(above_tasks)})")
+    for label, point, series in (("mean relative (capped)", point_rel, rel), ("mean above-chance", point_above, above)):
+        mean = float(point.mean())
+        items = interval(series.mean(1))
+        both = interval(series.gather(1, pick).mean(1))
+        result[label] = {"per_seed": [float(x) for x in point], "mean": mean, "sd": float(point.std()),
+                         "interval_items": items, "interval_seeds_and_items": both}
+        print(f"{label}: per seed {' / '.join(f'{100 * x:.1f}' for x in point)}; mean {100 * mean:.1f}% "
+              f"(sd {100 * float(point.std()):.1f}); 95% interval, items [{100 * items[0]:.1f}, {100 * items[1]:.1f}], "
+              f"seeds and items [{100 * both[0]:.1f}, {100 * both[1]:.1f}]")
+    Path(out_path).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
