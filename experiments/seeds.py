@@ -16,20 +16,10 @@ from pathlib import Path
 
 import torch
 
+from experiments.compare import load
 from factorlab.evaluate import BOOTSTRAP_RESAMPLES, above_chance_series, outcomes, resampled_means
 
 SEVEN = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa"]
-
-
-def load(spec: str) -> tuple[str, dict, str]:
-    path, _, k = spec.partition(":")
-    sweep = json.loads(Path(path).read_text())
-    ks = sorted({kk for t in sweep["tasks"].values() for kk in t["k"]})
-    if not k:
-        if len(ks) != 1:
-            sys.exit(f"{path} has K values {ks}: name one as {path}:K")
-        k = ks[0]
-    return Path(path).stem, sweep, k
 
 
 def interval(x: torch.Tensor) -> list[float]:
