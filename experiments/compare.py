@@ -2,7 +2,8 @@
 
 Usage: PYTHONPATH=. python experiments/compare.py A.json[:K] B.json[:K] [TASKS] [OUT.json]
 A and B are sweep JSON files (experiments/screen.py, `eval --json`) whose rows stored per-item
-outcomes ("correct"); K defaults to the file's only K. TASKS (comma-separated) defaults to the seven
+outcomes ("correct"); K defaults to the file's only K. A side may list several sweeps of one
+recipe (training seeds), comma-separated (A1.json,A2.json): that side's score is their mean. TASKS (comma-separated) defaults to the seven
 of issue 7. The items of each task are resampled (2,000 times, seed 0) with the same draw for the
 dense model, A and B; per task it prints A − B on the main metric with a 95% interval, then the
 difference of the mean relative maintenance (capped) and of the mean above-chance retention (over
@@ -35,7 +36,9 @@ def main() -> None:
     args = sys.argv[1:]
     if len(args) < 2:
         sys.exit(__doc__)
-    (name_a, a, ka), (name_b, b, kb) = load(args[0]), load(args[1])
+    side_a, side_b = [load(s) for s in args[0].split(",")], [load(s) for s in args[1].split(",")]
+    (name_a, a, ka), (name_b, b, kb) = side_a[0], side_b[0]
+    name_a, name_b = "+".join(n for n, _, _ in side_a), "+".join(n for n, _, _ in side_b)
     tasks = (args[2] if len(args) > 2 else SEVEN).split(",")
     gen = torch.Generator().manual_seed(0)
     n_res = BOOTSTRAP_RESAMPLES
@@ -47,10 +50,13 @@ def main() -> None:
     for t in tasks:
         ta, tb = a["tasks"][t], b["tasks"][t]
         d = outcomes(ta["dense"]["correct"])
-        if ta["dense"]["correct"] != tb["dense"]["correct"]:
-            sys.exit(f"{t}: the two sweeps scored different items (their dense outcomes differ)")
-        fa, fb = outcomes(ta["k"][ka]["correct"]), outcomes(tb["k"][kb]["correct"])
-        dm, (am, bm) = resampled_means(d, [fa, fb], n_res, gen)
+        if any(s["tasks"][t]["dense"]["correct"] != ta["dense"]["correct"] for _, s, _ in side_a + side_b):
+            sys.exit(f"{t}: the sweeps scored different items (their dense outcomes differ)")
+        sa = [outcomes(s["tasks"][t]["k"][k]["correct"]) for _, s, k in side_a]
+        sb = [outcomes(s["tasks"][t]["k"][k]["correct"]) for _, s, k in side_b]
+        dm, means = resampled_means(d, sa + sb, n_res, gen)  # the same item draw for every sweep
+        am, bm = torch.stack(means[:len(sa)]).mean(0), torch.stack(means[len(sa):]).mean(0)
+        fa, fb = torch.stack(sa).mean(0), torch.stack(sb).mean(0)  # per item: the share of sweeps right
         diff = am - bm
         lo, hi = (float(v) for v in torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)))
         point = float(fa.mean() - fb.mean())
