@@ -3,8 +3,8 @@
 Usage: PYTHONPATH=. python experiments/compare.py A.json[:K] B.json[:K] [TASKS] [OUT.json]
 A and B are sweep JSON files (experiments/screen.py, `eval --json`) whose rows stored per-item
 outcomes ("correct"); K defaults to the file's only K. A side may list several sweeps of one
-recipe (training seeds), comma-separated (A1.json,A2.json): that side's score is their mean. TASKS (comma-separated) defaults to the seven
-of issue 7. The items of each task are resampled (2,000 times, seed 0) with the same draw for the
+recipe (training seeds), comma-separated (A1.json,A2.json): that side's score is their mean.
+TASKS (comma-separated) defaults to the seven of issue 7. The items of each task are resampled (2,000 times, seed 0) with the same draw for the
 dense model, A and B; per task it prints A − B on the main metric with a 95% interval, then the
 difference of the mean relative maintenance (capped) and of the mean above-chance retention (over
 the tasks where it is defined on the full items for both) with their intervals and the share of
@@ -37,7 +37,7 @@ def main() -> None:
     if len(args) < 2:
         sys.exit(__doc__)
     side_a, side_b = [load(s) for s in args[0].split(",")], [load(s) for s in args[1].split(",")]
-    (name_a, a, ka), (name_b, b, kb) = side_a[0], side_b[0]
+    (_, a, ka), (_, b, kb) = side_a[0], side_b[0]
     name_a, name_b = "+".join(n for n, _, _ in side_a), "+".join(n for n, _, _ in side_b)
     tasks = (args[2] if len(args) > 2 else SEVEN).split(",")
     gen = torch.Generator().manual_seed(0)

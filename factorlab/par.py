@@ -185,7 +185,6 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (or None for no time limit)")
 
-
     @property
     def round_router_steps(self) -> int:
         """Router steps in each per-token round: adaptive_router_steps, or a third of router_steps."""
