@@ -4,11 +4,11 @@ Usage: PYTHONPATH=. python experiments/compare.py A.json[:K] B.json[:K] [TASKS] 
 A and B are sweep JSON files (experiments/screen.py, `eval --json`) whose rows stored per-item
 outcomes ("correct"); K defaults to the file's only K. A side may list several sweeps of one
 recipe (training seeds), comma-separated (A1.json,A2.json): that side's score is their mean.
-TASKS (comma-separated) defaults to the seven of issue 7. The items of each task are resampled (2,000 times, seed 0) with the same draw for the
-dense model, A and B; per task it prints A − B on the main metric with a 95% interval, then the
-difference of the mean relative maintenance (capped) and of the mean above-chance retention (over
-the tasks where it is defined on the full items for both) with their intervals and the share of
-resamples in which A is ahead.
+TASKS (comma-separated) defaults to the seven of issue 7. The items of each task are resampled
+(2,000 times, seed 0) with the same draw for the dense model, A and B; per task it prints A − B
+on the main metric with a 95% interval, then the difference of the mean relative maintenance
+(capped) and of the mean above-chance retention (over the tasks where it is defined on the full
+items for both) with their intervals and the share of resamples in which A is ahead.
 """
 import json
 import sys

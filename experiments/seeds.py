@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from experiments.compare import load
+from experiments.compare import SEVEN as SEVEN_TASKS, load
 from factorlab.evaluate import BOOTSTRAP_RESAMPLES, above_chance_series, outcomes, resampled_means
 
-SEVEN = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa"]
+SEVEN = SEVEN_TASKS.split(",")
 
 
 def interval(x: torch.Tensor) -> list[float]:
