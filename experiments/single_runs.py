@@ -5,7 +5,7 @@ Reads experiments/results/train_NAME.json and screen_NAME.json (the run's K is t
 screen scored) and writes {"rows": [...]} with the fields report.py reads: the setting (label,
 top_k), training seconds, held-out metrics by K, the sweep with its summary over the seven tasks
 of issue 7 (MMLU scored, kept apart) and GFLOPs per token at 512 tokens for the recipe's shape
-(4 experts, layers 1-29, the run's shared neurons from runs/NAME/config.json, else 256; per-token
+(layers 1-29; the run's experts and shared neurons from runs/NAME/config.json, else 4 and 256; per-token
 K: the mean training measured, which is the nominal K).
 """
 import json
@@ -24,11 +24,12 @@ def row(name: str, label: str, info: dict) -> dict:
     train = json.loads((RESULTS / f"train_{name}.json").read_text())
     sweep = json.loads((RESULTS / f"screen_{name}.json").read_text())
     k = sorted(sweep["tasks"]["hellaswag"]["k"])[0]
-    config = Path("runs") / name / "config.json"  # the run's shared block, when the run is still here
-    shared = json.loads(config.read_text()).get("shared_size", 256) if config.exists() else 256
+    config = Path("runs") / name / "config.json"  # the run's shape, when the run is still here
+    config = json.loads(config.read_text()) if config.exists() else {}
+    shared, experts = config.get("shared_size", 256), config.get("num_experts", 4)
     sweep["summary_subset"] = {"tasks": SEVEN, **summarize({t: v for t, v in sweep["tasks"].items() if t in SEVEN})}
     gflops = {"seq_len": 512, "dense": flops_per_token(info, 512)["total"] / 1e9,
-              k: flops_per_token(info, 512, 4, int(k), list(range(1, 30)), shared)["total"] / 1e9}
+              k: flops_per_token(info, 512, experts, int(k), list(range(1, 30)), shared)["total"] / 1e9}
     return {"key": name, "status": "done", "setting": {"label": label, "top_k": int(k)},
             "train_seconds": train["seconds"], "heldout": train["heldout_by_k"], "eval": sweep,
             "gflops_per_token": gflops}
