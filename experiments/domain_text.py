@@ -9,10 +9,12 @@ HellaSwag, PIQA, Winogrande, BoolQ and ARC-Easy that the evaluation's seeded sub
 task with SEED, default 500 and 0: the grid's) leaves out, each rendered as plain text with its gold
 answer (the dense model's FFN outputs on it are the training targets; the answers are never a
 label). Items that are near-duplicates of an evaluated one (same HellaSwag source video, same
-Winogrande option pair, same BoolQ passage, same PIQA goal) are left out as well. OpenBookQA and ARC-Challenge have no item left (their whole splits are evaluated), MMLU is
-not used. The script checks that no written item is one the evaluation scores, and records per task
-how many items it wrote; an evaluation with another LIMIT or SEED would overlap these items, so the
-file is only for runs scored with the same LIMIT and SEED.
+Winogrande option pair, same BoolQ passage, same PIQA goal) are left out as well. OpenBookQA and
+ARC-Challenge have no item left (their whole splits are evaluated); MMLU is not used. The script
+checks that no written text is also the text of a scored item (exact duplicates inside a split
+would pass the index filter) and records per task how many items it wrote; an evaluation with
+another LIMIT or SEED would overlap these items, so the file is only for runs scored with the
+same LIMIT and SEED.
 --with-everyday appends the `everyday` documents too (a half-half mix by records is not attempted:
 `everyday` simply adds its documents to the pool the training rows are drawn from).
 """
@@ -71,9 +73,11 @@ def main(argv: list[str]) -> None:
         evaluated = set(subset_indices(len(rows), limit, seed))
         near = {group(task, rows[i]) for i in evaluated}  # whole groups of near-duplicates stay out
         free = [i for i in range(len(rows)) if i not in evaluated and group(task, rows[i]) not in near]
-        assert not evaluated & set(free)
         texts = [render(task, rows[i]) for i in free[:cap]]
         texts = [t for t in texts if len(t) > 20]
+        scored = {render(task, rows[i]) for i in evaluated}
+        if overlap := scored.intersection(texts):
+            sys.exit(f"{task}: {len(overlap)} written texts are also scored items' texts; not written")
         counts[task] = {"split_items": len(rows), "evaluated": len(evaluated), "near_duplicates_left_out":
                         len(rows) - len(evaluated) - len(free), "written": len(texts)}
         docs += ["\n\n".join(texts[i:i + PER_DOC]) for i in range(0, len(texts), PER_DOC)]
