@@ -12,12 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.compare import SEVEN as SEVEN_TASKS
 from factorlab.evaluate import summarize
 from factorlab.flops import flops_per_token
 from factorlab.lab import dense_info
 
 RESULTS = Path("experiments/results")
-SEVEN = ["hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa"]
+SEVEN = SEVEN_TASKS.split(",")
 
 
 def row(name: str, label: str, info: dict) -> dict:
