@@ -1,0 +1,75 @@
+"""How evenly saved runs' routers spread tokens over the experts (issue 7, eleventh round).
+
+Usage: PYTHONPATH=. python experiments/route_balance.py RUN ... [--json OUT.json]   (THREADS, default 2)
+On the first 16 held-out rows of the recipe's held-out text (rows of 256 `everyday` tokens, seed 0),
+at each run's own K, per factorized layer the share of the tokens that run each expert (routing
+weight not 0); prints, averaged over the layers, the largest expert's share, the smallest's and
+the normalized entropy of the shares (1 = perfectly even), and the worst layer's largest share.
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+
+from factorlab.models import load_model
+from factorlab.moe import factorized_layers
+from factorlab.runs import load_moe, load_run
+from factorlab.workflows import DataSpec, load_data
+
+ROWS = 16
+
+
+def balance(moe: torch.nn.Module, ids: torch.Tensor) -> dict:
+    layers = factorized_layers(moe)
+    counts = {i: torch.zeros(mlp.num_experts) for i, mlp in layers.items()}
+    def count(i: int):
+        def hook(mlp, args, _out) -> None:  # returns None: the layer's output is left as it is
+            x = args[0].reshape(-1, args[0].shape[-1])
+            counts[i].add_((mlp.routing_weights(x) != 0).float().sum(0))
+        return hook
+
+    hooks = [mlp.register_forward_hook(count(i)) for i, mlp in layers.items()]
+    try:
+        with torch.no_grad():
+            moe(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    shares = {i: c / c.sum() for i, c in counts.items()}
+    entropy = {i: float(-(s.clamp_min(1e-12) * s.clamp_min(1e-12).log()).sum() / math.log(len(s))) for i, s in shares.items()}
+    return {"max_share": sum(float(s.max()) for s in shares.values()) / len(shares),
+            "min_share": sum(float(s.min()) for s in shares.values()) / len(shares),
+            "entropy": sum(entropy.values()) / len(entropy),
+            "worst_layer": max(shares, key=lambda i: float(shares[i].max())),
+            "worst_max_share": max(float(s.max()) for s in shares.values())}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    out_path = None
+    if "--json" in args:
+        i = args.index("--json")
+        out_path, args = args[i + 1], args[:i] + args[i + 2:]
+    if not args:
+        sys.exit(__doc__)
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    loaded, ids, results = None, None, {}
+    for name in args:
+        run = load_run(name)
+        if loaded is None or loaded.spec != run.config["model"]:
+            loaded = load_model(run.config["model"])
+            _, heldout = load_data(loaded, DataSpec("everyday"), 0)
+            ids = heldout[:ROWS]
+        results[name] = balance(load_moe(run, loaded.model), ids)
+        r = results[name]
+        print(f"{name}: mean over layers, largest expert's share {r['max_share']:.3f}, smallest {r['min_share']:.3f}, "
+              f"entropy {r['entropy']:.3f}; worst layer {r['worst_layer']} ({r['worst_max_share']:.3f})")
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
