@@ -19,22 +19,35 @@ from factorlab.runs import load_moe, load_run
 from factorlab.workflows import DataSpec, load_data
 
 
-def main() -> None:
-    args = sys.argv[1:]
-    out_path = None
+def runs_and_heldout(argv: list[str], doc: str):
+    """Parse `RUN[:K] ... [--json OUT.json]` (exit with doc when no run is named), set the threads
+    (THREADS, default 2) and load each model once: returns the output path (or None) and a generator
+    of (run spec, run, loaded model, the recipe's held-out rows)."""
+    args, out_path = list(argv), None
     if "--json" in args:
         i = args.index("--json")
         out_path, args = args[i + 1], args[:i] + args[i + 2:]
     if not args:
-        sys.exit(__doc__)
+        sys.exit(doc)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    loaded, heldout_ids, results = None, None, {}
-    for spec in args:
+
+    def runs():
+        loaded, heldout_ids = None, None
+        for spec in args:
+            run = load_run(spec.partition(":")[0])
+            if loaded is None or loaded.spec != run.config["model"]:
+                loaded = load_model(run.config["model"])
+                _, heldout_ids = load_data(loaded, DataSpec("everyday"), 0)
+            yield spec, run, loaded, heldout_ids
+
+    return out_path, runs()
+
+
+def main() -> None:
+    out_path, runs = runs_and_heldout(sys.argv[1:], __doc__)
+    results = {}
+    for spec, run, loaded, heldout_ids in runs:
         name, _, k = spec.partition(":")
-        run = load_run(name)
-        if loaded is None or loaded.spec != run.config["model"]:
-            loaded = load_model(run.config["model"])
-            _, heldout_ids = load_data(loaded, DataSpec("everyday"), 0)
         moe = load_moe(run, loaded.model)
         k = int(k or run.config["top_k"])
         set_top_k(moe, k)

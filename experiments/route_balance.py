@@ -8,15 +8,14 @@ the normalized entropy of the shares (1 = perfectly even), and the worst layer's
 """
 import json
 import math
-import os
 import sys
+from pathlib import Path
 
 import torch
 
-from factorlab.models import load_model
+from experiments.heldout import runs_and_heldout
 from factorlab.moe import factorized_layers
-from factorlab.runs import load_moe, load_run
-from factorlab.workflows import DataSpec, load_data
+from factorlab.runs import load_moe
 
 ROWS = 16
 
@@ -47,28 +46,14 @@ def balance(moe: torch.nn.Module, ids: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    out_path = None
-    if "--json" in args:
-        i = args.index("--json")
-        out_path, args = args[i + 1], args[:i] + args[i + 2:]
-    if not args:
-        sys.exit(__doc__)
-    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    loaded, ids, results = None, None, {}
-    for name in args:
-        run = load_run(name)
-        if loaded is None or loaded.spec != run.config["model"]:
-            loaded = load_model(run.config["model"])
-            _, heldout = load_data(loaded, DataSpec("everyday"), 0)
-            ids = heldout[:ROWS]
-        results[name] = balance(load_moe(run, loaded.model), ids)
-        r = results[name]
+    out_path, runs = runs_and_heldout(sys.argv[1:], __doc__)
+    results = {}
+    for name, run, loaded, heldout_ids in runs:
+        results[name] = r = balance(load_moe(run, loaded.model), heldout_ids[:ROWS])
         print(f"{name}: mean over layers, largest expert's share {r['max_share']:.3f}, smallest {r['min_share']:.3f}, "
               f"entropy {r['entropy']:.3f}; worst layer {r['worst_layer']} ({r['worst_max_share']:.3f})")
     if out_path:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
+        Path(out_path).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
