@@ -2,9 +2,11 @@
 
 Usage: PYTHONPATH=. python experiments/route_balance.py RUN ... [--json OUT.json]   (THREADS, default 2)
 On the first 16 held-out rows of the recipe's held-out text (rows of 256 `everyday` tokens, seed 0),
-at each run's own K, per factorized layer the share of the tokens that run each expert (routing
-weight not 0); prints, averaged over the layers, the largest expert's share, the smallest's and
-the normalized entropy of the shares (1 = perfectly even), and the worst layer's largest share.
+with each run's routing as saved (its K, per-token thresholds where it has them), per factorized
+layer each expert's share of the layer's expert runs (a token runs an expert where its routing
+weight is not 0; at per-token K a token may run none or several); prints, averaged over the
+layers, the largest expert's share, the smallest's and the normalized entropy of the shares
+(1 = perfectly even), and the worst layer's largest share.
 """
 import json
 import math
@@ -23,6 +25,7 @@ ROWS = 16
 def balance(moe: torch.nn.Module, ids: torch.Tensor) -> dict:
     layers = factorized_layers(moe)
     counts = {i: torch.zeros(mlp.num_experts) for i, mlp in layers.items()}
+
     def count(i: int):
         def hook(mlp, args, _out) -> None:  # returns None: the layer's output is left as it is
             x = args[0].reshape(-1, args[0].shape[-1])
@@ -37,7 +40,8 @@ def balance(moe: torch.nn.Module, ids: torch.Tensor) -> dict:
         for h in hooks:
             h.remove()
     shares = {i: c / c.sum() for i, c in counts.items()}
-    entropy = {i: float(-(s.clamp_min(1e-12) * s.clamp_min(1e-12).log()).sum() / math.log(len(s))) for i, s in shares.items()}
+    entropy = {i: float(-(s.clamp_min(1e-12) * s.clamp_min(1e-12).log()).sum() / math.log(len(s)))
+               for i, s in shares.items()}
     return {"max_share": sum(float(s.max()) for s in shares.values()) / len(shares),
             "min_share": sum(float(s.min()) for s in shares.values()) / len(shares),
             "entropy": sum(entropy.values()) / len(entropy),
