@@ -16,37 +16,26 @@ from pathlib import Path
 import torch
 
 from experiments.heldout import runs_and_heldout
-from factorlab.moe import factorized_layers
+from factorlab.moe import factorized_layers, record_routing
 from factorlab.runs import load_moe
 
 ROWS = 16
 
 
 def balance(moe: torch.nn.Module, ids: torch.Tensor) -> dict:
-    layers = factorized_layers(moe)
-    counts = {i: torch.zeros(mlp.num_experts) for i, mlp in layers.items()}
-
-    def count(i: int):
-        def hook(mlp, args, _out) -> None:  # returns None: the layer's output is left as it is
-            x = args[0].reshape(-1, args[0].shape[-1])
-            counts[i].add_((mlp.routing_weights(x) != 0).float().sum(0))
-        return hook
-
-    hooks = [mlp.register_forward_hook(count(i)) for i, mlp in layers.items()]
-    try:
-        with torch.no_grad():
-            moe(ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    with record_routing(moe) as trace, torch.no_grad():
+        moe(ids)
+    chosen, _ = trace.stacked()  # per layer (T, K), or (T, N) padded with -1 at per-token K
+    n = next(iter(factorized_layers(moe).values())).num_experts
+    counts = {i: torch.bincount(c[c >= 0], minlength=n).float() for i, c in chosen.items()}
     shares = {i: c / c.sum() for i, c in counts.items()}
     entropy = {i: float(-(s.clamp_min(1e-12) * s.clamp_min(1e-12).log()).sum() / math.log(len(s)))
                for i, s in shares.items()}
+    worst = max(shares, key=lambda i: float(shares[i].max()))
     return {"max_share": sum(float(s.max()) for s in shares.values()) / len(shares),
             "min_share": sum(float(s.min()) for s in shares.values()) / len(shares),
             "entropy": sum(entropy.values()) / len(entropy),
-            "worst_layer": max(shares, key=lambda i: float(shares[i].max())),
-            "worst_max_share": max(float(s.max()) for s in shares.values())}
+            "worst_layer": worst, "worst_max_share": float(shares[worst].max())}
 
 
 def main() -> None:
