@@ -108,6 +108,7 @@ def prepare(spec: FactorizeSpec, loaded=None, calibration_source: str | None = N
     inputs = None  # FFN inputs on calibration text, computed once for the split and the per-layer K plan
     if spec.split in CALIBRATED or spec.shared_size or spec.layer_k == "auto":
         calib = calibration_ids(loaded, spec.calibration_tokens, spec.seed, calibration_source)
+        calib = calib.to(next(loaded.model.parameters()).device)  # the text is read on the CPU
         inputs = calibration_inputs(loaded.model, calib, layers, spec.first_token_dense)
     partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, None,
                                spec.shared_size, skip_first=spec.first_token_dense, inputs=inputs,
@@ -212,8 +213,11 @@ def tuned_params(train_cfg) -> tuple[str, ...]:
 
 
 def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, progress=None, should_stop=None,
-                eval_ks: list[int] | None = None) -> Trained:
-    """Factorize, train with PAR and measure held-out metrics per K, all in memory."""
+                eval_ks: list[int] | None = None, device: str | torch.device | None = None) -> Trained:
+    """Factorize, train with PAR and measure held-out metrics per K, all in memory.
+
+    device: where to train (e.g. "cuda"); the model is moved there (in place: a shared copy moves
+    too) after the text is prepared. None: where the model is."""
     from .evaluate import heldout_metrics
     from .moe import set_top_k
     from .par import TrainingCancelled, train
@@ -236,6 +240,9 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
 
     train_ids, heldout_ids = load_data(loaded, data, spec.seed, data_progress)
     check()
+    if device is not None:
+        loaded.model.to(device)
+        train_ids, heldout_ids = train_ids.to(device), heldout_ids.to(device)
     emit({"phase": "factorize", "message": f"{spec.split} split into {spec.num_experts} experts"})
     start = time.monotonic()  # the budget (train_cfg.minutes) and the reported seconds cover the split too
     from .data import reads_from_disk
@@ -258,14 +265,15 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
 
 
 def train_run(spec: FactorizeSpec, train_cfg, data: DataSpec, name: str, runs_dir=None, loaded=None,
-              progress=None, should_stop=None, overwrite: bool = False, eval_ks: list[int] | None = None) -> dict:
+              progress=None, should_stop=None, overwrite: bool = False, eval_ks: list[int] | None = None,
+              device: str | torch.device | None = None) -> dict:
     """train_model, then save the run (all or nothing: a failed or cancelled job writes nothing)."""
     from .runs import run_path, write_log
 
     name = sanitize_name(name)
     if run_path(name, runs_dir).exists() and not overwrite:
         raise ValueError(f"a run named {name!r} already exists: pick another name or delete it first")
-    t = train_model(spec, train_cfg, data, loaded, progress, should_stop, eval_ks)
+    t = train_model(spec, train_cfg, data, loaded, progress, should_stop, eval_ks, device)
     config = run_config(spec, t.partition, t.loaded, t.moe, mode=train_cfg.mode, trained=train_cfg.mode != "none",
                         train=asdict(train_cfg), data=asdict(data))
     summary = t.result.summary()

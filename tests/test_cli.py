@@ -71,3 +71,31 @@ def test_train_options_reach_the_trainer(monkeypatch, capsys):
     assert seen["spec"].split == "coverage"
     assert (seen["cfg"].ridge, seen["cfg"].gate_up_steps, seen["cfg"].gate_up_lr) == (0.05, 7, 0.002)
     assert seen["cfg"].adaptive_rounds == 2
+
+
+def test_train_device_reaches_the_trainer_and_bad_devices_fail_clearly(monkeypatch, capsys):
+    """--device is passed to train_run as a torch.device; a CUDA device where none is usable, or a
+    name torch does not know, stops before any training with a message naming the fix."""
+    import torch
+
+    import factorlab.workflows as workflows
+
+    seen = []
+
+    def fake_train_run(spec, cfg, data, name, **kw):
+        seen.append(kw["device"])
+        return {"run": name, "seconds": 0.0, "tokens": 0, "heldout_by_k": {}, "train": {}}
+
+    monkeypatch.setattr(workflows, "train_run", fake_train_run)
+    assert main(["train", "x", "--json"]) == 0 and seen == [torch.device("cpu")]  # the default
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "x", "--device", "cuda"]) == 2
+    assert "no CUDA device is available here; use --device cpu" in capsys.readouterr().err
+    assert main(["train", "x", "--device", "gpu"]) == 2
+    assert "not a device name" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["train", "x", "--device", "cuda:3"]) == 2
+    assert "only 1 CUDA device(s) here; use cuda:0" in capsys.readouterr().err
+    assert seen == [torch.device("cpu")]  # none of the failures trained
