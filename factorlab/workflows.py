@@ -277,7 +277,8 @@ def train_run(spec: FactorizeSpec, train_cfg, data: DataSpec, name: str, runs_di
     config = run_config(spec, t.partition, t.loaded, t.moe, mode=train_cfg.mode, trained=train_cfg.mode != "none",
                         train=asdict(train_cfg), data=asdict(data))
     summary = t.result.summary()
-    metrics = {"train": {**summary, "seconds": t.seconds, "tokens": t.tokens}, "heldout": t.heldout}
+    where = str(next(t.loaded.model.parameters()).device)  # the seconds depend on it
+    metrics = {"train": {**summary, "seconds": t.seconds, "tokens": t.tokens, "device": where}, "heldout": t.heldout}
     path = save_run(name, config, moe_tensors(t.moe, t.partition, tuned_params(train_cfg)), metrics,
                     root=runs_dir, overwrite=overwrite)
     write_log(path, t.result.log)

@@ -9,6 +9,7 @@ import socket
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -209,6 +210,8 @@ def test_training_job_saves_a_run_with_heldout_metrics(client, trained):
     row = next(r for r in runs["value"]["data"] if r[0] == name)
     assert row[2] == 4 and row[3] == 2 and row[6] == "experts"
     assert float(row[7]) > 1 and "K=2: " in row[8] and "%)" in row[8]  # dense and per-K held-out metrics
+    metrics = json.loads((Path(os.environ["FACTORLAB_RUNS"]) / name / "metrics.json").read_text())
+    assert metrics["train"]["device"] == "cpu"  # where the run trained: its seconds depend on it
     html, loss, jobs_df, *_ = client.predict(api_name="/job_poll")
     assert "duplicate" not in str(html)
     assert "exists" in user_error(client, "/train_start", *train_args(name))
