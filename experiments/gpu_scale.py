@@ -146,12 +146,11 @@ def recipes(quick: bool) -> list[dict]:
             {"name": "text8x_gu", "args": ["--tokens", str(BUDGETS["256k"]), "--gate-up-steps", "600"]}]
     if quick:  # a CPU dry run of the script: a few layers, few steps
         for r in rows:
-            r["args"] = r["args"] + ["--layers", "1-3", "--router-steps", "6", "--adaptive-rounds", "1",
-                                     "--e2e-steps", "3", "--e2e-batch", "2"]
+            r["args"] = r["args"] + ["--layers", "1-3", "--router-steps", "6", "--adaptive-rounds", "1"]
             r["args"] = [a if a != "600" else "3" for a in r["args"]]
             if "from" in r:
                 i = r["args"].index("--e2e-minutes")
-                del r["args"][i:i + 2]
+                r["args"] = r["args"][:i] + r["args"][i + 2:] + ["--e2e-steps", "3", "--e2e-batch", "2"]
     return rows
 
 
