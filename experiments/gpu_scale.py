@@ -109,19 +109,19 @@ def export(out: Path) -> None:
     tensors["calibration"] = calibration_ids(loaded, spec.calibration_tokens, spec.seed, source).contiguous()
     save_file(tensors, str(inputs / "ids.safetensors"))
     for task in TASKS.split(","):
-        docs, source, split = load_docs(task)
+        docs, where, split = load_docs(task)
         folder = inputs / "tasks" / task
         folder.mkdir(exist_ok=True)
         with (folder / f"{split}.jsonl").open("w", encoding="utf-8") as f:
             for d in docs:
                 f.write(json.dumps(d) + "\n")
-        print(f"{task}: {len(docs)} items from {source}")
+        print(f"{task}: {len(docs)} items from {where}")
     gguf = embedded_gguf_path()
     manifest = {"gguf": gguf.name, "gguf_sha256": sha256(gguf),
                 "ids": {k: list(v.shape) for k, v in tensors.items()}, "tasks": TASKS}
     (inputs / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    data = gguf.read_bytes()  # part a alone in the first call; part b with the inputs in the second
-    for part, chunk in zip(GGUF_PARTS, (data[:FIRST_PART_BYTES], data[FIRST_PART_BYTES:])):
+    raw = gguf.read_bytes()  # part a alone in the first call; part b with the inputs in the second
+    for part, chunk in zip(GGUF_PARTS, (raw[:FIRST_PART_BYTES], raw[FIRST_PART_BYTES:])):
         (out / part).mkdir(parents=True, exist_ok=True)
         (out / part / f"gguf.{part}").write_bytes(chunk)
     with tarfile.open(out / "b" / "inputs.tar.gz", "w:gz") as tar:
