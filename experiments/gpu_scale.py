@@ -159,7 +159,7 @@ def run(inputs: Path, out_path: Path, device: torch.device, quick: bool, only: l
     from safetensors.torch import load_file
 
     import factorlab.workflows as workflows
-    from factorlab.bench import machine_info
+    from factorlab.bench import _sync, machine_info
     from factorlab.cli import build_parser, train_specs
     from factorlab.evaluate import heldout_metrics, run_sweep
     from factorlab.models import embedded_gguf_path, load_model
@@ -238,11 +238,6 @@ def run(inputs: Path, out_path: Path, device: torch.device, quick: bool, only: l
         score(r["name"], moe, spec.top_k, extra)
     print(f"done: {len(report['rows'])} rows in {out_path}")
     return 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- split (here: screen files per row)
