@@ -37,16 +37,20 @@ def load(spec: str) -> tuple[str, dict, str]:
     return Path(path).stem, sweep, k
 
 
+def interval(x: torch.Tensor) -> list[float]:
+    """The 95% percentile interval of resampled values, NaN (undefined) resamples dropped."""
+    x = x[~x.isnan()]
+    return [float(v) for v in torch.quantile(x, torch.tensor([0.025, 0.975], dtype=x.dtype))]
+
+
 def pairs_summary(per_pair: torch.Tensor, both: torch.Tensor, pick: torch.Tensor, label: str) -> dict:
     """Print and return one mean's per-pair differences (full items) and its intervals with the pairs
     resampled (items fixed) and with the pairs and the items resampled."""
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    by_pairs = per_pair[pick].mean(1)
     both = both[~both.isnan()]
     res = {"per_pair": [float(v) for v in per_pair], "mean": float(per_pair.mean()),
            "a_ahead_pairs": int((per_pair > 0).sum()),
-           "pairs_interval": [float(v) for v in torch.quantile(by_pairs, q)],
-           "pairs_and_items_interval": [float(v) for v in torch.quantile(both, q)],
+           "pairs_interval": interval(per_pair[pick].mean(1)),
+           "pairs_and_items_interval": interval(both),
            "pairs_and_items_a_ahead": float((both > 0).double().mean())}
     print(f"{label}, pair by pair (A − B on the full items): "
           + " / ".join(f"{100 * v:+.1f}" for v in per_pair)

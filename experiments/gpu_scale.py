@@ -271,9 +271,12 @@ def main() -> int:
     if args.cmd == "split":
         split(Path(args.out), args.prefix)
         return 0
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here: run this where one is, or pass --device cpu --quick for a dry run")
+    from factorlab.cli import CliError, _device
+
+    try:
+        device = _device(args.device)  # the CLI's check: a known name, CUDA present, the index there
+    except CliError as exc:
+        print(f"{exc} (--device cpu --quick is a dry run of this script)")
         return 2
     return run(Path(args.dir), Path(args.out), device, args.quick, args.only.split(",") if args.only else None,
                shlex.split(args.train_args))

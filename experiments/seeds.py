@@ -19,16 +19,11 @@ from pathlib import Path
 
 import torch
 
-from experiments.compare import SEVEN as SEVEN_TASKS, load
+from experiments.compare import SEVEN as SEVEN_TASKS, interval, load
 from factorlab.evaluate import BOOTSTRAP_RESAMPLES, above_chance_series, outcomes, resampled_means
 
 SEVEN = SEVEN_TASKS.split(",")
 GOALS = {"mean relative (capped)": 0.90, "mean above-chance": 0.60}  # issue 7's goals
-
-
-def interval(x: torch.Tensor) -> list[float]:
-    x = x[~x.isnan()]
-    return [float(v) for v in torch.quantile(x, torch.tensor([0.025, 0.975], dtype=x.dtype))]
 
 
 def main() -> None:
