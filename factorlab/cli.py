@@ -158,7 +158,7 @@ def cmd_flops(args) -> int:
 
 # ---- train ----
 def add_train(sub) -> None:
-    from .par import E2E_PARAMS, LABEL_LOSSES, MODES, TARGETS, TOKEN_WEIGHTS, TrainConfig
+    from .par import E2E_PARAMS, ERROR_METRICS, LABEL_LOSSES, MODES, TARGETS, TOKEN_WEIGHTS, TrainConfig
     from .workflows import RECIPE_LAYERS, DataSpec
 
     p = sub.add_parser("train", help="factorize + PAR training + held-out metrics, saved as a run")
@@ -213,6 +213,12 @@ def add_train(sub) -> None:
     p.add_argument("--token-weight", choices=TOKEN_WEIGHTS, default=TrainConfig.token_weight,
                    help="how each token's error counts in the refits and per-token sets: none = squared error; "
                         "residual = relative to the token's residual stream (attention sinks do not dominate)")
+    p.add_argument("--error-metric", choices=ERROR_METRICS, default=TrainConfig.error_metric,
+                   help="the error that picks each token's experts (router labels, per-token sets): plain = squared "
+                        "error of the FFN output; output = as the dense model's next-token distribution feels it "
+                        "(its Fisher information at the layer's FFN output; the refits stay plain)")
+    p.add_argument("--metric-tokens", type=int, default=TrainConfig.metric_tokens,
+                   help="training tokens that estimate the output metric (--error-metric output)")
     p.add_argument("--gate-up-steps", type=int, default=0,
                    help="Adam steps per layer on the experts' gate/up (and down) after the refit; the down "
                         "projections are refitted once more after them")
@@ -264,6 +270,7 @@ def train_specs(args) -> tuple:
                       adaptive_min_experts=args.adaptive_min_experts,
                       adaptive_router_steps=args.adaptive_router_steps,
                       target=args.target, token_weight=args.token_weight,
+                      error_metric=args.error_metric, metric_tokens=args.metric_tokens,
                       gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
                       e2e_steps=args.e2e_steps,
                       e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,

@@ -30,6 +30,7 @@ MODES = ("none", "router", "experts")
 LABEL_LOSSES = ("kl", "bce")
 TARGETS = ("teacher", "residual")
 TOKEN_WEIGHTS = ("none", "residual")
+ERROR_METRICS = ("plain", "output")
 E2E_PARAMS = ("all", "down")
 
 
@@ -131,6 +132,14 @@ class TrainConfig:
     # mean 1), so tokens with huge residuals (attention sinks) do not dominate the fit (measured worse on
     # the benchmarks, issue 7 round 7)
     token_weight: str = "none"
+    # which error picks the experts (PAR labels, joint labels, per-token sets): "plain" = squared error of
+    # the FFN output; "output" = the error as the dense model's next-token distribution feels it,
+    # e^T M e with M = E[g g^T], g the gradient of the log-probability of a token sampled from the dense
+    # model's own prediction w.r.t. the layer's FFN output (its Fisher information), estimated on the
+    # first metric_tokens training tokens. The refits stay plain least squares (with one metric per layer
+    # their solution is the same, up to the ridge)
+    error_metric: str = "plain"
+    metric_tokens: int = 8192
     refit_down: bool = True
     refine_rounds: int = 0  # top-K: after the refit, relabel (best joint K experts), retrain router, refit again
     # (the top-K recipe used 2; with per-token K they add nothing measurable, issue 7 round 5)
@@ -167,6 +176,10 @@ class TrainConfig:
             raise ValueError(f"e2e_params must be one of {', '.join(E2E_PARAMS)}, got {self.e2e_params!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.error_metric not in ERROR_METRICS:
+            raise ValueError(f"error_metric must be one of {', '.join(ERROR_METRICS)}, got {self.error_metric!r}")
+        if self.metric_tokens < 1:
+            raise ValueError(f"metric_tokens must be >= 1, got {self.metric_tokens}")
         if self.token_weight not in TOKEN_WEIGHTS:
             raise ValueError(f"token_weight must be one of {', '.join(TOKEN_WEIGHTS)}, got {self.token_weight!r}")
         if self.adaptive_router_steps is not None and self.adaptive_router_steps < 1:
@@ -289,25 +302,105 @@ def train_router(mlp: FactorizedMLP, inputs: torch.Tensor, label_mask: torch.Ten
     return {**last, "label_accuracy": acc}
 
 
+# ---------------------------------------------------------------- the error that picks experts
+def output_sensitivity(dense: nn.Module, train_ids: torch.Tensor, layers: list[int], tokens: int, seed: int,
+                       check: Callable[[], None] = lambda: None, rows_per_pass: int = 4) -> dict[int, torch.Tensor]:
+    """Per layer, a factor L (H, H) of the dense model's output metric of its FFN output: M = L L^T.
+
+    M = mean over tokens of g g^T, g = d log p(y) / d (layer's FFN output) with y sampled from the
+    dense model's own next-token distribution at every position (so M is its Fisher information: the
+    KL to the dense model grows like e^T M e / 2 for a small error e there). Estimated on the first
+    `tokens` tokens of train_ids, scaled to a mean diagonal of 1, with 1e-4 of it added for a stable
+    factor. ||e @ L||^2 = e^T M e.
+    """
+    rows = train_ids[:max(1, -(-tokens // train_ids.shape[1]))]
+    sums = {i: torch.zeros(dense.config.hidden_size, dense.config.hidden_size, dtype=torch.float64,
+                           device=train_ids.device) for i in layers}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def track(_module, _args, output):  # the weights are frozen: the embeddings become the graph's leaf
+        return output.detach().requires_grad_(True)
+
+    def keep(i: int):
+        def hook(_module, _args, output):
+            output.retain_grad()  # d loss / d this output, through every later layer (nothing detached)
+            outputs[i] = output
+        return hook
+
+    gen = torch.Generator(device=train_ids.device).manual_seed(seed + 3)
+    handles = [dense.model.embed_tokens.register_forward_hook(track)]
+    handles += [dense.model.layers[i].mlp.register_forward_hook(keep(i)) for i in layers]
+    try:
+        for part in rows.split(rows_per_pass):
+            check()
+            with torch.enable_grad():
+                logp = F.log_softmax(dense(part).logits.float(), dim=-1)  # (B, L, V)
+                with torch.no_grad():
+                    y = torch.multinomial(logp.exp().flatten(0, 1), 1, generator=gen)  # (B*L, 1)
+                logp.flatten(0, 1).gather(1, y).sum().backward()
+            for i in layers:
+                g = _flat(outputs[i].grad).double()
+                sums[i] += g.t() @ g
+            outputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    factors = {}
+    for i, m in sums.items():
+        m = m / m.diagonal().mean().clamp_min(1e-30)
+        m.diagonal().add_(1e-4)
+        factors[i] = torch.linalg.cholesky(m).to(torch.float32)
+    return factors
+
+
+def _measured_downs(mlp: FactorizedMLP, factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' and shared block's down projections in the error metric's coordinates (y -> y @ factor)."""
+    if factor is None:
+        return mlp.down, mlp.shared_down
+    return mlp.down @ factor.to(mlp.down.dtype), mlp.shared_down @ factor.to(mlp.down.dtype)
+
+
+def _measured_outputs(mlp: FactorizedMLP, x: torch.Tensor, t: torch.Tensor,
+                      downs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's output (T, N, H) and what the experts should add to the shared block (T, H), with
+    the down projections `downs` (_measured_downs; t in the same coordinates)."""
+    down, shared_down = downs
+    o = torch.einsum("tnd,ndh->tnh", mlp.expert_activations(x), down)
+    if mlp.shared_size:
+        t = t - mlp.shared_activations(x) @ shared_down
+    return o, t
+
+
+def measured(target: torch.Tensor, factor: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """target (T, H) in the error metric's coordinates: target @ factor (itself when factor is None)."""
+    if factor is None:
+        return target
+    with torch.no_grad():
+        return torch.cat([t @ factor.to(t.dtype) for t in target.split(chunk)])
+
+
 def layer_labels(mlp: FactorizedMLP, inputs: torch.Tensor, teacher: torch.Tensor, top_k: int,
-                 chunk: int) -> torch.Tensor:
-    """PAR label masks for every token, computed in chunks: (T, N)."""
+                 chunk: int, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """PAR label masks for every token, computed in chunks: (T, N). With an error-metric factor
+    (output_sensitivity), teacher is given in its coordinates (measured) and the errors are measured there."""
     masks = []
     with torch.no_grad():
+        downs = _measured_downs(mlp, factor)
         for x, t in zip(inputs.split(chunk), teacher.split(chunk)):
-            masks.append(pseudo_labels(mlp.expert_outputs(x), t - mlp.shared_output(x), top_k)[1])
+            masks.append(pseudo_labels(*_measured_outputs(mlp, x, t, downs), top_k)[1])
     return torch.cat(masks)
 
 
 def joint_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, top_k: int,
-                 chunk: int) -> torch.Tensor:
-    """Best-joint-combination label masks under the experts' current weights: (T, N)."""
+                 chunk: int, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Best-joint-combination label masks under the experts' current weights: (T, N) (factor: as layer_labels)."""
     uniform = torch.full((1, top_k), 1.0 / mlp.num_experts)
     weight = mlp._combine(uniform, mlp.num_experts)[0, 0].item()  # scaled: N/K, gated (uniform): 1/K
     masks = []
     with torch.no_grad():
+        downs = _measured_downs(mlp, factor)
         for x, t in zip(inputs.split(chunk), target.split(chunk)):
-            masks.append(combination_labels(mlp.expert_outputs(x), t - mlp.shared_output(x), weight, top_k))
+            masks.append(combination_labels(*_measured_outputs(mlp, x, t, downs), weight, top_k))
     return torch.cat(masks)
 
 
@@ -322,10 +415,11 @@ def subset_masks(num_experts: int, empty: bool = False) -> torch.Tensor:
 
 
 def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, mean_k: float,
-                    chunk: int, min_experts: int = 1, weights: torch.Tensor | None = None) -> torch.Tensor:
+                    chunk: int, min_experts: int = 1, weights: torch.Tensor | None = None,
+                    factor: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token sets of experts with mean size mean_k that minimise the total error: (T, N) 0/1.
     min_experts 0 lets a token's set be empty (the shared block alone); weights (T,) scale each
-    token's error (None: all 1).
+    token's error (None: all 1); factor: an error metric as in layer_labels (target in its coordinates).
 
     Each token's error for every set of experts (with the current weights and the scaled rule's
     N/K, K = the layer's K) is computed exactly; a Lagrange multiplier on the set size, found by
@@ -337,9 +431,10 @@ def adaptive_labels(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     weight = mlp.num_experts / mlp.top_k if mlp.output_mode == "scaled" else 1.0 / mlp.top_k
     errs = []
     with torch.no_grad():
+        downs = _measured_downs(mlp, factor)
         for x, t in zip(inputs.split(chunk), target.split(chunk)):
-            o = mlp.expert_outputs(x).float() * weight  # (c, N, H)
-            r = (t - mlp.shared_output(x)).float()
+            o, r = _measured_outputs(mlp, x, t, downs)
+            o, r = o.float() * weight, r.float()  # (c, N, H), (c, H)
             b = torch.einsum("th,tnh->tn", r, o)
             g = torch.einsum("tnh,tmh->tnm", o, o)
             errs.append(r.pow(2).sum(1, keepdim=True) - 2 * b @ masks.t()
@@ -380,16 +475,19 @@ def tune_thresholds(scores: torch.Tensor, min_experts: int = 1) -> tuple[torch.T
 
 def adaptive_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, cfg: TrainConfig,
                     check: Callable[[], None], deadline: float | None,
-                    weights: torch.Tensor | None = None) -> dict:
+                    weights: torch.Tensor | None = None, factor: torch.Tensor | None = None,
+                    measured_target: torch.Tensor | None = None) -> dict:
     """Switch a layer to per-token K at the same mean and fit it: per round, the best sets of
     experts (adaptive_labels, mean = the layer's K) -> router trained on them (BCE) -> thresholds
-    tuned on these tokens -> least-squares refit of the down projections under the new routing."""
+    tuned on these tokens -> least-squares refit of the down projections under the new routing.
+    factor / measured_target: the error metric that picks the sets and target in its coordinates."""
     stats: dict = {}
     bce = replace(cfg, label_loss="bce", router_steps=cfg.round_router_steps)
     least = cfg.adaptive_min_experts if cfg.adaptive_min_experts is not None else (0 if mlp.shared_size else 1)
     for _ in range(cfg.adaptive_rounds):
         check()
-        labels = adaptive_labels(mlp, inputs, target, mlp.top_k, cfg.chunk_tokens, least, weights)
+        labels = adaptive_labels(mlp, inputs, target if factor is None else measured_target, mlp.top_k,
+                                 cfg.chunk_tokens, least, weights, factor)
         stats = train_router(mlp, inputs, labels, bce, check, deadline)
         with torch.no_grad():
             scores = torch.cat([mlp.router.linear(x).float().sigmoid() for x in inputs.split(cfg.chunk_tokens)])
@@ -592,6 +690,10 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
     Two residual streams advance together: the factorized model's (its FFN inputs) and the dense
     model's (for the `residual` target: the FFN output that would put the stream back on dense).
     """
+    factors: dict[int, torch.Tensor] = {}
+    if cfg.error_metric == "output":
+        report("sensitivity", None, {}, advance=0)  # before: it takes ~30 s per 8k tokens on 2 cores
+        factors = output_sensitivity(dense, train_ids, list(layers), cfg.metric_tokens, cfg.seed, check)
     stream = LayerStream(moe, train_ids)
     hidden = stream.hidden  # (B, L, H) factorized stream
     dense_hidden = hidden.clone() if cfg.target == "residual" else None
@@ -628,7 +730,10 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
                 h = (h if first is None else h[rest]) + target
                 weights = 1.0 / h.float().pow(2).sum(1).clamp_min(1e-6)
                 weights = weights / weights.mean()
-        labels = layer_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)  # the layer's K (per-layer plans)
+        factor = factors.get(i)  # None: plain squared error picks the experts
+        metric = {} if factor is None else {"factor": factor}
+        picked = measured(target, factor, cfg.chunk_tokens)  # the target in the metric's coordinates
+        labels = layer_labels(mlp, ffn_in, picked, mlp.top_k, cfg.chunk_tokens, **metric)  # the layer's K
         stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
         result.router_label_accuracy[i] = stats["label_accuracy"]
         report("router", i, stats)
@@ -636,11 +741,11 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
             refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens, weights)
             for _ in range(cfg.refine_rounds):  # routing and experts fitted to each other
                 check()
-                labels = joint_labels(mlp, ffn_in, target, mlp.top_k, cfg.chunk_tokens)
+                labels = joint_labels(mlp, ffn_in, picked, mlp.top_k, cfg.chunk_tokens, **metric)
                 stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
                 refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens, weights)
         if cfg.adaptive_rounds:
-            stats = adaptive_rounds(mlp, ffn_in, target, cfg, check, deadline, weights)
+            stats = adaptive_rounds(mlp, ffn_in, target, cfg, check, deadline, weights, factor, picked)
             result.router_label_accuracy[i] = stats.get("label_accuracy", result.router_label_accuracy[i])
         if cfg.gate_up_steps:
             tune_gate_up(mlp, ffn_in, target, cfg, check, deadline)
