@@ -5,8 +5,8 @@ Reads experiments/results/train_NAME.json and screen_NAME.json (the run's K is t
 screen scored) and writes {"rows": [...]} with the fields report.py reads: the setting (label,
 top_k), training seconds, held-out metrics by K, the sweep with its summary over the seven tasks
 of issue 7 (MMLU scored, kept apart) and GFLOPs per token at 512 tokens for the recipe's shape
-(layers 1-29; the run's experts and shared neurons from runs/NAME/config.json, else 4 and 256; per-token
-K: the mean training measured, which is the nominal K).
+(layers 1-29; the run's experts, shared neurons and first-token path from runs/NAME/config.json, else 4,
+256 and routed; per-token K: the mean training measured, which is the nominal K).
 """
 import json
 import sys
@@ -30,7 +30,8 @@ def row(name: str, label: str, info: dict) -> dict:
     shared, experts = config.get("shared_size", 256), config.get("num_experts", 4)
     sweep["summary_subset"] = {"tasks": SEVEN, **summarize({t: v for t, v in sweep["tasks"].items() if t in SEVEN})}
     gflops = {"seq_len": 512, "dense": flops_per_token(info, 512)["total"] / 1e9,
-              k: flops_per_token(info, 512, experts, int(k), list(range(1, 30)), shared)["total"] / 1e9}
+              k: flops_per_token(info, 512, experts, int(k), list(range(1, 30)), shared,
+                                 first_token_dense=config.get("first_token_dense", False))["total"] / 1e9}
     return {"key": name, "status": "done", "setting": {"label": label, "top_k": int(k)},
             "train_seconds": train["seconds"], "heldout": train["heldout_by_k"], "eval": sweep,
             "gflops_per_token": gflops}

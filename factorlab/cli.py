@@ -178,7 +178,7 @@ def add_train(sub) -> None:
     p.add_argument("--first-token", choices=FIRST_TOKEN, default="routed",
                    help="dense: each sequence's first token (the attention sink, with outputs up to ~800x the "
                         "others in some layers) runs the whole FFN and is left out of routing and refits (measured: "
-                        "slightly lower held-out perplexity, not better benchmarks; see README)")
+                        "slightly lower held-out perplexity, worse benchmarks with per-token K; see README)")
     p.add_argument("--layer-k", default="uniform",
                    help="per-layer K: uniform (default) | auto (the same total K, moved to the layers whose measured "
                         "error gains most; measured worse than uniform on the default model, see README) | LAYERS=K "
@@ -216,7 +216,8 @@ def add_train(sub) -> None:
     p.add_argument("--error-metric", choices=ERROR_METRICS, default=TrainConfig.error_metric,
                    help="the error that picks each token's experts (router labels, per-token sets): plain = squared "
                         "error of the FFN output; output = as the dense model's next-token distribution feels it "
-                        "(its Fisher information at the layer's FFN output; the refits stay plain)")
+                        "(its Fisher information at the layer's FFN output; the refits stay plain; measured: lower "
+                        "held-out KL, not better benchmarks; see README)")
     p.add_argument("--metric-tokens", type=int, default=TrainConfig.metric_tokens,
                    help="training tokens that estimate the output metric (--error-metric output)")
     p.add_argument("--gate-up-steps", type=int, default=0,

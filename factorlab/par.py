@@ -137,7 +137,8 @@ class TrainConfig:
     # e^T M e with M = E[g g^T], g the gradient of the log-probability of a token sampled from the dense
     # model's own prediction w.r.t. the layer's FFN output (its Fisher information), estimated on the
     # first metric_tokens training tokens. The refits stay plain least squares (with one metric per layer
-    # their solution is the same, up to the ridge)
+    # their solution is the same, up to the ridge). Measured: held-out KL lower in two paired seeds, the
+    # benchmarks lower in both (issue 7, round 14)
     error_metric: str = "plain"
     metric_tokens: int = 8192
     refit_down: bool = True
