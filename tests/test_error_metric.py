@@ -52,7 +52,8 @@ def test_output_sensitivity_is_the_dense_outputs_fisher(tiny_model):
         assert kl[2] > 10 * kl[0]
         per_unit = [k / values[j].item() for k, j in zip(kl, picks)]
         assert max(per_unit) < 2 * min(per_unit)
-    # a fixed seed gives the same metric; tokens beyond the rows there are are capped, not an error
+    # a layer's metric does not depend on which other layers are measured with it (the gradient reaches it
+    # through every later layer, MLPs included) and a seed repeats it; more tokens than given are capped
     again = output_sensitivity(tiny_model, ids, [0], tokens=2048, seed=0)
     assert torch.equal(again[0], factors[0])
     assert output_sensitivity(tiny_model, ids[:2], [1], tokens=10**6, seed=0)[1].shape == (64, 64)
