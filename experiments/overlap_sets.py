@@ -81,8 +81,11 @@ def energy_labels(mlp, inputs, teacher, top_k, chunk):
     return torch.cat(out)
 
 
-def refit_sets(mlp, inputs, target, ridge, chunk):
-    """Each set's down projection on its own tokens, against target minus the shared output."""
+def refit_sets(mlp, inputs, target, ridge, chunk, weights=None):
+    """Each set's down projection on its own tokens, against target minus the shared output.
+    weights: the trainer's token weights (its signature since round 7); this refit has none."""
+    if weights is not None:
+        raise ValueError("overlap_sets.py refits without token weights: run it with the default token_weight")
     n, d = mlp.num_experts, mlp.expert_size
     gram = torch.zeros(n, d, d, dtype=torch.float64)
     cross = torch.zeros(n, d, mlp.hidden_size, dtype=torch.float64)
@@ -149,8 +152,8 @@ def main() -> None:
     print(f"trained in {train_seconds:.0f} s (split {split_seconds:.0f} s); held-out {heldout}", flush=True)
     gflops = (flops_per_token(info, 512, 4, 2, LAYERS, SHARED)["total"]
               + len(LAYERS) * 2 * info["hidden_size"] * (num_sets - 4)) / 1e9  # 1R4E2K + the larger routers
-    evaluate._gflops = lambda _info, _seq, moe=None, top_k=None: gflops if moe is not None else \
-        flops_per_token(info, 512)["total"] / 1e9
+    evaluate._gflops = lambda _info, _seq, moe=None, top_k=None, _active=None: gflops if moe is not None else \
+        flops_per_token(info, 512)["total"] / 1e9  # (the sweep also passes the measured experts per token)
     cache_file = Path("experiments/results/dense_cache.json")
     cache = read_dense_cache(cache_file, "default") if cache_file.exists() else {}
     sweep = evaluate.run_sweep(dense, loaded.tokenizer, moe, tasks, [1], limit, 0, None, 16, progress=False,
