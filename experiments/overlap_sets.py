@@ -70,8 +70,11 @@ def install_sets(mlp, dense_mlp, sets: torch.Tensor) -> None:
     mlp.router.linear.weight.requires_grad_(False)
 
 
-def energy_labels(mlp, inputs, teacher, top_k, chunk):
-    """The set holding most of each token's output energy under the original down rows: one-hot (T, C)."""
+def energy_labels(mlp, inputs, teacher, top_k, chunk, factor=None):
+    """The set holding most of each token's output energy under the original down rows: one-hot (T, C).
+    factor: the trainer's error metric (--error-metric output); these labels have none."""
+    if factor is not None:
+        raise ValueError("overlap_sets.py labels by energy: run it with the default error_metric")
     norms = mlp.original_norms  # (C, D)
     out = []
     with torch.no_grad():

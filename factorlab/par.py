@@ -487,8 +487,8 @@ def adaptive_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tens
     least = cfg.adaptive_min_experts if cfg.adaptive_min_experts is not None else (0 if mlp.shared_size else 1)
     for _ in range(cfg.adaptive_rounds):
         check()
-        labels = adaptive_labels(mlp, inputs, target if factor is None else measured_target, mlp.top_k,
-                                 cfg.chunk_tokens, least, weights, factor)
+        picked = target if measured_target is None else measured_target
+        labels = adaptive_labels(mlp, inputs, picked, mlp.top_k, cfg.chunk_tokens, least, weights, factor)
         stats = train_router(mlp, inputs, labels, bce, check, deadline)
         with torch.no_grad():
             scores = torch.cat([mlp.router.linear(x).float().sigmoid() for x in inputs.split(cfg.chunk_tokens)])
@@ -732,9 +732,8 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
                 weights = 1.0 / h.float().pow(2).sum(1).clamp_min(1e-6)
                 weights = weights / weights.mean()
         factor = factors.get(i)  # None: plain squared error picks the experts
-        metric = {} if factor is None else {"factor": factor}
         picked = measured(target, factor, cfg.chunk_tokens)  # the target in the metric's coordinates
-        labels = layer_labels(mlp, ffn_in, picked, mlp.top_k, cfg.chunk_tokens, **metric)  # the layer's K
+        labels = layer_labels(mlp, ffn_in, picked, mlp.top_k, cfg.chunk_tokens, factor=factor)  # the layer's K
         stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
         result.router_label_accuracy[i] = stats["label_accuracy"]
         report("router", i, stats)
@@ -742,7 +741,7 @@ def _train_layerwise(dense, moe, train_ids, cfg, layers, result, check, report, 
             refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens, weights)
             for _ in range(cfg.refine_rounds):  # routing and experts fitted to each other
                 check()
-                labels = joint_labels(mlp, ffn_in, picked, mlp.top_k, cfg.chunk_tokens, **metric)
+                labels = joint_labels(mlp, ffn_in, picked, mlp.top_k, cfg.chunk_tokens, factor=factor)
                 stats = train_router(mlp, ffn_in, labels, cfg, check, deadline)
                 refit_down(mlp, ffn_in, target, cfg.ridge, cfg.chunk_tokens, weights)
         if cfg.adaptive_rounds:

@@ -281,8 +281,8 @@ def test_training_follows_a_per_layer_k_plan(tiny_model, monkeypatch):
     set_k_offsets(moe, {0: 1, 1: -1}, 2)
     seen = []
     for name in ("layer_labels", "joint_labels"):
-        def spy(mlp, inputs, target, top_k, chunk, _original=getattr(par, name), _name=name):
-            masks = _original(mlp, inputs, target, top_k, chunk)
+        def spy(mlp, inputs, target, top_k, chunk, factor=None, _original=getattr(par, name), _name=name):
+            masks = _original(mlp, inputs, target, top_k, chunk, factor)
             seen.append((_name, top_k, int(masks.sum(1).max())))
             return masks
         monkeypatch.setattr(par, name, spy)
