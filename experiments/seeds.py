@@ -26,14 +26,11 @@ SEVEN = SEVEN_TASKS.split(",")
 GOALS = {"mean relative (capped)": 0.90, "mean above-chance": 0.60}  # issue 7's goals
 
 
-def main() -> None:
-    if len(sys.argv) < 4:
-        sys.exit(__doc__)
-    out_path, specs = sys.argv[1], [load(s) for s in sys.argv[2:]]
-    names = [n for n, _, _ in specs]
-    first = specs[0][1]
-    n_seeds, n_res = len(specs), BOOTSTRAP_RESAMPLES
-    gen = torch.Generator().manual_seed(0)
+def seed_series(specs: list, n_res: int, gen: torch.Generator) -> dict:
+    """The two means of each sweep in specs (same items), at full items (point_rel / point_above (S,))
+    and per item resample (rel / above (R, S), the same draw of each task's items for the dense model
+    and every sweep); above_tasks: the tasks where above-chance retention is defined."""
+    first, n_seeds = specs[0][1], len(specs)
     rel = torch.zeros(n_res, n_seeds, dtype=torch.float64)
     above = torch.zeros(n_res, n_seeds, dtype=torch.float64)
     point_rel, point_above = torch.zeros(n_seeds, dtype=torch.float64), torch.zeros(n_seeds, dtype=torch.float64)
@@ -53,8 +50,20 @@ def main() -> None:
             chance = first["tasks"][t]["chance"]
             above += above_chance_series(means, dm.unsqueeze(1).expand_as(means), chance)
             point_above += (torch.stack([m.mean() for m in models]) - chance) / (d.mean() - chance)
-    rel, above = rel / len(SEVEN), above / len(above_tasks)
-    point_rel, point_above = point_rel / len(SEVEN), point_above / len(above_tasks)
+    return {"rel": rel / len(SEVEN), "above": above / len(above_tasks), "point_rel": point_rel / len(SEVEN),
+            "point_above": point_above / len(above_tasks), "above_tasks": above_tasks}
+
+
+def main() -> None:
+    if len(sys.argv) < 4:
+        sys.exit(__doc__)
+    out_path, specs = sys.argv[1], [load(s) for s in sys.argv[2:]]
+    names = [n for n, _, _ in specs]
+    n_seeds, n_res = len(specs), BOOTSTRAP_RESAMPLES
+    gen = torch.Generator().manual_seed(0)
+    series = seed_series(specs, n_res, gen)
+    rel, above, above_tasks = series["rel"], series["above"], series["above_tasks"]
+    point_rel, point_above = series["point_rel"], series["point_above"]
     pick = torch.randint(0, n_seeds, (n_res, n_seeds), generator=gen)  # seeds drawn with replacement
     result = {"screens": names, "tasks": SEVEN, "above_chance_tasks": above_tasks, "resamples": n_res}
     print(f"{n_seeds} seeds: {', '.join(names)}; seven tasks (above-chance over {', '.join(above_tasks)})")
