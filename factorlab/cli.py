@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .factorize import STRATEGIES
+from .factorize import SHARED_CHOICES, STRATEGIES
 from .moe import OUTPUT_MODES
 
 FIRST_TOKEN = ("dense", "routed")  # --first-token: the first token of each sequence runs the whole FFN, or is routed
@@ -64,6 +64,14 @@ def cmd_info(args) -> int:
 
 
 # ---- factorize ----
+def _shared_choice_arg(p) -> None:
+    p.add_argument("--shared-choice", choices=SHARED_CHOICES, default="frequency",
+                   help="how the shared neurons are chosen on the calibration text: frequency (default): most often "
+                        "among each token's strongest quarter of |activation|; energy_frequency: the same by output "
+                        "energy (activation^2 x |down row|^2); energy_share: largest mean per-token share of output "
+                        "energy; energy_mean: largest mean output energy")
+
+
 def add_factorize(sub) -> None:
     p = sub.add_parser("factorize", help="partition each FFN into N experts, check exactness, save the run")
     p.add_argument("--model", default="default")
@@ -73,6 +81,7 @@ def add_factorize(sub) -> None:
     p.add_argument("--layers", default="all", help="'all' or e.g. '0-9,12'")
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
     p.add_argument("--shared", type=int, default=0, help="always-on shared neurons per layer (0 = none)")
+    _shared_choice_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="run name (saved under the runs folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
@@ -86,7 +95,7 @@ def cmd_factorize(args) -> int:
 
     spec = FactorizeSpec(model=args.model, num_experts=args.experts, top_k=args.k, split=args.split,
                          layers=args.layers, output_mode=args.output_mode, seed=args.seed,
-                         shared_size=args.shared)
+                         shared_size=args.shared, shared_choice=args.shared_choice)
     result = factorize_run(spec, args.name, runs_dir=args.runs_dir, overwrite=args.overwrite)
     result.pop("_moe", None)
     if args.json:
@@ -175,6 +184,7 @@ def add_train(sub) -> None:
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
     p.add_argument("--shared", type=int, default=256,
                    help="always-on shared neurons per layer (default 256: the best recipe measured; 0 = pure N experts)")
+    _shared_choice_arg(p)
     p.add_argument("--first-token", choices=FIRST_TOKEN, default="routed",
                    help="dense: each sequence's first token (the attention sink, with outputs up to ~800x the "
                         "others in some layers) runs the whole FFN and is left out of routing and refits (measured: "
@@ -265,7 +275,7 @@ def train_specs(args) -> tuple:
 
     spec = FactorizeSpec(model=args.model, num_experts=args.experts, top_k=args.k, split=args.split,
                          layers=args.layers, output_mode=args.output_mode, seed=args.seed, shared_size=args.shared,
-                         first_token_dense=args.first_token == "dense", layer_k=args.layer_k)
+                         shared_choice=args.shared_choice, first_token_dense=args.first_token == "dense", layer_k=args.layer_k)
     cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
                       label_loss=args.label_loss, ridge=args.ridge, adaptive_rounds=args.adaptive_rounds,
                       adaptive_min_experts=args.adaptive_min_experts,

@@ -23,11 +23,13 @@ class Partition:
     permutations: dict[int, torch.Tensor] = field(default_factory=dict)
     seed: int = 0
     shared_size: int = 0
+    shared_choice: str = "frequency"  # how the shared neurons were chosen (SHARED_CHOICES)
 
     def __post_init__(self) -> None:
         validate_experts(self.intermediate_size, self.num_experts, self.shared_size)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown split strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        validate_shared_choice(self.shared_choice)
 
     @property
     def layers(self) -> list[int]:
@@ -43,13 +45,13 @@ class Partition:
     def to_config(self) -> dict:
         return {"num_experts": self.num_experts, "strategy": self.strategy, "seed": self.seed,
                 "intermediate_size": self.intermediate_size, "shared_size": self.shared_size,
-                "layers": self.layers}
+                "shared_choice": self.shared_choice, "layers": self.layers}
 
     @classmethod
     def from_saved(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "Partition":
         perms = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("permutation.")}
         return cls(config["num_experts"], config["strategy"], config["intermediate_size"], perms,
-                   config.get("seed", 0), config.get("shared_size", 0))
+                   config.get("seed", 0), config.get("shared_size", 0), config.get("shared_choice", "frequency"))
 
 
 def validate_experts(intermediate_size: int, num_experts: int, shared_size: int = 0) -> None:
@@ -194,13 +196,14 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
                    layers: list[int] | str | None = None, seed: int = 0,
                    calibration_ids: torch.Tensor | None = None, shared_size: int = 0,
                    skip_first: bool = False, inputs: dict[int, torch.Tensor] | None = None,
-                   top_k: int = 2) -> Partition:
+                   top_k: int = 2, shared_choice: str = "frequency") -> Partition:
     """Build a Partition of the chosen layers with one of STRATEGIES.
 
     cluster: neurons are grouped by co-activation (cosine of their |activation| profiles over the
     calibration tokens, balanced k-means); coverage: the cluster split, then improved so that each
     token's best top_k experts hold more of its output energy (coverage_refine); shared_size > 0
-    makes the S most frequently active neurons an always-on shared expert (needs calibration tokens for every strategy). skip_first:
+    makes S neurons an always-on shared expert, by default the most frequently active ones (CMoE;
+    shared_choice: one of SHARED_CHOICES, see _shared_neurons; needs calibration tokens for every strategy). skip_first:
     each calibration row's first token is left out (for first_token_dense, where it is not routed).
     inputs: the layers' FFN inputs on the calibration tokens when the caller already has them
     (calibration_inputs), instead of computing them again.
@@ -209,6 +212,7 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
     mods = decoder_layers(model)
     inter = mods[0].mlp.gate_proj.weight.shape[0]
     validate_experts(inter, num_experts, shared_size)
+    validate_shared_choice(shared_choice)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown split strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     chosen = resolve_layers(layers, len(mods))
@@ -228,7 +232,8 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
                 # the split is computed on the CPU whatever the model's device (k-means' greedy
                 # assignment is Python-bound; permutations are stored as CPU tensors)
                 act = _activations(mods[i].mlp, inputs[i]).abs().float().cpu()  # (T, I)
-            shared = _shared_neurons(act, shared_size)
+            down_norm2 = mods[i].mlp.down_proj.weight.detach().float().pow(2).sum(0).cpu()  # (I,)
+            shared = _shared_neurons(act, shared_size, shared_choice, down_norm2)
         else:
             act, shared = None, torch.empty(0, dtype=torch.long)
         rest = _complement(shared, inter)
@@ -239,21 +244,43 @@ def make_partition(model: nn.Module, num_experts: int, strategy: str = "contiguo
         else:
             assign = balanced_kmeans(act[:, rest].t(), num_experts, seed + i)
             if strategy == "coverage":
-                down_norm2 = mods[i].mlp.down_proj.weight.detach().float().pow(2).sum(0).cpu()  # (I,)
                 assign = coverage_refine(act[:, rest].pow(2) * down_norm2[rest], assign, num_experts, top_k)
             routed = rest[torch.cat([torch.nonzero(assign == c).flatten() for c in range(num_experts)])]
         perms[i] = torch.cat([shared, routed])
-    return Partition(num_experts, strategy, inter, perms, seed, shared_size)
+    return Partition(num_experts, strategy, inter, perms, seed, shared_size, shared_choice)
 
 
-def _shared_neurons(act: torch.Tensor, shared_size: int) -> torch.Tensor:
-    """The shared_size neurons most often among each token's strongest quarter of neurons (CMoE)."""
+SHARED_CHOICES = ("frequency", "energy_frequency", "energy_share", "energy_mean")
+
+
+def validate_shared_choice(choice: str) -> None:
+    if choice not in SHARED_CHOICES:
+        raise ValueError(f"unknown shared-neuron choice {choice!r}: choose one of {', '.join(SHARED_CHOICES)}")
+
+
+def _shared_neurons(act: torch.Tensor, shared_size: int, choice: str = "frequency",
+                    down_norm2: torch.Tensor | None = None) -> torch.Tensor:
+    """The shared_size neurons of the always-on shared block (CMoE), by `choice`:
+    frequency: most often among each token's strongest quarter of |activation| (the default);
+    energy_frequency: the same by output energy, activation^2 * ||down row||^2 (down_norm2 (I,));
+    energy_share: the largest mean per-token share of output energy;
+    energy_mean: the largest mean output energy."""
     if shared_size == 0:
         return torch.empty(0, dtype=torch.long)
-    k = max(1, act.shape[1] // 4)
-    top = act.topk(k, dim=1).indices  # (T, k)
-    freq = torch.bincount(top.flatten(), minlength=act.shape[1])
-    return freq.argsort(descending=True, stable=True)[:shared_size].sort().values
+    validate_shared_choice(choice)
+    if choice != "frequency":
+        if down_norm2 is None:
+            raise ValueError(f"shared-neuron choice {choice!r} needs the down projection's row norms")
+        act = act.float().pow(2) * down_norm2.float().to(act.device)  # (T, I) output energy
+    if choice in ("frequency", "energy_frequency"):
+        k = max(1, act.shape[1] // 4)
+        top = act.topk(k, dim=1).indices  # (T, k)
+        score = torch.bincount(top.flatten(), minlength=act.shape[1]).float()
+    elif choice == "energy_share":
+        score = (act / act.sum(1, keepdim=True).clamp_min(1e-30)).mean(0)
+    else:
+        score = act.mean(0)
+    return score.argsort(descending=True, stable=True)[:shared_size].sort().values
 
 
 def _complement(shared: torch.Tensor, size: int) -> torch.Tensor:

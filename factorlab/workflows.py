@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .factorize import (CALIBRATED, LAYER_K_PLANS, STRATEGIES, Partition, build_moe, calibration_inputs, make_partition,
-                        parse_layer_k, plan_layer_k, resolve_layers, validate_experts, validate_top_k)
+                        parse_layer_k, plan_layer_k, resolve_layers, validate_experts, validate_shared_choice,
+                        validate_top_k)
 from .flops import flops_table
 from .models import DEFAULT_MODEL, load_model, model_info
 from .moe import OUTPUT_MODES, factorized_layers, k_offsets, set_k_offsets
@@ -43,6 +44,7 @@ class FactorizeSpec:
     output_mode: str = "scaled"
     seed: int = 0
     shared_size: int = 0
+    shared_choice: str = "frequency"  # how the shared neurons are chosen (factorize.SHARED_CHOICES)
     calibration_tokens: int = 4096
     first_token_dense: bool = False
     layer_k: str = "uniform"  # per-layer K: uniform | auto (same total, by measured errors) | '3-6=3;2,11=1'
@@ -53,6 +55,7 @@ class FactorizeSpec:
         if self.output_mode not in OUTPUT_MODES:
             raise ValueError(f"unknown output mode {self.output_mode!r}: choose one of {', '.join(OUTPUT_MODES)}")
         validate_top_k(self.top_k, self.num_experts)
+        validate_shared_choice(self.shared_choice)
         if self.calibration_tokens < 256:
             raise ValueError("calibration_tokens must be at least 256")
         if self.layer_k not in LAYER_K_PLANS and "=" not in self.layer_k:
@@ -112,7 +115,7 @@ def prepare(spec: FactorizeSpec, loaded=None, calibration_source: str | None = N
         inputs = calibration_inputs(loaded.model, calib, layers, spec.first_token_dense)
     partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, None,
                                spec.shared_size, skip_first=spec.first_token_dense, inputs=inputs,
-                               top_k=spec.top_k)
+                               top_k=spec.top_k, shared_choice=spec.shared_choice)
     moe = build_moe(loaded.model, partition, spec.top_k, spec.output_mode, router_seed=spec.seed,
                     first_token_dense=spec.first_token_dense)
     if spec.layer_k == "auto":
