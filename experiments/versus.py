@@ -11,7 +11,9 @@ maintenance (capped) and mean above-chance retention minus B's, with two 95% boo
 - seeds: each group's seeds resampled with replacement, the items fixed;
 - seeds and items: the same, with the items of each task resampled too (one draw for the dense model
   and every sweep of both groups);
-and the share of the seeds-and-items resamples where A is ahead. Per task: the difference of the
+and the share of the seeds-and-items resamples where A is ahead. A group's seed spread can only come
+from its own seeds: with one seed of A (or two) the seed intervals carry B's spread and little or
+none of A's, so they are too narrow; read them with A's seed count. Per task: the difference of the
 seed-mean scores (main metric, points). Writes the numbers to OUT.json.
 """
 import json
