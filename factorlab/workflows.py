@@ -44,10 +44,10 @@ class FactorizeSpec:
     output_mode: str = "scaled"
     seed: int = 0
     shared_size: int = 0
-    shared_choice: str = "frequency"  # how the shared neurons are chosen (factorize.SHARED_CHOICES)
     calibration_tokens: int = 4096
     first_token_dense: bool = False
     layer_k: str = "uniform"  # per-layer K: uniform | auto (same total, by measured errors) | '3-6=3;2,11=1'
+    shared_choice: str = "frequency"  # how the shared neurons are chosen (factorize.SHARED_CHOICES)
 
     def __post_init__(self) -> None:
         if self.split not in STRATEGIES:

@@ -78,3 +78,12 @@ def test_cli_passes_the_shared_choice():
     assert spec.shared_choice == "energy_share"
     spec, _, _ = train_specs(parser.parse_args(["train", "x"]))
     assert spec.shared_choice == "frequency"
+
+
+def test_the_app_spec_keeps_its_fields():
+    """The app builds its FactorizeSpec positionally: a new field must not shift the others."""
+    from factorlab.lab import factorize_spec
+
+    spec = factorize_spec("default", 4, 2, "cluster", "1-", "scaled", 3, 256, 2048, True, "uniform")
+    assert (spec.shared_size, spec.calibration_tokens, spec.first_token_dense, spec.layer_k) == (256, 2048, True, "uniform")
+    assert spec.shared_choice == "frequency"
