@@ -18,13 +18,13 @@ import gradio as gr
 
 from factorlab import lab, viz
 from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
-from factorlab.factorize import STRATEGIES
+from factorlab.factorize import SHARED_CHOICES, STRATEGIES
 from factorlab.jobs import get_manager
 from factorlab.models import hub_reachable
 from factorlab.moe import OUTPUT_MODES
 from factorlab.par import TrainConfig
 from factorlab.tasks import TASK_NAMES
-from factorlab.workflows import RECIPE_LAYERS, DataSpec
+from factorlab.workflows import RECIPE_LAYERS, RECIPE_SHARED_CHOICE, DataSpec
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = json.loads((ASSETS / "examples.json").read_text())
@@ -122,9 +122,10 @@ def refresh_runs():
     return gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=lab.run_names())
 
 
-def factorize(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k):
+def factorize(model, n, k, split, layers, output_mode, seed, shared, shared_choice, calibration, first_token, layer_k):
     """Factorize without saving: K=N exactness check and FLOPs per K."""
-    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k)
+    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k,
+                              shared_choice)
     text, rows = lab.quick_factorize(spec)
     return text, gr.Dataframe(value=rows, headers=["model", "FFN GFLOPs/token", "total GFLOPs/token", "FFN vs dense",
                                                    "total vs dense"])
@@ -139,11 +140,12 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or ""
 
 
-def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k,
-                   mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
+def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, shared_choice, calibration, first_token,
+                   layer_k, mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
                    gate_up, e2e, adaptive_rounds, request: gr.Request = None):
     """Validate the page's settings and queue a training job."""
-    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k)
+    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k,
+                              shared_choice)
     job_id = lab.start_training(spec, lab.TRAIN_MODES.get(mode, mode), lab.DATA_SOURCES.get(data_kind, data_kind),
                                 upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
                                 gate_up, e2e, adaptive_rounds)
@@ -425,6 +427,11 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                         seed = gr.Number(0, precision=0, label="Seed")
                         shared = gr.Number(256, precision=0, label="Shared neurons (always active)",
                                            info="256 (default) measured best; 0 = pure N experts")
+                        shared_choice = gr.Radio(list(SHARED_CHOICES), value=RECIPE_SHARED_CHOICE,
+                                                 elem_id="shared-choice", label="Shared neurons chosen by",
+                                                 info="energy_share (default): largest mean share of each token's FFN "
+                                                      "output; frequency: most often among each token's strongest "
+                                                      "quarter (the recipe before round 15); see README")
                         calibration = gr.Number(4096, precision=0, label="Calibration tokens (cluster / coverage split)")
                         first_token = gr.Checkbox(False, label="First token runs the whole FFN",
                                                   info="each sequence's first token (the attention sink, outputs up to "
@@ -561,7 +568,8 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
     run_outputs = [current_md, route_k, expert, trade_k, colour_layer, chat_k, task, loss_plot]
     trade_inputs = [run_state, task, trade_k, trade_seq]
     trade_outputs = [trade_plot, trade_df, flops_plot, bench_md, bench_df, timing_md]
-    factor_inputs = [model, n_box, k_box, split, layers, output_mode, seed, shared, calibration, first_token, layer_k]
+    factor_inputs = [model, n_box, k_box, split, layers, output_mode, seed, shared, shared_choice, calibration, first_token,
+                     layer_k]
     chat_settings = [run_state, temperature, top_p, max_new, chat_seed, chat_k, colour_tokens, colour_layer]
     chat_outputs = [message, chat_dense, chat_moe, stats_dense, stats_moe, tokens_view]
 

@@ -65,11 +65,14 @@ def cmd_info(args) -> int:
 
 # ---- factorize ----
 def _shared_choice_arg(p) -> None:
-    p.add_argument("--shared-choice", choices=SHARED_CHOICES, default="frequency",
-                   help="how the shared neurons are chosen on the calibration text: frequency (default): most often "
-                        "among each token's strongest quarter of |activation|; energy_frequency: the same by output "
-                        "energy (activation^2 x |down row|^2); energy_share: largest mean per-token share of output "
-                        "energy; energy_mean: largest mean output energy")
+    from .workflows import RECIPE_SHARED_CHOICE
+
+    p.add_argument("--shared-choice", choices=SHARED_CHOICES, default=RECIPE_SHARED_CHOICE,
+                   help=f"how the shared neurons are chosen on the calibration text (default {RECIPE_SHARED_CHOICE}, "
+                        "the recipe): energy_share: the largest mean per-token share of the FFN's output energy "
+                        "(activation^2 x |down row|^2); frequency: most often among each token's strongest quarter of "
+                        "|activation| (the recipe before the fifteenth round); energy_frequency: the same by output "
+                        "energy; energy_mean: the largest mean output energy")
 
 
 def add_factorize(sub) -> None:

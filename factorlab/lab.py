@@ -253,14 +253,16 @@ def _ci(interval: list[float] | None) -> str:
 
 # ---------------------------------------------------------------- factorize
 def factorize_spec(model: str, num_experts, top_k, split: str, layers: str, output_mode: str, seed,
-                   shared_size=0, calibration_tokens=4096, first_token_dense=False, layer_k="uniform"):
-    """A validated FactorizeSpec from the page's controls (ValueError says what to fix)."""
-    from .workflows import FactorizeSpec
+                   shared_size=0, calibration_tokens=4096, first_token_dense=False, layer_k="uniform",
+                   shared_choice=None):
+    """A validated FactorizeSpec from the page's controls (ValueError says what to fix);
+    shared_choice None: the recipe's."""
+    from .workflows import RECIPE_SHARED_CHOICE, FactorizeSpec
 
     return FactorizeSpec((model or "default").strip(), _int(num_experts, "N"), _int(top_k, "K"), split,
                          (layers or "all").strip(), output_mode, _int(seed, "seed"), _int(shared_size, "shared size"),
                          _int(calibration_tokens, "calibration tokens"), bool(first_token_dense),
-                         (layer_k or "uniform").strip())
+                         (layer_k or "uniform").strip(), shared_choice or RECIPE_SHARED_CHOICE)
 
 
 def quick_factorize(spec) -> tuple[str, list[list]]:

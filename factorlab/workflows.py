@@ -31,6 +31,8 @@ CHECK_TEXT = (
 # The training recipe's layers (issue 7): layer 0 stays dense. Measured: putting its FFN alone back to
 # dense cut held-out perplexity by 22%, the next-best layer's by 10% (README, accuracy research).
 RECIPE_LAYERS = "1-"
+# how the recipe picks its shared neurons (issue 7, fifteenth round: energy_share measured better in four seeds)
+RECIPE_SHARED_CHOICE = "energy_share"
 
 
 @dataclass

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT = 240.0
 TINY = dict(model="default", n=4, k=2, split="random", layers="0-1", output_mode="scaled", seed=0, shared=0,
-            calibration=4096, first_token=False, layer_k="uniform")
+            shared_choice="energy_share", calibration=4096, first_token=False, layer_k="uniform")
 from factorlab.lab import DATA_SOURCES  # noqa: E402
 
 LOCAL_PROSE = next(label for label, kind in DATA_SOURCES.items() if kind == "local")
@@ -64,7 +64,8 @@ def new_client(served):
 
 def train_args(name: str, **overrides) -> list:
     values = {**TINY, **TRAIN, "name": name, **overrides}
-    order = ["model", "n", "k", "split", "layers", "output_mode", "seed", "shared", "calibration", "first_token",
+    order = ["model", "n", "k", "split", "layers", "output_mode", "seed", "shared", "shared_choice", "calibration",
+             "first_token",
              "layer_k", "mode",
              "data_kind", "upload", "hub_id", "train_tokens", "heldout_tokens", "seq_len", "router_steps",
              "minutes", "name", "gate_up", "e2e", "adaptive_rounds"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from factorlab.factorize import SHARED_CHOICES, Partition, _shared_neurons, build_moe, make_partition
-from factorlab.workflows import FactorizeSpec
+from factorlab.workflows import RECIPE_SHARED_CHOICE, FactorizeSpec
 
 
 def _acts():
@@ -74,10 +74,10 @@ def test_cli_passes_the_shared_choice():
 
     parser = argparse.ArgumentParser()
     add_train(parser.add_subparsers())
-    spec, _, _ = train_specs(parser.parse_args(["train", "x", "--shared-choice", "energy_share"]))
-    assert spec.shared_choice == "energy_share"
-    spec, _, _ = train_specs(parser.parse_args(["train", "x"]))
+    spec, _, _ = train_specs(parser.parse_args(["train", "x", "--shared-choice", "frequency"]))
     assert spec.shared_choice == "frequency"
+    spec, _, _ = train_specs(parser.parse_args(["train", "x"]))
+    assert spec.shared_choice == RECIPE_SHARED_CHOICE
 
 
 def test_the_app_spec_keeps_its_fields():
@@ -86,4 +86,6 @@ def test_the_app_spec_keeps_its_fields():
 
     spec = factorize_spec("default", 4, 2, "cluster", "1-", "scaled", 3, 256, 2048, True, "uniform")
     assert (spec.shared_size, spec.calibration_tokens, spec.first_token_dense, spec.layer_k) == (256, 2048, True, "uniform")
-    assert spec.shared_choice == "frequency"
+    assert spec.shared_choice == RECIPE_SHARED_CHOICE  # the page's control left alone: the recipe's
+    again = factorize_spec("default", 4, 2, "cluster", "1-", "scaled", 3, 256, 2048, True, "uniform", "frequency")
+    assert again.shared_choice == "frequency"
