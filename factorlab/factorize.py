@@ -261,7 +261,8 @@ def validate_shared_choice(choice: str) -> None:
 def _shared_neurons(act: torch.Tensor, shared_size: int, choice: str = "frequency",
                     down_norm2: torch.Tensor | None = None) -> torch.Tensor:
     """The shared_size neurons of the always-on shared block (CMoE), by `choice`:
-    frequency: most often among each token's strongest quarter of |activation| (the default);
+    frequency: most often among each token's strongest quarter of |activation| (this function's
+    default, the recipe's before round 15; the recipe's now is workflows.RECIPE_SHARED_CHOICE);
     energy_frequency: the same by output energy, activation^2 * ||down row||^2 (down_norm2 (I,));
     energy_share: the largest mean per-token share of output energy;
     energy_mean: the largest mean output energy."""
