@@ -65,10 +65,8 @@ def new_client(served):
 def train_args(name: str, **overrides) -> list:
     values = {**TINY, **TRAIN, "name": name, **overrides}
     order = ["model", "n", "k", "split", "layers", "output_mode", "seed", "shared", "shared_choice", "calibration",
-             "first_token",
-             "layer_k", "mode",
-             "data_kind", "upload", "hub_id", "train_tokens", "heldout_tokens", "seq_len", "router_steps",
-             "minutes", "name", "gate_up", "e2e", "adaptive_rounds"]
+             "first_token", "layer_k", "mode", "data_kind", "upload", "hub_id", "train_tokens", "heldout_tokens",
+             "seq_len", "router_steps", "minutes", "name", "gate_up", "e2e", "adaptive_rounds"]
     return [values[key] for key in order]
 
 
