@@ -20,7 +20,7 @@ from torch import nn
 
 from .flops import flops_per_token
 from .models import decoder_layers, model_info
-from .moe import factorized_layers, k_offsets, record_routing, set_top_k
+from .moe import factorized_layers, record_routing, set_top_k
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,11 @@ def expert_load(moe: nn.Module, ids: torch.Tensor) -> dict:
 
 
 def speed_limits(info: dict, num_experts: int, top_k: int, layers: list[int], shared_size: int,
-                 prefill: int, decode_context: int, ffn_layer: int, first_token_dense: bool = False,
-                 k_offsets: dict[int, int] | None = None) -> dict:
+                 prefill: int, decode_context: int, ffn_layer: int) -> dict:
     """Upper bound on each speedup if only the FFN multiply-adds shrank (factorlab.flops, matmuls only)."""
     dense = flops_per_token(info, prefill)
-    moe = flops_per_token(info, prefill, num_experts, top_k, layers, shared_size, first_token_dense=first_token_dense,
-                          k_offsets=k_offsets)
-    one = flops_per_token(info, prefill, num_experts, top_k, [ffn_layer], shared_size,
-                          first_token_dense=first_token_dense, k_offsets=k_offsets)
+    moe = flops_per_token(info, prefill, num_experts, top_k, layers, shared_size)
+    one = flops_per_token(info, prefill, num_experts, top_k, [ffn_layer], shared_size)
     layer_dense = dense["ffn"] / info["num_layers"]
     layer_moe = one["ffn"] - dense["ffn"] + layer_dense + one["router"]
 
@@ -126,7 +123,7 @@ def speed_limits(info: dict, num_experts: int, top_k: int, layers: list[int], sh
         return prefill * (f["total"] - f["lm_head"]) + f["lm_head"]
 
     dense_dec = flops_per_token(info, decode_context)
-    moe_dec = flops_per_token(info, decode_context, num_experts, top_k, layers, shared_size, k_offsets=k_offsets)
+    moe_dec = flops_per_token(info, decode_context, num_experts, top_k, layers, shared_size)
     prefill_limit = last_logits_only(dense) / last_logits_only(moe)
     return {"ffn": layer_dense / layer_moe, "prefill": prefill_limit, "forward": dense["total"] / moe["total"],
             "decode": dense_dec["total"] / moe_dec["total"], "batched_prefill": prefill_limit,
@@ -232,8 +229,7 @@ def run_benchmark(dense: nn.Module, moe: nn.Module, ks: list[int] | None = None,
                  for p in MEASUREMENTS}
         result_k[str(k)] = speed
         limits[str(k)] = speed_limits(info, n, k, sorted(layers), first.shared_size, prefill, decode_context,
-                                      ffn_layer, first.first_token_dense,
-                                      k_offsets(moe))
+                                      ffn_layer)
     machine = {**machine_info(device), "load_average_before": load_before,
                "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     of_min = {k: {p: raw[p]["dense"]["min_s"] / raw[p][k]["min_s"] for p in raw} for k in result_k}

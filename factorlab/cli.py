@@ -1,4 +1,9 @@
-"""`python -m factorlab <command>`: the headless lab. Every command has --json."""
+"""`python -m factorlab <command>`: the headless lab. Every command has --json.
+
+Settings are one factorlab.recipe.Recipe: `train`/`factorize` start from a preset (`--preset`, default
+`default`: the measured recipe), take `--set KEY=VALUE` for any field and a few everyday flags
+generated from the Recipe's fields. `python -m factorlab recipe` prints every field with what it does.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from .factorize import SHARED_CHOICES, STRATEGIES
-from .moe import OUTPUT_MODES
-
-FIRST_TOKEN = ("dense", "routed")  # --first-token: the first token of each sequence runs the whole FFN, or is routed
+from .recipe import PRESETS, Recipe, field_type, parse_assignments, preset, recipe_fields
 
 
 class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+    """A user error with a message that says what to do."""
 
 
 def _emit_json(args: argparse.Namespace, obj: dict) -> None:
@@ -63,30 +65,74 @@ def cmd_info(args) -> int:
     return 0
 
 
+
+# ---- the recipe on the command line ----
+def _add_recipe(p: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    """--preset, --set KEY=VALUE and the everyday flags of these Recipe sections (None: all), generated
+    from the fields' metadata. Flags default to None: only what the user typed changes the preset."""
+    p.add_argument("--preset", default="default", choices=list(PRESETS),
+                   help="the recipe to start from (default: default, the measured recipe); "
+                        "`python -m factorlab recipe --preset P` shows one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                   help="any recipe field, e.g. --set router_steps=300 (repeatable; `python -m factorlab recipe` "
+                        "lists them)")
+    defaults = Recipe()
+    for f in recipe_fields(everyday=True):
+        if sections and f.metadata["section"] not in sections and f.name not in ("seed", "data"):
+            continue
+        kind = field_type(f)
+        p.add_argument(f.metadata["flag"], dest=f"recipe_{f.name}", default=None, metavar=None if f.metadata["choices"]
+                       else kind.__name__.upper(), type=kind, choices=f.metadata["choices"],
+                       help=f"{f.metadata['help']} (default {_shown(getattr(defaults, f.name))})")
+
+
+def _shown(value) -> str:
+    return "none" if value is None else json.dumps(value)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The Recipe a command line asks for: the preset, then --set, then the everyday flags."""
+    changes = parse_assignments(args.assignments)
+    for name, value in vars(args).items():
+        if name.startswith("recipe_") and value is not None:
+            field = name.removeprefix("recipe_")
+            if field in changes and changes[field] != value:
+                raise CliError(f"{field} is set twice (--set {field}={changes[field]} and its flag {value}): "
+                               "give it once")
+            changes[field] = value
+    return preset(args.preset, **changes)
+
+
+def add_recipe(sub) -> None:
+    p = sub.add_parser("recipe", help="print a recipe: every setting, its value and what it does")
+    p.add_argument("--preset", default="default", choices=list(PRESETS), help="the preset to show (default: default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                   help="show the preset with these fields changed")
+    _add_json(p)
+    p.set_defaults(func=cmd_recipe)
+
+
+def cmd_recipe(args) -> int:
+    recipe = preset(args.preset, **parse_assignments(args.assignments))
+    if args.json:
+        _emit_json(args, recipe.to_dict())
+        return 0
+    name = recipe.preset_name()
+    print(f"# recipe: {name + ' (preset)' if name else 'preset ' + args.preset + ', changed'}")
+    for n, (text, _) in PRESETS.items():
+        print(f"# preset {n}: {text}")
+    print("# change a field: train NAME --set KEY=VALUE (everyday ones also have a flag: train --help)")
+    for line in recipe.describe():
+        print(line)
+    return 0
+
+
 # ---- factorize ----
-def _shared_choice_arg(p) -> None:
-    from .workflows import RECIPE_SHARED_CHOICE
-
-    p.add_argument("--shared-choice", choices=SHARED_CHOICES, default=RECIPE_SHARED_CHOICE,
-                   help=f"how the shared neurons are chosen on the calibration text (default {RECIPE_SHARED_CHOICE}, "
-                        "the recipe): energy_share: the largest mean per-token share of the FFN's output energy "
-                        "(activation^2 x |down row|^2); frequency: most often among each token's strongest quarter of "
-                        "|activation| (the recipe before the fifteenth round); energy_frequency: the same by output "
-                        "energy; energy_mean: the largest mean output energy")
-
-
 def add_factorize(sub) -> None:
-    p = sub.add_parser("factorize", help="partition each FFN into N experts, check exactness, save the run")
-    p.add_argument("--model", default="default")
-    p.add_argument("--experts", "-n", type=int, default=4, help="N experts (must divide the FFN width)")
-    p.add_argument("--k", type=int, default=2, help="top-K experts per token stored with the run")
-    p.add_argument("--split", choices=STRATEGIES, default="cluster")
-    p.add_argument("--layers", default="all", help="'all' or e.g. '0-9,12'")
-    p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
-    p.add_argument("--shared", type=int, default=0, help="always-on shared neurons per layer (0 = none)")
-    _shared_choice_arg(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default=None, help="run name (saved under the runs folder)")
+    p = sub.add_parser("factorize", help="partition each FFN into N experts (a recipe's split), check exactness, "
+                                         "optionally save the run (untrained router)")
+    _add_recipe(p, ("factorize",))
+    p.add_argument("--name", default=None, help="save as a run of this name (default: nothing is saved)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
     _runs_dir(p)
     _add_json(p)
@@ -94,12 +140,9 @@ def add_factorize(sub) -> None:
 
 
 def cmd_factorize(args) -> int:
-    from .workflows import FactorizeSpec, factorize_run
+    from .workflows import factorize_run
 
-    spec = FactorizeSpec(model=args.model, num_experts=args.experts, top_k=args.k, split=args.split,
-                         layers=args.layers, output_mode=args.output_mode, seed=args.seed,
-                         shared_size=args.shared, shared_choice=args.shared_choice)
-    result = factorize_run(spec, args.name, runs_dir=args.runs_dir, overwrite=args.overwrite)
+    result = factorize_run(recipe_from_args(args), name=args.name, runs_dir=args.runs_dir, overwrite=args.overwrite)
     result.pop("_moe", None)
     if args.json:
         _emit_json(args, result)
@@ -112,55 +155,43 @@ def cmd_factorize(args) -> int:
           f"{result['max_abs_logit_diff_fp64']:.1e} in fp64; fp32 dense vs fp64 dense: "
           f"{result['dense_fp32_vs_fp64']:.1e})")
     for k, r in result["ffn_ratio_by_k"].items():
-        print(f"K={k}          FFN FLOPs = {100 * r:.1f}% of dense")
+        print(f"K={k}          FFN FLOPs = {100 * r:.1f}% of dense (every token at its top K)")
     print(f"run          {result['run'] or '(not saved: pass --name)'}")
     return 0
 
 
 # ---- flops ----
 def add_flops(sub) -> None:
-    p = sub.add_parser("flops", help="analytic FLOPs per token, dense vs factorized, by component")
-    p.add_argument("--model", default="default")
-    p.add_argument("--experts", "-n", type=int, default=4)
-    p.add_argument("--k", type=int, default=None, help="one K (default: every K in 1..N)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--layers", default="all")
-    p.add_argument("--shared", type=int, default=0)
-    p.add_argument("--first-token", choices=FIRST_TOKEN, default="routed",
-                   help="dense: each sequence's first token runs the whole FFN (its cost shared over --seq-len)")
+    p = sub.add_parser("flops", help="analytic FLOPs per token of a recipe's shape, dense vs factorized, by component")
+    _add_recipe(p, ("factorize",))
+    p.add_argument("--seq-len", type=int, default=512, help="context length the attention is counted at")
     _add_json(p)
     p.set_defaults(func=cmd_flops)
 
 
 def cmd_flops(args) -> int:
-    from .factorize import resolve_layers, validate_experts, validate_top_k
     from .flops import COMPONENTS, flops_per_token, flops_table, shares
     from .models import load_model, model_info
 
     if args.seq_len < 1:
         raise CliError("--seq-len must be at least 1")
-    info = model_info(load_model(args.model).model)
-    validate_experts(info["intermediate_size"], args.experts, args.shared)
-    layers = resolve_layers(args.layers, info["num_layers"])
-    ks = [args.k] if args.k else list(range(1, args.experts + 1))
-    for k in ks:
-        validate_top_k(k, args.experts)
-    table = flops_table(info, args.seq_len, args.experts, ks, layers, args.shared, args.first_token == "dense")
+    recipe = recipe_from_args(args)
+    info = model_info(load_model(recipe.model).model)
+    layers = recipe.validate(info)
+    one_k = args.recipe_top_k is not None or any(a.startswith("top_k=") for a in args.assignments)
+    ks = [recipe.top_k] if one_k else list(range(1, recipe.num_experts + 1))
+    table = flops_table(info, args.seq_len, recipe.num_experts, ks, layers, recipe.shared_size)
     dense = flops_per_token(info, args.seq_len)
     if args.json:
-        out = {"model": args.model, "seq_len": args.seq_len, "num_experts": args.experts, "unit": "FLOPs per token",
+        out = {"model": recipe.model, "seq_len": args.seq_len, "num_experts": recipe.num_experts,
+               "shared_size": recipe.shared_size, "layers": layers, "unit": "FLOPs per token",
                "dense": {**dense, "shares": shares(dense)}, "k": table["k"]}
-        if args.k:
-            out["factorized"] = {c: table["k"][str(args.k)][c] for c in (*COMPONENTS, "total")}
-            out["factorized"]["shares"] = table["k"][str(args.k)]["shares"]
-            out["top_k"] = args.k
-            out["ffn_ratio"] = table["k"][str(args.k)]["ffn_ratio"]
-            out["total_ratio"] = table["k"][str(args.k)]["total_ratio"]
         _emit_json(args, out)
         return 0
-    print(f"FLOPs per token at sequence length {args.seq_len} ({args.model}, {args.experts} experts)")
-    header = f"{'component':18s}{'dense':>14s}" + "".join(f"{'K=' + str(k):>14s}" for k in ks)
-    print(header)
+    print(f"FLOPs per token at sequence length {args.seq_len} ({recipe.model}, {recipe.num_experts} experts"
+          f"{f' + {recipe.shared_size} shared neurons' if recipe.shared_size else ''} in {len(layers)} layers; "
+          "every token at its top K)")
+    print(f"{'component':18s}{'dense':>14s}" + "".join(f"{'K=' + str(k):>14s}" for k in ks))
     for c in (*COMPONENTS, "total"):
         print(f"{c:18s}{_fmt_flops(dense[c]):>14s}" + "".join(f"{_fmt_flops(table['k'][str(k)][c]):>14s}" for k in ks))
     print(f"{'FFN vs dense':18s}{'100.0%':>14s}" + "".join(f"{100 * table['k'][str(k)]['ffn_ratio']:13.1f}%" for k in ks))
@@ -170,87 +201,15 @@ def cmd_flops(args) -> int:
 
 # ---- train ----
 def add_train(sub) -> None:
-    from .par import E2E_PARAMS, ERROR_METRICS, LABEL_LOSSES, MODES, TARGETS, TOKEN_WEIGHTS, TrainConfig
-    from .workflows import RECIPE_LAYERS, DataSpec
-
-    p = sub.add_parser("train", help="factorize + PAR training + held-out metrics, saved as a run")
-    p.add_argument("name", help="run name")
-    p.add_argument("--model", default="default")
-    p.add_argument("--experts", "-n", type=int, default=4)
-    p.add_argument("--k", type=int, default=2)
-    p.add_argument("--split", choices=STRATEGIES, default="cluster",
-                   help="cluster (default): co-activation groups; coverage: cluster refined so each token's best "
-                        "K experts hold more of its output (measured on the default model: K=2 lower held-out "
-                        "perplexity but not better benchmarks; K=1 much worse perplexity; see README)")
-    p.add_argument("--layers", default=RECIPE_LAYERS,
-                   help=f"layers to factorize (default {RECIPE_LAYERS!r}: every layer but 0, the recipe; 'all' for every layer)")
-    p.add_argument("--output-mode", choices=OUTPUT_MODES, default="scaled")
-    p.add_argument("--shared", type=int, default=256,
-                   help="always-on shared neurons per layer (default 256: the best recipe measured; 0 = pure N experts)")
-    _shared_choice_arg(p)
-    p.add_argument("--first-token", choices=FIRST_TOKEN, default="routed",
-                   help="dense: each sequence's first token (the attention sink, with outputs up to ~800x the "
-                        "others in some layers) runs the whole FFN and is left out of routing and refits (measured: "
-                        "slightly lower held-out perplexity, worse benchmarks with per-token K; see README)")
-    p.add_argument("--layer-k", default="uniform",
-                   help="per-layer K: uniform (default) | auto (the same total K, moved to the layers whose measured "
-                        "error gains most; measured worse than uniform on the default model, see README) | LAYERS=K "
-                        "entries such as '3-6=3;2,11=1' (the rest at --k)")
-    p.add_argument("--mode", choices=MODES, default="experts",
-                   help="experts: router + least-squares expert refit (default); router: routers only; "
-                        "none: untrained router (FactorLLM's Ex0)")
-    p.add_argument("--tokens", type=int, default=DataSpec.train_tokens, help="training tokens")
-    p.add_argument("--heldout-tokens", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget from the split on: gradient phases stop at it and end-to-end "
-                        "distillation fits its schedule into it")
-    p.add_argument("--data", default="builtin", help="builtin (= everyday) | everyday | local | selfgen | a mix of built-ins (everyday+selfgen) | "
-                        "PATH(.txt/.jsonl) | hub:ID[:config]")
-    p.add_argument("--router-steps", type=int, default=TrainConfig.router_steps)
-    p.add_argument("--refine-rounds", type=int, default=TrainConfig.refine_rounds,
-                   help="after the refit: relabel with the best joint K experts, retrain the router, refit again")
-    p.add_argument("--adaptive-rounds", type=int, default=TrainConfig.adaptive_rounds,
-                   help="per-token K at the same mean: after the refine rounds, this many rounds of (best sets "
-                        "of experts per token -> router -> thresholds -> refit); 0 = fixed top-K")
-    p.add_argument("--adaptive-router-steps", type=int, default=TrainConfig.adaptive_router_steps,
-                   help="router Adam steps in each per-token round (it starts from the last round's router); "
-                        "default: a third of --router-steps (200)")
-    p.add_argument("--adaptive-min-experts", type=int, choices=(0, 1), default=TrainConfig.adaptive_min_experts,
-                   help="per-token K: 1 = every token runs at least its best expert; 0 = a token may run none "
-                        "(only the shared neurons); default: 0 with shared neurons, 1 without")
-    p.add_argument("--label-loss", choices=LABEL_LOSSES, default="kl")
-    p.add_argument("--ridge", type=float, default=TrainConfig.ridge,
-                   help="least-squares refit regulariser (relative to the mean diagonal of the Gram matrix)")
-    p.add_argument("--target", choices=TARGETS, default="teacher")
-    p.add_argument("--token-weight", choices=TOKEN_WEIGHTS, default=TrainConfig.token_weight,
-                   help="how each token's error counts in the refits and per-token sets: none = squared error; "
-                        "residual = relative to the token's residual stream (attention sinks do not dominate)")
-    p.add_argument("--error-metric", choices=ERROR_METRICS, default=TrainConfig.error_metric,
-                   help="the error that picks each token's experts (router labels, per-token sets): plain = squared "
-                        "error of the FFN output; output = as the dense model's next-token distribution feels it "
-                        "(its Fisher information at the layer's FFN output; the refits stay plain; measured: lower "
-                        "held-out KL, not better benchmarks; see README)")
-    p.add_argument("--metric-tokens", type=int, default=TrainConfig.metric_tokens,
-                   help="training tokens that estimate the output metric (--error-metric output)")
-    p.add_argument("--gate-up-steps", type=int, default=0,
-                   help="Adam steps per layer on the experts' gate/up (and down) after the refit; the down "
-                        "projections are refitted once more after them")
-    p.add_argument("--gate-up-lr", type=float, default=TrainConfig.gate_up_lr)
-    p.add_argument("--e2e-steps", type=int, default=TrainConfig.e2e_steps,
-                   help="end-to-end logit distillation (KL to the dense model) after the layer-wise pass: most steps")
-    p.add_argument("--e2e-minutes", type=float, default=TrainConfig.e2e_minutes,
-                   help="fit the end-to-end schedule into this many minutes (fewer steps if they do not fit)")
-    p.add_argument("--e2e-lr", type=float, default=TrainConfig.e2e_lr)
-    p.add_argument("--e2e-batch", type=int, default=TrainConfig.e2e_batch, help="sequences per end-to-end step")
-    p.add_argument("--e2e-params", choices=E2E_PARAMS, default=TrainConfig.e2e_params,
-                   help="what end-to-end distillation tunes: all expert weights, or the down projections only")
-    p.add_argument("--eval-k", default=None, help="K values for held-out metrics, e.g. 1,2,3")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default) or cuda, cuda:1, ...: where to train (the text is prepared on the CPU; "
-                        "an H200 trained the default recipe in 103 s, see README)")
-    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("train", help="factorize + PAR training (a recipe) + held-out metrics; saves a run",
+                       description="Train a recipe: a preset (--preset, default: the measured recipe), changed by "
+                                   "the flags below or by --set KEY=VALUE for any other field (`python -m factorlab "
+                                   "recipe` lists them all with what they do).")
+    p.add_argument("name", help="run name (saved under the runs folder)")
+    _add_recipe(p)
+    p.add_argument("--eval-k", default=None, help="K values for held-out metrics, e.g. 1,2,3 (default: 1, K and K+1)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
     _runs_dir(p)
     _add_json(p)
     p.set_defaults(func=cmd_train)
@@ -271,36 +230,14 @@ def _device(name: str):
     return device
 
 
-def train_specs(args) -> tuple:
-    """(FactorizeSpec, TrainConfig, DataSpec) of parsed `train` arguments: what `train` runs."""
-    from .par import TrainConfig
-    from .workflows import DataSpec, FactorizeSpec
-
-    spec = FactorizeSpec(model=args.model, num_experts=args.experts, top_k=args.k, split=args.split,
-                         layers=args.layers, output_mode=args.output_mode, seed=args.seed, shared_size=args.shared,
-                         shared_choice=args.shared_choice, first_token_dense=args.first_token == "dense", layer_k=args.layer_k)
-    cfg = TrainConfig(mode=args.mode, top_k=args.k, router_steps=args.router_steps, refine_rounds=args.refine_rounds,
-                      label_loss=args.label_loss, ridge=args.ridge, adaptive_rounds=args.adaptive_rounds,
-                      adaptive_min_experts=args.adaptive_min_experts,
-                      adaptive_router_steps=args.adaptive_router_steps,
-                      target=args.target, token_weight=args.token_weight,
-                      error_metric=args.error_metric, metric_tokens=args.metric_tokens,
-                      gate_up_steps=args.gate_up_steps, gate_up_lr=args.gate_up_lr,
-                      e2e_steps=args.e2e_steps,
-                      e2e_minutes=args.e2e_minutes, e2e_lr=args.e2e_lr, e2e_batch=args.e2e_batch,
-                      e2e_params=args.e2e_params, minutes=args.minutes, seed=args.seed)
-    data = DataSpec(args.data, args.tokens, args.heldout_tokens, args.seq_len)
-    return spec, cfg, data
-
-
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from .workflows import train_run
 
-    spec, cfg, data = train_specs(args)
+    recipe = recipe_from_args(args)
     device = _device(args.device)
-    eval_ks = [int(k) for k in args.eval_k.split(",")] if args.eval_k else None
+    eval_ks = _parse_ks(args.eval_k, recipe.top_k, recipe.num_experts) if args.eval_k else None
     bar = tqdm(total=None, desc="train", unit="step", disable=bool(args.json) and args.json is True)
 
     def progress(rec: dict) -> None:
@@ -312,14 +249,16 @@ def cmd_train(args) -> int:
         bar.set_postfix(phase=rec.get("phase"), layer=rec.get("layer"), **losses)
         bar.refresh()
 
-    result = train_run(spec, cfg, data, args.name, runs_dir=args.runs_dir, progress=progress,
-                       overwrite=args.overwrite, eval_ks=eval_ks, device=device)
+    result = train_run(recipe, args.name, runs_dir=args.runs_dir, progress=progress, overwrite=args.overwrite,
+                       eval_ks=eval_ks, device=device)
     bar.close()
     result.pop("_moe", None)
     if args.json:
         _emit_json(args, result)
         return 0
-    print(f"run {result['run']}: trained in {result['seconds']:.1f} s on {result['tokens']} tokens "
+    name = recipe.preset_name()
+    print(f"run {result['run']}: recipe {name or 'custom (' + ', '.join(f'{k}={v}' for k, v in recipe.differences().items()) + ')'}"
+          f", trained in {result['seconds']:.1f} s on {result['tokens']} tokens "
           f"(router label accuracy {result['train'].get('mean_router_label_accuracy') or float('nan'):.3f})")
     print(f"{'K':>3s} {'ppl':>10s} {'dense ppl':>10s} {'agreement':>10s} {'KL':>8s}   (held-out text)")
     for k, h in result["heldout_by_k"].items():
@@ -368,7 +307,6 @@ def cmd_experiment(args) -> int:
               f"{f(line['above_chance'] and 100 * line['above_chance'], '6.1f')}")
     return 0
 
-
 # ---- runs ----
 def add_runs(sub) -> None:
     p = sub.add_parser("runs", help="list runs (corrupt ones are marked), or delete one")
@@ -386,17 +324,18 @@ def cmd_runs(args) -> int:
     runs = list_runs(args.runs_dir)
     if args.json:
         _emit_json(args, {"runs": [{"name": r.name, "path": str(r.path), "ok": r.ok, "error": r.error,
+                                    "recipe": r.run.recipe.to_dict() if r.run else None,
                                     "config": r.config, "metrics": r.metrics} for r in runs]})
         return 0
     for r in runs:
-        if r.ok:
-            c = r.config
-            print(f"{r.name:24s} {c.get('model')}  {c.get('num_experts')}E{c.get('top_k')}K "
-                  f"split={c.get('split')} mode={c.get('mode')}")
+        if r.run:
+            recipe = r.run.recipe
+            print(f"{r.name:24s} {recipe.model}  {recipe.num_experts}E{recipe.top_k}K split={recipe.split} "
+                  f"mode={recipe.mode} recipe={recipe.preset_name() or 'custom'}")
         else:
             print(f"{r.name:24s} CORRUPT: {r.error}")
     if not runs:
-        print("no runs yet: create one with `python -m factorlab factorize --name NAME`")
+        print("no runs yet: create one with `python -m factorlab train NAME` (or factorize --name NAME)")
     return 0
 
 
@@ -422,8 +361,7 @@ def add_eval(sub) -> None:
 
 
 def _parse_ks(text: str | None, default: int, num_experts: int) -> list[int]:
-    from .factorize import validate_top_k
-
+    """--k / --eval-k: 'all', or K values separated by commas, each in 1..N."""
     if text is None:
         return [default]
     if text.strip() == "all":
@@ -431,9 +369,10 @@ def _parse_ks(text: str | None, default: int, num_experts: int) -> list[int]:
     try:
         ks = sorted({int(k) for k in text.split(",") if k.strip()})
     except ValueError:
-        raise CliError(f"--k takes integers separated by commas, or 'all' (got {text!r})") from None
-    for k in ks:
-        validate_top_k(k, num_experts)
+        raise CliError(f"K values are integers separated by commas, or 'all' (got {text!r})") from None
+    bad = [k for k in ks if not 1 <= k <= num_experts]
+    if bad or not ks:
+        raise CliError(f"K values must be in 1..{num_experts} (the run's N), got {text!r}")
     return ks
 
 
@@ -470,31 +409,30 @@ def _interval(ci: list[float] | None) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_sweep, store_eval
+    from .evaluate import run_sweep
     from .models import load_model
-    from .moe import factorized_layers
-    from .runs import load_moe, load_run
+    from .runs import load_run
     from .tasks import parse_tasks
+    from .workflows import evaluate_run
 
     tasks = parse_tasks(args.tasks)
     if args.dense_only:
-        loaded, moe, ks, run = load_model(args.model or "default"), None, [], None
+        if args.name:
+            raise CliError("--dense-only scores the dense model alone: drop the run name")
+        loaded = load_model(args.model or "default")
+        sweep = run_sweep(loaded.model, loaded.tokenizer, None, tasks, [], args.limit, args.seed, args.data_dir,
+                          args.batch_size, progress=sys.stderr.isatty())
+        sweep["model"], sweep["run"] = args.model or "default", None
     elif not args.name:
         raise CliError("give a run NAME, or --dense-only to score the dense model alone")
     elif args.model:
         raise CliError("--model goes with --dense-only; a run is scored with the model it was made from")
     else:
-        run = load_run(args.name, args.runs_dir)
-        loaded = load_model(run.config["model"])
-        moe = load_moe(run, loaded.model)
-        num_experts = next(iter(factorized_layers(moe).values())).num_experts
-        ks = _parse_ks(args.k, run.config.get("top_k", 1), num_experts)
-    sweep = run_sweep(loaded.model, loaded.tokenizer, moe, tasks, ks, args.limit, args.seed, args.data_dir,
-                      args.batch_size, progress=sys.stderr.isatty())
-    sweep["model"] = run.config["model"] if run else (args.model or "default")
-    sweep["run"] = run.name if run else None
-    if run and not args.no_store:
-        store_eval(run.name, sweep, args.runs_dir)
+        recipe = load_run(args.name, args.runs_dir).recipe
+        ks = _parse_ks(args.k, recipe.top_k, recipe.num_experts)
+        sweep = evaluate_run(args.name, tasks, ks, limit=args.limit, seed=args.seed, data_dir=args.data_dir,
+                             batch_size=args.batch_size, runs_dir=args.runs_dir, store=not args.no_store,
+                             progress=sys.stderr.isatty())
     if args.json:
         _emit_json(args, sweep)
     else:
@@ -529,34 +467,33 @@ def cmd_bench(args) -> int:
     from .bench import format_report, run_benchmark
     from .factorize import build_moe, make_partition
     from .models import load_model
-    from .moe import factorized_layers
-    from .runs import load_moe, load_run, update_metrics
+    from .runs import load_run
+    from .workflows import bench_run
 
     device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = None
+
+    def progress(p: dict) -> None:
+        logging.getLogger(__name__).info("bench %(phase)s %(step)d/%(total)d", p)
+
     if args.name:
-        run = load_run(args.name, args.runs_dir)
-        loaded = load_model(run.config["model"])
-        moe = load_moe(run, loaded.model)
+        if args.experts:
+            raise CliError("--experts benchmarks a fresh split of --model: give it without a run name")
+        recipe = load_run(args.name, args.runs_dir).recipe
+        result = bench_run(args.name, _parse_ks(args.k, 1, recipe.num_experts), prefill=args.prefill,
+                           decode=args.decode, batch=args.batch, repeats=args.repeats, device=device, dtype=dtype,
+                           runs_dir=args.runs_dir, store=not args.no_store, progress=progress)
     elif args.experts:
         loaded = load_model(args.model)
         moe = build_moe(loaded.model, make_partition(loaded.model, args.experts, "contiguous"), top_k=1)
+        result = run_benchmark(loaded.model.to(device=device, dtype=dtype), moe.to(device=device, dtype=dtype),
+                               _parse_ks(args.k, 1, args.experts), prefill=args.prefill, decode=args.decode,
+                               batch=args.batch, repeats=args.repeats, progress=progress)
+        result["model"], result["run"] = args.model, None
     else:
         raise CliError("give a run NAME, or --experts N to benchmark a fresh contiguous split of --model")
-    dtype = getattr(torch, args.dtype)
-    dense = loaded.model.to(device=device, dtype=dtype)
-    moe = moe.to(device=device, dtype=dtype)
-    num_experts = next(iter(factorized_layers(moe).values())).num_experts
-    ks = _parse_ks(args.k, 1, num_experts)
-    result = run_benchmark(dense, moe, ks, prefill=args.prefill, decode=args.decode, batch=args.batch,
-                           repeats=args.repeats, progress=lambda p: logging.getLogger(__name__).info(
-                               "bench %(phase)s %(step)d/%(total)d", p))
-    result["model"] = run.config["model"] if run else args.model
-    result["run"] = run.name if run else None
-    if run and not args.no_store:
-        update_metrics(run.name, {"bench": result}, args.runs_dir)
     if args.json:
         _emit_json(args, result)
     else:
@@ -564,11 +501,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
-PARSERS = [add_info, add_factorize, add_flops, add_train, add_experiment, add_runs, add_eval, add_bench]
+PARSERS = [add_info, add_recipe, add_factorize, add_flops, add_train, add_experiment, add_runs, add_eval, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m factorlab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m factorlab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in PARSERS:

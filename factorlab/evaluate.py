@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 
 from .flops import flops_per_token
 from .models import model_info
-from .moe import count_active_experts, factorized_layers, k_offsets, layer_mean_k, set_top_k
-from .runs import load_run, update_metrics
+from .moe import count_active_experts, factorized_layers, layer_mean_k, set_top_k
 from .tasks import TaskData, load_task, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -278,7 +277,7 @@ def above_chance(factorized: float, dense: float, chance: float, dense_stderr: f
     return (factorized - chance) / (dense - chance)
 
 
-def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int | None = None,
+def gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int | None = None,
             measured: dict[int, float] | None = None) -> float:
     """GFLOPs per token; for per-token-K layers with the experts per token `measured` on the scored
     tokens ({layer: mean}) or, without it, the mean training measured."""
@@ -289,8 +288,7 @@ def _gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int |
     per_layer = ({**layer_mean_k(moe, top_k), **(measured or {})} if any(m.adaptive for m in layers.values())
                  else None)
     return flops_per_token(info, seq_len, first.num_experts, top_k, sorted(layers), first.shared_size,
-                           top_k_per_layer=per_layer, first_token_dense=first.first_token_dense,
-                           k_offsets=k_offsets(moe))["total"] / 1e9
+                           top_k_per_layer=per_layer)["total"] / 1e9
 
 
 def correct_bits(task: TaskData, lls: Sequence[Sequence[float]]) -> str:
@@ -420,7 +418,7 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
             seq_len = max(1, round(prep.mean_tokens))
             entry = {"n": d.n, "limit": limit, "seed": seed, "split": prep.task.split, "source": prep.task.source,
                      "chance": d.chance, "main_metric": prep.task.spec.main_metric, "flops_seq_len": seq_len,
-                     "dense": {**d.as_dict(), "gflops_per_token": _gflops(info, seq_len),
+                     "dense": {**d.as_dict(), "gflops_per_token": gflops(info, seq_len),
                                "correct": correct_bits(prep.task, d.loglikelihoods)}, "k": {}}
             for k in ks:
                 set_top_k(moe, k)
@@ -431,7 +429,7 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
                 entry["k"][str(k)] = {**f.as_dict(), "relative": relative(f.main, d.main),
                                       "relative_acc": relative(f.acc, d.acc),
                                       "above_chance": above_chance(f.main, d.main, d.chance, d.main_stderr),
-                                      "gflops_per_token": _gflops(info, seq_len, moe, k, active),
+                                      "gflops_per_token": gflops(info, seq_len, moe, k, active),
                                       "correct": correct_bits(prep.task, f.loglikelihoods)}
                 if active:
                     entry["k"][str(k)]["experts_per_token"] = sum(active.values()) / len(active)
@@ -441,22 +439,6 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
             set_top_k(moe, original_k)
     return {"tasks": out, "summary": summarize(out),
             "settings": {"limit": limit, "seed": seed, "batch_size": batch_size, "tasks": names, "ks": ks}}
-
-
-def store_eval(run_name: str, sweep: dict, root: str | Path | None = None) -> dict:
-    """Merge a sweep into the run's metrics.json under "eval": other tasks and K values are kept; a
-    task scored on different items (limit, seed, split, n) replaces the old entry. Returns the merged eval."""
-    current = load_run(run_name, root).metrics.get("eval") or {}
-    tasks = dict(current.get("tasks", {}))
-    same = ("limit", "seed", "split", "n")
-    for name, new in sweep["tasks"].items():
-        old = tasks.get(name)
-        if old and all(old.get(f) == new.get(f) for f in same):
-            new = {**new, "k": {**old.get("k", {}), **new["k"]}}
-        tasks[name] = new
-    merged = {"tasks": tasks, "summary": summarize(tasks)}
-    update_metrics(run_name, {"eval": merged}, root)
-    return merged
 
 
 # ---- held-out text: perplexity, agreement and KL against the dense model ----

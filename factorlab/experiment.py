@@ -1,12 +1,11 @@
 """A resumable grid of factorize -> train -> evaluate settings, one JSON row per setting.
 
 Config file (JSON):
-  {"base": {...setting...}, "grid": {"key": [values, ...], ...}, "rows": [{...}, ...],
-   "eval": {"tasks": "arc_easy,piqa", "limit": 500, "seed": 0, "ks": [1, 2]},
-   "data": {"source": "builtin", "train_tokens": 16384, "heldout_tokens": 8192, "seq_len": 256}}
-A setting may hold FactorizeSpec fields (model, num_experts, top_k, split, layers, output_mode,
-seed, shared_size), TrainConfig fields (mode, router_steps, target, e2e_steps, ...) and DataSpec
-fields (source, train_tokens, ...). Rows = every combination of grid values over base, plus `rows`.
+  {"base": {...}, "grid": {"key": [values, ...], ...}, "rows": [{...}, ...],
+   "eval": {"tasks": "arc_easy,piqa", "limit": 500, "seed": 0, "ks": [1, 2]}}
+A setting holds Recipe fields (factorlab.recipe; `python -m factorlab recipe` lists them), optionally
+"preset" (the recipe it starts from, default `default`) and "label" (a name for the tables).
+Rows = every combination of grid values over base, plus `rows` (each over base).
 """
 from __future__ import annotations
 
@@ -15,22 +14,22 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import fields
 from pathlib import Path
 
-from .par import TrainConfig
+from .recipe import Recipe, preset, recipe_fields
 from .runs import atomic_write_json
-from .workflows import DataSpec, FactorizeSpec, train_model
+from .workflows import train_model
 
 log = logging.getLogger(__name__)
 
-_SPEC_FIELDS = {f.name for f in fields(FactorizeSpec)}
-_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-_DATA_FIELDS = {f.name for f in fields(DataSpec)}
+_EXTRA = {"label", "preset"}  # setting keys that are not Recipe fields
 
 
 def expand(config: dict) -> list[dict]:
     """Every setting of the grid (base overridden by each combination), then the explicit rows."""
+    if "data" in config:
+        raise ValueError("the grid's `data` block is gone: put its settings in `base` as Recipe fields "
+                         "(data, train_tokens, heldout_tokens, seq_len)")
     base = config.get("base", {})
     grid = config.get("grid", {})
     keys = list(grid)
@@ -38,25 +37,25 @@ def expand(config: dict) -> list[dict]:
     if not keys and config.get("rows"):
         settings = []  # only explicit rows: the bare base is not a row of its own
     settings += [{**base, **row} for row in config.get("rows", [])]
+    names = {f.name for f in recipe_fields()}
     for s in settings:
-        unknown = set(s) - _SPEC_FIELDS - _TRAIN_FIELDS - _DATA_FIELDS - {"label"}
+        unknown = set(s) - names - _EXTRA
         if unknown:
-            raise ValueError(f"unknown setting(s) {sorted(unknown)}: use FactorizeSpec, TrainConfig or DataSpec fields")
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}: use Recipe fields (`python -m factorlab "
+                             "recipe` lists them), `preset` or `label`")
+        setting_recipe(s)  # every row is checked before the first one trains
     return settings
 
 
+def setting_recipe(setting: dict) -> Recipe:
+    """The Recipe of one grid row: its preset (default `default`) with the row's fields."""
+    return preset(setting.get("preset", "default"), **{k: v for k, v in setting.items() if k not in _EXTRA})
+
+
 def setting_key(setting: dict, config: dict) -> str:
-    """Stable id of a row: its setting plus the shared data and eval settings."""
-    blob = json.dumps({"s": setting, "d": config.get("data", {}), "e": config.get("eval", {})}, sort_keys=True)
+    """Stable id of a row: its setting plus the eval settings."""
+    blob = json.dumps({"s": setting, "e": config.get("eval", {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _split(setting: dict, config: dict) -> tuple[FactorizeSpec, TrainConfig, DataSpec]:
-    spec = FactorizeSpec(**{k: v for k, v in setting.items() if k in _SPEC_FIELDS})
-    train_kw = {k: v for k, v in setting.items() if k in _TRAIN_FIELDS and k != "seed"}
-    cfg = TrainConfig(**{**train_kw, "top_k": spec.top_k, "seed": spec.seed})
-    data_kw = {**config.get("data", {}), **{k: v for k, v in setting.items() if k in _DATA_FIELDS}}
-    return spec, cfg, DataSpec(**data_kw)
 
 
 def run_experiment(config: dict, out_path: str | Path, progress=None, shard: tuple[int, int] | None = None) -> dict:
@@ -81,25 +80,25 @@ def run_experiment(config: dict, out_path: str | Path, progress=None, shard: tup
         if key in finished:
             log.info("row %d/%d already done: %s", n + 1, len(settings), setting)
             continue
-        spec, cfg, data = _split(setting, config)
+        recipe = setting_recipe(setting)
         log.info("row %d/%d: %s", n + 1, len(settings), setting)
         if progress:
             progress({"row": n + 1, "rows": len(settings), "setting": setting})
-        loaded = load_model(spec.model)
+        loaded = load_model(recipe.model)
         start = time.perf_counter()
-        trained = train_model(spec, cfg, data, loaded, eval_ks=ev.get("ks") and sorted(set(ev["ks"])))
-        row = {"key": key, "status": "done", "setting": setting, "train_seconds": round(trained.seconds, 1),
+        trained = train_model(recipe, loaded=loaded, eval_ks=ev.get("ks") and sorted(set(ev["ks"])))
+        row = {"key": key, "status": "done", "setting": setting, "recipe": recipe.to_dict(), "train_seconds": round(trained.seconds, 1),
                "train_tokens": trained.tokens, "heldout": trained.heldout,
                "router_label_accuracy": trained.result.summary()["mean_router_label_accuracy"]}
         if ev.get("tasks"):
-            cache = dense_caches.setdefault(spec.model, {})
+            cache = dense_caches.setdefault(recipe.model, {})
             if cache_file:
-                cache.update(read_dense_cache(cache_file, spec.model))
-            sweep = run_sweep(loaded.model, loaded.tokenizer, trained.moe, ev["tasks"], ev.get("ks") or [spec.top_k],
+                cache.update(read_dense_cache(cache_file, recipe.model))
+            sweep = run_sweep(loaded.model, loaded.tokenizer, trained.moe, ev["tasks"], ev.get("ks") or [recipe.top_k],
                               ev.get("limit"), ev.get("seed", 0), ev.get("data_dir"), ev.get("batch_size", 16),
                               progress=False, dense_cache=cache)
             if cache_file:
-                write_dense_cache(cache_file, spec.model, cache)
+                write_dense_cache(cache_file, recipe.model, cache)
             row["eval"] = sweep
             if ev.get("summary_tasks"):  # e.g. the seven tasks of a goal, with MMLU scored but kept apart
                 from .evaluate import summarize
@@ -108,7 +107,7 @@ def run_experiment(config: dict, out_path: str | Path, progress=None, shard: tup
                 sweep["summary_subset"] = {"tasks": keep, **summarize(
                     {t: v for t, v in sweep["tasks"].items() if t in keep})}
         row["gflops_per_token"] = gflops_by_k(loaded.model, trained.moe, sorted({int(k) for k in trained.heldout}
-                                                                                  | {spec.top_k}))
+                                                                                  | {recipe.top_k}))
         row["total_seconds"] = round(time.perf_counter() - start, 1)
         done["rows"] = [r for r in done["rows"] if r["key"] != key] + [row]
         atomic_write_json(out_path, done)
@@ -142,12 +141,12 @@ def parse_summary_tasks(value) -> list[str]:
 
 def gflops_by_k(dense, moe, ks, seq_len: int = 512) -> dict:
     """GFLOPs per token of the dense model and the factorized one at each K (sequence of seq_len)."""
-    from .evaluate import _gflops
+    from .evaluate import gflops
     from .models import model_info
 
     info = model_info(dense)
-    return {"seq_len": seq_len, "dense": _gflops(info, seq_len),
-            **{str(k): _gflops(info, seq_len, moe, k) for k in ks}}
+    return {"seq_len": seq_len, "dense": gflops(info, seq_len),
+            **{str(k): gflops(info, seq_len, moe, k) for k in ks}}
 
 
 def table(rows: list[dict], k: str | None = None) -> list[dict]:

@@ -8,35 +8,24 @@ from __future__ import annotations
 COMPONENTS = ("attention_proj", "attention_scores", "ffn", "router", "lm_head")
 
 
-def layer_k(top_k: int, offset: int, num_experts: int) -> int:
-    """A layer's K at nominal K top_k under a per-layer offset, kept within 1..N."""
-    return min(num_experts, max(1, top_k + offset))
-
-
-def mean_k_plan(per_token_k: dict[int, list[float]] | None, top_k: int, num_experts: int,
-                k_offsets: dict[int, int] | None = None) -> dict[int, float] | None:
-    """Experts per token of per-token-K layers at nominal K: {layer: mean measured at that layer's K}
+def mean_k_plan(per_token_k: dict | None, top_k: int) -> dict[int, float] | None:
+    """Experts per token of per-token-K layers at K: {layer: the mean measured in training at K}
     (per_token_k: {layer: [mean at K=1, ..., mean at K=N]}, as runs store it); None without any."""
     if not per_token_k:
         return None
-    return {int(i): float(means[layer_k(top_k, int((k_offsets or {}).get(int(i), 0)), num_experts) - 1])
-            for i, means in per_token_k.items()}
+    return {int(i): float(means[top_k - 1]) for i, means in per_token_k.items()}
 
 
 def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, top_k: int | None = None,
                     factorized_layers: list[int] | None = None, shared_size: int = 0,
-                    top_k_per_layer: dict[int, int] | None = None,
-                    first_token_dense: bool = False, k_offsets: dict[int, int] | None = None) -> dict[str, float]:
+                    top_k_per_layer: dict[int, float] | None = None) -> dict[str, float]:
     """FLOPs for one token attending over `seq_len` positions, per component and in total.
 
     info: factorlab.models.model_info(model). num_experts=None gives the dense model.
     attention_scores counts QK^T and AV over seq_len keys: a decode step at position seq_len, or
     the per-token share of a prefill of seq_len tokens as an (unmasked) attention kernel computes it.
-    first_token_dense: the first token of each sequence runs the whole FFN in factorized layers; its
-    extra cost is shared over the seq_len tokens of the sequence (a decode step pays nothing extra).
-    k_offsets: a per-layer K plan ({layer: offset}): layer i runs top_k + offset experts, within 1..N.
     top_k_per_layer: experts per token of some layers ({layer: K}, a mean may be fractional for
-    per-token K); it takes precedence over top_k and k_offsets there.
+    per-token K); it takes precedence over top_k there.
     """
     h, inter, n_layers = info["hidden_size"], info["intermediate_size"], info["num_layers"]
     q_dim = info["num_attention_heads"] * info["head_dim"]
@@ -53,11 +42,8 @@ def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, to
         k = (top_k_per_layer or {}).get(i, top_k)
         if k is None:
             raise ValueError("top_k is required with num_experts")
-        if k_offsets and i not in (top_k_per_layer or {}):
-            k = layer_k(k, int(k_offsets.get(i, 0)), num_experts)
         expert = (inter - shared_size) // num_experts
-        routed_ffn = 3 * 2 * h * (shared_size + k * expert)
-        ffn += routed_ffn + ((dense_ffn - routed_ffn) / seq_len if first_token_dense else 0)
+        ffn += 3 * 2 * h * (shared_size + k * expert)
         router += 2 * h * num_experts
     out = {
         "attention_proj": float(n_layers * per_layer_proj),
@@ -72,13 +58,13 @@ def flops_per_token(info: dict, seq_len: int, num_experts: int | None = None, to
 
 def flops_table(info: dict, seq_len: int, num_experts: int, ks: list[int] | None = None,
                 factorized_layers: list[int] | None = None, shared_size: int = 0,
-                first_token_dense: bool = False, k_offsets: dict[int, int] | None = None) -> dict:
-    """Dense and every K side by side, with FFN and total ratios to dense."""
+                per_token_k: dict | None = None) -> dict:
+    """Dense and every K side by side, with FFN and total ratios to dense (per_token_k: as mean_k_plan)."""
     dense = flops_per_token(info, seq_len)
     rows = {}
     for k in ks or range(1, num_experts + 1):
         f = flops_per_token(info, seq_len, num_experts, k, factorized_layers, shared_size,
-                            first_token_dense=first_token_dense, k_offsets=k_offsets)
+                            top_k_per_layer=mean_k_plan(per_token_k, k))
         rows[str(k)] = {**f, "ffn_ratio": f["ffn"] / dense["ffn"], "total_ratio": f["total"] / dense["total"],
                         "shares": shares(f)}
     return {"seq_len": seq_len, "num_experts": num_experts, "dense": {**dense, "shares": shares(dense)},

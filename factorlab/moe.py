@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flops import layer_k
-
-OUTPUT_MODES = ("scaled", "gated")
+from .recipe import OUTPUT_MODES
 
 
 class TopKRouter(nn.Module):
@@ -58,7 +56,7 @@ class FactorizedMLP(nn.Module):
     """
 
     def __init__(self, mlp: nn.Module, permutation: torch.Tensor, num_experts: int, top_k: int,
-                 output_mode: str = "scaled", shared_size: int = 0, first_token_dense: bool = False):
+                 output_mode: str = "scaled", shared_size: int = 0):
         super().__init__()
         gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # (I,H) (I,H) (H,I)
         inter, hidden = gate.shape
@@ -81,14 +79,6 @@ class FactorizedMLP(nn.Module):
         self.shared_gate_up = nn.Parameter(torch.cat([g[:shared_size], u[:shared_size]], dim=0))  # (2S, H)
         self.shared_down = nn.Parameter(d_t[:shared_size].contiguous())  # (S, H)
         self.register_buffer("permutation", perm.clone(), persistent=False)
-        # The first token of a sequence (the attention sink) carries outputs up to ~800x larger than
-        # the others in some layers; with first_token_dense it runs the whole FFN with the original
-        # down projections (one token per sequence), and training leaves it out of routing and refits.
-        self.first_token_dense = first_token_dense
-        self.k_offset = 0  # per-layer K plan: set_top_k(model, K) gives this layer K + k_offset (in 1..N)
-        self.first_rows: torch.Tensor | None = None  # flat rows of the current forward at position 0
-        if first_token_dense:
-            self.register_buffer("original_down", d_t.clone(), persistent=False)  # (I, H), permuted
         self.router = TopKRouter(hidden, num_experts, top_k).to(device=gate.device, dtype=gate.dtype)
         # Per-token K (adaptive routing): expert e runs for a token when sigmoid(router logit e) >=
         # thresholds[K-1] (the best expert runs anyway unless min_experts is 0). thresholds[K-1] was tuned
@@ -149,16 +139,7 @@ class FactorizedMLP(nn.Module):
             top_k_index, weights = self.adaptive_selection(logits)  # (T, N) each
         else:
             weights = self._combine(top_k_probs, self.num_experts).to(x.dtype)  # (T, K)
-        first, self.first_rows = self.first_rows, None  # set by the decoder layer's pre-hook, used once
-        if first is None or first.numel() == 0:
-            out = self._add_shared(self.dispatch(x, top_k_index, weights), x)
-            return out.view(hidden_states.shape)
-        rest = other_rows(first, x.shape[0])
-        out = torch.empty_like(x)
-        if rest.numel():
-            xr = x.index_select(0, rest)
-            out[rest] = self._add_shared(self.dispatch(xr, top_k_index[rest], weights[rest]), xr)
-        out[first] = self.dense_output(x.index_select(0, first))
+        out = self._add_shared(self.dispatch(x, top_k_index, weights), x)
         return out.view(hidden_states.shape)
 
     def adaptive_selection(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,12 +170,6 @@ class FactorizedMLP(nn.Module):
             weights = self._combine(top_k_probs, self.num_experts)
         dense_w = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
         return dense_w.scatter_(1, top_k_index, weights.to(x.dtype))
-
-    def dense_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole FFN on x (T, H) with the original down projections: what the first token runs."""
-        acts = torch.cat([self.shared_activations(x), self.expert_activations(x).reshape(x.shape[0], -1)],
-                         dim=1)  # (T, I)
-        return acts @ self.original_down
 
     def dispatch(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Run only the selected experts: sum_k weights[t,k] * E_{index[t,k]}(x_t), (T, H) -> (T, H)."""
@@ -332,37 +307,6 @@ class FactorizedMLP(nn.Module):
                 f"expert_size={self.expert_size}, shared={self.shared_size}, output_mode={self.output_mode}")
 
 
-def other_rows(first: torch.Tensor, total: int) -> torch.Tensor:
-    """The row indices 0..total-1 that are not in `first`."""
-    keep = torch.ones(total, dtype=torch.bool, device=first.device)
-    keep[first] = False
-    return keep.nonzero().flatten()
-
-
-def first_rows(position_ids: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """Flat (batch * length) indices of the tokens at position 0 (each packed segment's first token)."""
-    return (position_ids.expand(batch, length) == 0).reshape(-1).nonzero().flatten()
-
-
-def mark_first_tokens(model: nn.Module) -> list:
-    """Pre-hooks on the decoder layers that tell each first-token-dense FFN where position 0 is.
-
-    Uses the position_ids the decoder layer receives (packed or left-padded rows included). Returns
-    the hook handles.
-    """
-    return [model.model.layers[i].register_forward_pre_hook(_mark_first_rows, with_kwargs=True)
-            for i, mlp in factorized_layers(model).items() if mlp.first_token_dense]
-
-
-def _mark_first_rows(layer: nn.Module, args: tuple, kwargs: dict) -> None:
-    # The FFN is found through the layer the hook fires on, so a deep copy of the model marks its own FFNs.
-    hidden = args[0] if args else kwargs["hidden_states"]
-    pos = kwargs.get("position_ids")
-    if pos is None:  # no positions given: the sequences start here
-        pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    layer.mlp.first_rows = first_rows(pos, hidden.shape[0], hidden.shape[1])
-
-
 def _zero_like_input(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(())
 
@@ -378,31 +322,9 @@ def factorized_layers(model: nn.Module) -> dict[int, FactorizedMLP]:
 
 
 def set_top_k(model: nn.Module, top_k: int | dict[int, int]) -> None:
-    """Change K at run time: a nominal K for all factorized layers (int; each layer's k_offset is
-    added, within 1..N) or an explicit K per layer ({layer: K})."""
+    """Change K at run time: one K for all factorized layers (int) or an explicit K per layer ({layer: K})."""
     for i, mlp in factorized_layers(model).items():
-        if isinstance(top_k, dict):
-            mlp.set_top_k(top_k[i])
-            continue
-        if not 1 <= top_k <= mlp.num_experts:
-            raise ValueError(f"top_k must be in 1..{mlp.num_experts}, got {top_k}")
-        mlp.set_top_k(layer_k(top_k, mlp.k_offset, mlp.num_experts))
-
-
-def set_k_offsets(model: nn.Module, offsets: dict[int, int], top_k: int) -> None:
-    """Install a per-layer K plan ({layer: offset}, absent layers 0) and set the nominal K."""
-    layers = factorized_layers(model)
-    unknown = set(offsets) - set(layers)
-    if unknown:
-        raise ValueError(f"a per-layer K names layers that are not factorized: {sorted(unknown)}")
-    for i, mlp in layers.items():
-        mlp.k_offset = int(offsets.get(i, 0))
-    set_top_k(model, top_k)
-
-
-def k_offsets(model: nn.Module) -> dict[int, int]:
-    """The per-layer K plan of a model: {layer: offset} for layers whose offset is not 0."""
-    return {i: m.k_offset for i, m in factorized_layers(model).items() if m.k_offset}
+        mlp.set_top_k(top_k[i] if isinstance(top_k, dict) else top_k)
 
 
 @contextmanager
@@ -426,11 +348,11 @@ def count_active_experts(model: nn.Module) -> Iterator[dict[int, float]]:
 
 
 def layer_mean_k(model: nn.Module, top_k: int | None = None) -> dict[int, float]:
-    """{layer: experts per token} at nominal K top_k (None: each layer's current K), with each
-    layer's per-layer K offset; for per-token K the mean that training measured at that K."""
+    """{layer: experts per token} at K top_k (None: each layer's current K); for per-token K the mean
+    that training measured at that K."""
     out = {}
     for i, m in factorized_layers(model).items():
-        k = m.top_k if top_k is None else layer_k(top_k, m.k_offset, m.num_experts)
+        k = m.top_k if top_k is None else top_k
         out[i] = float(m.expected_k[k - 1]) if m.expected_k is not None else float(k)
     return out
 
@@ -478,6 +400,5 @@ def record_routing(model: nn.Module) -> Iterator[RoutingTrace]:
             h.remove()
 
 
-__all__ = ["FactorizedMLP", "TopKRouter", "OUTPUT_MODES", "factorized_layers", "set_top_k", "set_k_offsets",
-           "k_offsets", "layer_k", "mark_first_tokens", "count_active_experts", "layer_mean_k", "chosen_lists",
-           "record_routing", "RoutingTrace", "scaled_weights", "gated_weights"]
+__all__ = ["FactorizedMLP", "TopKRouter", "OUTPUT_MODES", "factorized_layers", "set_top_k", "count_active_experts",
+           "layer_mean_k", "chosen_lists", "record_routing", "RoutingTrace", "scaled_weights", "gated_weights"]

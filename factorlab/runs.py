@@ -20,11 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .factorize import Partition, build_moe
-from .moe import factorized_layers, set_k_offsets
+from .moe import factorized_layers
+from .recipe import Recipe
 
 EXPERT_TENSORS = ("gate_up", "down", "shared_gate_up", "shared_down")
 CONFIG, TENSORS, METRICS, LOG = "config.json", "tensors.safetensors", "metrics.json", "train_log.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the settings are one `recipe`; 1: spec/train/data (read by legacy_recipe)
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _metrics_lock = threading.Lock()
 
@@ -87,8 +88,89 @@ class Run:
         return load_file(str(self.path / TENSORS))
 
     @property
+    def recipe(self) -> Recipe:
+        """The settings the run was made with (runs saved before the Recipe are converted: legacy_recipe)."""
+        if "recipe" in self.config:
+            return Recipe.from_dict(self.config["recipe"])
+        return legacy_recipe(self.config)[0]
+
+    @property
+    def removed_settings(self) -> dict:
+        """Settings of an old run that factorlab no longer has, with their values ({} for most runs)."""
+        return {} if "recipe" in self.config else legacy_recipe(self.config)[1]
+
+    @property
+    def layers(self) -> list[int]:
+        """The factorized layers."""
+        return list(self.config.get("layers") or self.config["partition"]["layers"])
+
+    @property
+    def per_token_k(self) -> dict | None:
+        """{layer: [experts per token measured in training at K=1..N]} for per-token K runs, else None."""
+        return self.config.get("per_token_k")
+
+    @property
     def partition(self) -> Partition:
-        return Partition.from_saved(self.config["partition"], self.tensors())
+        recipe = self.recipe
+        return Partition.from_tensors(self.tensors(), recipe.num_experts, recipe.split, recipe.shared_size, recipe.seed)
+
+
+# Settings removed from factorlab (measured worse; docs/research.md), as old runs stored them: name -> default.
+# Runs made with another value still load where the inference path is the same; the two that changed
+# inference (first_token_dense, a per-layer K plan) are refused with the commit that reads them.
+REMOVED_DEFAULTS = {"shared_choice": "energy_share", "refine_rounds": 0, "gate_up_steps": 0, "target": "teacher",
+                    "token_weight": "none", "error_metric": "plain", "label_loss": "kl", "refit_down": True,
+                    "adaptive_min_experts": None, "e2e_minutes": None, "layer_k": "uniform", "first_token_dense": False}
+LAST_LEGACY_COMMIT = "25c6601"
+
+
+def legacy_recipe(config: dict) -> tuple[Recipe, dict]:
+    """(Recipe, removed settings) of a run saved before the Recipe (format 1: model, num_experts, ... at the top,
+    `spec`, `train` and `data` dicts). Removed settings are those with a value the Recipe cannot express."""
+    spec, train, data = config.get("spec") or {}, config.get("train") or {}, config.get("data") or {}
+    part = config.get("partition") or {}
+    removed = {}
+    split = config.get("split", part.get("strategy", "contiguous"))
+    if split == "coverage":
+        removed["split"], split = "coverage", "cluster"
+    values = {"model": config.get("model", "default"), "num_experts": int(config.get("num_experts", part.get("num_experts"))),
+              "top_k": int(config.get("top_k", 1)), "split": split,
+              "layers": spec.get("layers") or _layers_text(config.get("layers") or part.get("layers") or []),
+              "shared_size": int(config.get("shared_size", part.get("shared_size", 0))),
+              "output_mode": config.get("output_mode", "scaled"), "mode": config.get("mode") or "none",
+              "seed": int(config.get("seed", part.get("seed", 0)))}
+    if "calibration_tokens" in spec:
+        values["calibration_tokens"] = spec["calibration_tokens"]
+    renamed = {"source": "data", "train_tokens": "train_tokens", "heldout_tokens": "heldout_tokens", "seq_len": "seq_len"}
+    values.update({new: data[old] for old, new in renamed.items() if old in data})
+    for key in ("router_steps", "router_lr", "router_batch", "route_weight", "balance_weight", "ridge", "e2e_steps",
+                "e2e_lr", "e2e_batch", "e2e_params", "minutes"):
+        if key in train:
+            values[key] = train[key]
+    if "adaptive_rounds" in train:
+        values["per_token_rounds"] = train["adaptive_rounds"]
+        values["per_token_router_steps"] = train.get("adaptive_router_steps") or max(1, train.get("router_steps", 600) // 3)
+    elif train:
+        values["per_token_rounds"] = 0  # made before per-token K
+    old = {**train, **spec, "first_token_dense": config.get("first_token_dense", False),
+           "shared_choice": part.get("shared_choice", "frequency")}
+    if config.get("k_offsets"):
+        old["layer_k"] = {int(i): int(o) for i, o in config["k_offsets"].items()}
+    for key, default in REMOVED_DEFAULTS.items():
+        if key in old and old[key] != default and not (key == "shared_choice" and not values["shared_size"]):
+            removed[key] = old[key]
+    return Recipe(**values), removed
+
+
+def _layers_text(layers: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3,7'."""
+    parts, start = [], None
+    for a, b in zip(layers, list(layers[1:]) + [None]):
+        start = a if start is None else start
+        if b != a + 1:
+            parts.append(f"{start}" if start == a else f"{start}-{a}")
+            start = None
+    return ",".join(parts) or "all"
 
 
 def run_path(name: str, root: str | Path | None = None) -> Path:
@@ -157,37 +239,48 @@ def load_run(name: str, root: str | Path | None = None) -> Run:
         raise RunError(f"run {path.name!r} is corrupt ({exc}); delete it and create it again.") from exc
     if not (path / TENSORS).exists():
         raise RunError(f"run {path.name!r} is corrupt: {TENSORS} is missing; delete it and create it again.")
-    return Run(path.name, path, config, metrics)
+    if not isinstance(config, dict) or not isinstance(metrics, dict):
+        raise RunError(f"run {path.name!r} is corrupt: {CONFIG} and {METRICS} must hold JSON objects; "
+                       "delete it and create it again.")
+    run = Run(path.name, path, config, metrics)
+    try:
+        run.recipe, run.layers  # noqa: B018 - read once: a run whose settings cannot be read is corrupt
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"run {path.name!r} is corrupt: its settings cannot be read ({exc}); "
+                       "delete it and create it again.") from exc
+    return run
 
 
-def load_moe(run: Run | str, dense: nn.Module, root: str | Path | None = None) -> nn.Module:
-    """Rebuild the factorized model of a run on top of its dense model (same logits as when saved)."""
+def load_moe(run: Run | str, dense: nn.Module, root: str | Path | None = None, trained: bool = True) -> nn.Module:
+    """Rebuild the factorized model of a run on top of its dense model (same logits as when saved).
+
+    trained=False: the same partition with its untrained router and untouched experts (FactorLLM's Ex0)."""
     run = load_run(run, root) if isinstance(run, str) else run
+    changed = {k: v for k, v in run.removed_settings.items() if k in ("first_token_dense", "layer_k")}
+    if changed:
+        raise RunError(f"run {run.name!r} was made with {', '.join(f'{k}={v}' for k, v in changed.items())}, which "
+                       f"factorlab no longer runs (measured worse, see docs/research.md); it loads with factorlab "
+                       f"at commit {LAST_LEGACY_COMMIT} (`git checkout {LAST_LEGACY_COMMIT}`).")
     try:
         tensors = run.tensors()
     except Exception as exc:  # noqa: BLE001 - a damaged file becomes a clear message
         raise RunError(f"run {run.name!r} has unreadable tensors ({exc}); delete it and create it again.") from exc
-    partition = Partition.from_saved(run.config["partition"], tensors)
-    moe = build_moe(dense, partition, run.config.get("top_k", 1), run.config.get("output_mode", "scaled"),
-                    first_token_dense=run.config.get("first_token_dense", False))
-    set_k_offsets(moe, config_k_offsets(run.config), run.config.get("top_k", 1))
-    with torch.no_grad():
-        for i, mlp in factorized_layers(moe).items():
-            if f"router.{i}" in tensors:
-                mlp.router.linear.weight.copy_(tensors[f"router.{i}"])
-            if f"thresholds.{i}" in tensors:
-                mlp.set_thresholds(tensors[f"thresholds.{i}"], tensors.get(f"expected_k.{i}"),
-                                   int(tensors[f"min_experts.{i}"]) if f"min_experts.{i}" in tensors else 1)
-            for pname in EXPERT_TENSORS:
-                if f"{pname}.{i}" in tensors:
-                    getattr(mlp, pname).copy_(tensors[f"{pname}.{i}"])
+    recipe = run.recipe
+    partition = Partition.from_tensors(tensors, recipe.num_experts, recipe.split, recipe.shared_size, recipe.seed)
+    moe = build_moe(dense, partition, recipe.top_k, recipe.output_mode, router_seed=recipe.seed)
+    if trained:
+        with torch.no_grad():
+            for i, mlp in factorized_layers(moe).items():
+                if f"router.{i}" in tensors:
+                    mlp.router.linear.weight.copy_(tensors[f"router.{i}"])
+                if f"thresholds.{i}" in tensors:
+                    mlp.set_thresholds(tensors[f"thresholds.{i}"], tensors.get(f"expected_k.{i}"),
+                                       int(tensors[f"min_experts.{i}"]) if f"min_experts.{i}" in tensors else 1)
+                for pname in EXPERT_TENSORS:
+                    if f"{pname}.{i}" in tensors:
+                        getattr(mlp, pname).copy_(tensors[f"{pname}.{i}"])
     moe.factorlab_run = run
     return moe
-
-
-def config_k_offsets(config: dict) -> dict[int, int]:
-    """A run's per-layer K plan ({layer: offset}; empty for uniform K and for runs saved before plans)."""
-    return {int(i): int(o) for i, o in (config.get("k_offsets") or {}).items()}
 
 
 def update_metrics(name: str | Path, updates: dict, root: str | Path | None = None) -> dict:
@@ -221,6 +314,7 @@ class RunSummary:
     config: dict
     metrics: dict
     error: str | None = None
+    run: Run | None = None  # the loaded run (None when it is corrupt)
 
 
 def list_runs(root: str | Path | None = None) -> list[RunSummary]:
@@ -234,11 +328,16 @@ def list_runs(root: str | Path | None = None) -> list[RunSummary]:
             continue
         try:
             run = load_run(str(p))
-            out.append(RunSummary(run.name, p, True, run.config, run.metrics))
+            out.append(RunSummary(run.name, p, True, run.config, run.metrics, run=run))
         except RunError as exc:
             out.append(RunSummary(p.name, p, False, {}, {}, str(exc)))
-    out.sort(key=lambda r: r.config.get("created", 0), reverse=True)
+    out.sort(key=lambda r: _created(r.config), reverse=True)
     return out
+
+
+def _created(config: dict) -> float:
+    value = config.get("created")
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def delete_run(name: str, root: str | Path | None = None) -> None:

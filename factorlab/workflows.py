@@ -1,21 +1,22 @@
-"""End-to-end operations shared by the CLI and the app: factorize a model into a saved run."""
+"""Whole operations shared by the CLI, the app and the experiments: factorize, train, evaluate and
+benchmark a run, and store what they measured. The only layer that writes the run store."""
 from __future__ import annotations
 
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .factorize import (CALIBRATED, LAYER_K_PLANS, STRATEGIES, Partition, build_moe, calibration_inputs, make_partition,
-                        parse_layer_k, plan_layer_k, resolve_layers, validate_experts, validate_shared_choice,
-                        validate_top_k)
+from .factorize import Partition, build_moe, calibration_inputs, make_partition
 from .flops import flops_table
-from .models import DEFAULT_MODEL, load_model, model_info
-from .moe import OUTPUT_MODES, factorized_layers, k_offsets, set_k_offsets
-from .runs import moe_tensors, sanitize_name, save_run
+from .models import load_model, model_info
+from .moe import factorized_layers, set_top_k
+from .recipe import Recipe
+from .runs import load_moe, load_run, moe_tensors, run_path, sanitize_name, save_run, update_metrics, write_log
 
 log = logging.getLogger(__name__)
 
@@ -26,178 +27,119 @@ CHECK_TEXT = (
     "but at lower temperatures on a mountain. def add(a, b):\n    return a + b\n"
     "Q: What is the capital of Japan? A: Tokyo is the capital of Japan, a city of about 14 million people."
 )
+FLOPS_SEQ_LEN = 512  # the context length FLOPs tables are quoted at
+
+Progress = Callable[[dict], None]
 
 
-# The training recipe's layers (issue 7): layer 0 stays dense. Measured: putting its FFN alone back to
-# dense cut held-out perplexity by 22%, the next-best layer's by 10% (README, accuracy research).
-RECIPE_LAYERS = "1-"
-# how the recipe picks its shared neurons (issue 7, fifteenth round: energy_share measured better in four seeds)
-RECIPE_SHARED_CHOICE = "energy_share"
-
-
-@dataclass
-class FactorizeSpec:
-    """What to factorize and how; validated before any work starts."""
-    model: str = DEFAULT_MODEL
-    num_experts: int = 4
-    top_k: int = 2
-    split: str = "cluster"
-    layers: str = "all"
-    output_mode: str = "scaled"
-    seed: int = 0
-    shared_size: int = 0
-    calibration_tokens: int = 4096
-    first_token_dense: bool = False
-    layer_k: str = "uniform"  # per-layer K: uniform | auto (same total, by measured errors) | '3-6=3;2,11=1'
-    shared_choice: str = "frequency"  # how the shared neurons are chosen (factorize.SHARED_CHOICES)
-
-    def __post_init__(self) -> None:
-        if self.split not in STRATEGIES:
-            raise ValueError(f"unknown split {self.split!r}: choose one of {', '.join(STRATEGIES)}")
-        if self.output_mode not in OUTPUT_MODES:
-            raise ValueError(f"unknown output mode {self.output_mode!r}: choose one of {', '.join(OUTPUT_MODES)}")
-        validate_top_k(self.top_k, self.num_experts)
-        validate_shared_choice(self.shared_choice)
-        if self.calibration_tokens < 256:
-            raise ValueError("calibration_tokens must be at least 256")
-        if self.layer_k not in LAYER_K_PLANS and "=" not in self.layer_k:
-            raise ValueError(f"unknown per-layer K {self.layer_k!r}: use uniform, auto or LAYERS=K entries "
-                             "such as '3-6=3;2,11=1'")
-
-
-def calibration_ids(loaded, num_tokens: int, seed: int = 0, source: str | None = None) -> torch.Tensor:
-    """Calibration token rows from the training side of `source` (default: the built-in text)."""
-    from .data import BUILTIN_DEFAULT
+# ---------------------------------------------------------------- factorize
+def calibration_ids(loaded, recipe: Recipe) -> torch.Tensor:
+    """Calibration token rows for the split and the shared neurons: the training side of the recipe's text
+    when it is on disk (cheap), else of the built-in text."""
+    from .data import BUILTIN_DEFAULT, reads_from_disk
     from .data import calibration_ids as data_calibration_ids
 
-    return data_calibration_ids(loaded.tokenizer, num_tokens=num_tokens, model=loaded,
-                                source=source or BUILTIN_DEFAULT)
+    source = recipe.data if reads_from_disk(recipe.data) else BUILTIN_DEFAULT
+    return data_calibration_ids(loaded.tokenizer, num_tokens=recipe.calibration_tokens, model=loaded, source=source)
 
 
-def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, num_experts: int, fp64: bool = False) -> dict:
+def factorize(recipe: Recipe, loaded=None) -> tuple:
+    """Load the model, validate the recipe against it, and build the partition and the MoE model.
+
+    Returns (loaded, partition, moe); the MoE model shares every weight but its FFNs' with the dense one."""
+    loaded = loaded or load_model(recipe.model)
+    layers = recipe.validate(model_info(loaded.model))
+    inputs = None  # FFN inputs on calibration text, for the cluster split and the shared neurons
+    if recipe.split == "cluster" or recipe.shared_size:
+        calib = calibration_ids(loaded, recipe).to(next(loaded.model.parameters()).device)
+        inputs = calibration_inputs(loaded.model, calib, layers)
+    partition = make_partition(loaded.model, recipe.num_experts, recipe.split, layers, seed=recipe.seed,
+                               shared_size=recipe.shared_size, inputs=inputs)
+    moe = build_moe(loaded.model, partition, recipe.top_k, recipe.output_mode, router_seed=recipe.seed)
+    return loaded, partition, moe
+
+
+def exactness_check(dense: nn.Module, moe: nn.Module, tokenizer, fp64: bool = False) -> dict:
     """Max |logit difference| of the factorized model at K=N (scaled) against dense, on CHECK_TEXT."""
     ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids
     layers = factorized_layers(moe)
-    saved = {i: (m.top_k, m.output_mode) for i, m in layers.items()}
+    saved = {i: (m.top_k, m.output_mode, m.thresholds, m.expected_k, m.min_experts) for i, m in layers.items()}
     try:
         for m in layers.values():
-            m.set_top_k(num_experts)
+            m.set_thresholds(None)
+            m.set_top_k(m.num_experts)
             m.set_output_mode("scaled")
         with torch.no_grad():
             ref = dense(ids).logits
             out = moe(ids).logits
     finally:
         for i, m in layers.items():
-            m.set_top_k(saved[i][0])
-            m.set_output_mode(saved[i][1])
+            top_k, mode, thresholds, expected, least = saved[i]
+            m.set_thresholds(thresholds, expected, least)
+            m.set_top_k(top_k)
+            m.set_output_mode(mode)
     diff = (out - ref).abs().max().item()
     result = {"max_abs_logit_diff": diff, "max_abs_logit": ref.abs().max().item(), "tokens": ids.shape[1]}
     if fp64:
         # The same check in float64 separates the maths (exact) from fp32 summation-order noise.
         dense64, moe64 = (m.double() for m in copy.deepcopy((dense, moe)))
-        result["max_abs_logit_diff_fp64"] = exactness_check(dense64, moe64, tokenizer, num_experts)["max_abs_logit_diff"]
+        result["max_abs_logit_diff_fp64"] = exactness_check(dense64, moe64, tokenizer)["max_abs_logit_diff"]
         with torch.no_grad():  # the fp32 noise floor: the dense model itself against its fp64 copy
             result["dense_fp32_vs_fp64"] = (dense64(ids).logits - ref.double()).abs().max().item()
     return result
 
 
-def prepare(spec: FactorizeSpec, loaded=None, calibration_source: str | None = None) -> tuple:
-    """Load the model, validate N against its width, and build the partition + MoE model.
-
-    calibration_source: text for the cluster split and the shared-neuron choice (training uses its
-    own data source; None = the built-in text)."""
-    loaded = loaded or load_model(spec.model)
-    info = model_info(loaded.model)
-    validate_experts(info["intermediate_size"], spec.num_experts, spec.shared_size)
-    layers = resolve_layers(spec.layers, info["num_layers"])
-    inputs = None  # FFN inputs on calibration text, computed once for the split and the per-layer K plan
-    if spec.split in CALIBRATED or spec.shared_size or spec.layer_k == "auto":
-        calib = calibration_ids(loaded, spec.calibration_tokens, spec.seed, calibration_source)
-        calib = calib.to(next(loaded.model.parameters()).device)  # the text is read on the CPU
-        inputs = calibration_inputs(loaded.model, calib, layers, spec.first_token_dense)
-    partition = make_partition(loaded.model, spec.num_experts, spec.split, layers, spec.seed, None,
-                               spec.shared_size, skip_first=spec.first_token_dense, inputs=inputs,
-                               top_k=spec.top_k, shared_choice=spec.shared_choice)
-    moe = build_moe(loaded.model, partition, spec.top_k, spec.output_mode, router_seed=spec.seed,
-                    first_token_dense=spec.first_token_dense)
-    if spec.layer_k == "auto":
-        set_k_offsets(moe, plan_layer_k(loaded.model, moe, None, spec.top_k, inputs=inputs), spec.top_k)
-    elif spec.layer_k != "uniform":
-        set_k_offsets(moe, parse_layer_k(spec.layer_k, partition.layers, spec.top_k, spec.num_experts,
-                                         info["num_layers"]), spec.top_k)
-    return loaded, partition, moe
-
-
-def run_config(spec: FactorizeSpec, partition: Partition, loaded, moe=None, **extra) -> dict:
-    config = {"model": spec.model, "model_source": loaded.source, "num_experts": spec.num_experts,
-            "top_k": spec.top_k, "split": spec.split, "seed": spec.seed, "output_mode": spec.output_mode,
-            "layers": partition.layers, "shared_size": spec.shared_size, "partition": partition.to_config(),
-            "first_token_dense": spec.first_token_dense, "spec": asdict(spec), **extra}
-    if moe is not None:
-        config["k_offsets"] = {str(i): o for i, o in k_offsets(moe).items()}
-        per_token = {str(i): [round(float(v), 4) for v in m.expected_k]
-                     for i, m in factorized_layers(moe).items() if m.adaptive}
-        if per_token:  # per-token K: the mean experts per token training measured at each K
-            config["per_token_k"] = per_token
+def run_config(recipe: Recipe, partition: Partition, loaded, moe: nn.Module) -> dict:
+    """What a run's config.json holds: the recipe once, and facts derived from it (never a setting twice)."""
+    config = {"recipe": recipe.to_dict(), "model_source": loaded.source, "layers": partition.layers,
+              "expert_size": partition.expert_size, "intermediate_size": partition.intermediate_size}
+    per_token = {str(i): [round(float(v), 4) for v in m.expected_k]
+                 for i, m in factorized_layers(moe).items() if m.adaptive}
+    if per_token:  # per-token K: the mean experts per token training measured at each K
+        config["per_token_k"] = per_token
     return config
 
 
-def factorize_run(spec: FactorizeSpec, name: str | None, runs_dir=None, loaded=None,
+def factorize_run(recipe: Recipe, *, name: str | None = None, runs_dir=None, loaded=None,
                   overwrite: bool = False) -> dict:
-    """Factorize, check exactness at K=N, compute FLOPs per K, and (if named) save the run."""
+    """Factorize (no training), check exactness at K=N, compute FLOPs per K, and (if named) save the run.
+
+    A saved factorize-only run has an untrained router and untouched experts: its recipe's mode is `none`."""
     start = time.perf_counter()
-    loaded, partition, moe = prepare(spec, loaded)
+    loaded, partition, moe = factorize(recipe, loaded)
     seconds = time.perf_counter() - start
-    check = exactness_check(loaded.model, moe, loaded.tokenizer, spec.num_experts, fp64=True)
-    info = model_info(loaded.model)
-    flops = flops_table(info, 512, spec.num_experts, factorized_layers=partition.layers,
-                        shared_size=spec.shared_size, first_token_dense=spec.first_token_dense,
-                        k_offsets=k_offsets(moe))
-    result = {"model": spec.model, "model_source": loaded.source, "num_experts": spec.num_experts,
-              "top_k": spec.top_k, "split": spec.split, "layers": partition.layers,
-              "expert_size": partition.expert_size, "shared_size": spec.shared_size,
-              "factorize_seconds": round(seconds, 3), **check, "flops_seq_len": 512,
-              "ffn_ratio_by_k": {k: v["ffn_ratio"] for k, v in flops["k"].items()},
-              "run": None}
+    check = exactness_check(loaded.model, moe, loaded.tokenizer, fp64=True)
+    flops = flops_table(model_info(loaded.model), FLOPS_SEQ_LEN, recipe.num_experts,
+                        factorized_layers=partition.layers, shared_size=recipe.shared_size)
+    result = {"model": recipe.model, "model_source": loaded.source, "num_experts": recipe.num_experts,
+              "top_k": recipe.top_k, "split": recipe.split, "layers": partition.layers,
+              "expert_size": partition.expert_size, "shared_size": recipe.shared_size,
+              "factorize_seconds": round(seconds, 3), **check, "flops_seq_len": FLOPS_SEQ_LEN,
+              "flops": flops, "ffn_ratio_by_k": {k: v["ffn_ratio"] for k, v in flops["k"].items()}, "run": None}
     if name:
-        config = run_config(spec, partition, loaded, moe, mode="none", trained=False)
-        metrics = {"exactness": check, "factorize_seconds": seconds}
-        path = save_run(sanitize_name(name), config, moe_tensors(moe, partition, ()), metrics,
+        saved = recipe.replace(mode="none")
+        path = save_run(sanitize_name(name), run_config(saved, partition, loaded, moe),
+                        moe_tensors(moe, partition, ()), {"exactness": check, "factorize_seconds": seconds},
                         root=runs_dir, overwrite=overwrite)
         result["run"] = str(path)
     result["_moe"] = moe
     return result
 
 
-@dataclass
-class DataSpec:
-    """Where training and held-out text come from, and how much."""
-    source: str = "builtin"
-    train_tokens: int = 32768  # the recipe's budget (issue 7): 16k overfits less well, 64k gains little more
-    heldout_tokens: int = 8192
-    seq_len: int = 256
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 16:
-            raise ValueError("seq_len must be at least 16")
-        if self.train_tokens < self.seq_len:
-            raise ValueError(f"train_tokens must be at least one row of {self.seq_len} tokens")
-        if self.heldout_tokens and self.heldout_tokens < self.seq_len:
-            raise ValueError(f"heldout_tokens must be 0 or at least {self.seq_len}")
-
-
-def load_data(loaded, data: DataSpec, seed: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and held-out token rows from the data source (cached where the source caches)."""
+# ---------------------------------------------------------------- train
+def load_data(loaded, recipe: Recipe, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out token rows of the recipe's text (cached where the source caches)."""
     from .data import train_heldout
 
     opts = {"progress": progress} if progress else {}
-    return train_heldout(data.source, loaded.tokenizer, data.train_tokens, data.heldout_tokens, data.seq_len,
-                         seed, model=loaded, **opts)
+    return train_heldout(recipe.data, loaded.tokenizer, recipe.train_tokens, recipe.heldout_tokens, recipe.seq_len,
+                         recipe.seed, model=loaded, **opts)
 
 
 @dataclass
 class Trained:
     """A factorized model trained in memory, with what is needed to save or evaluate it."""
+    recipe: Recipe
     loaded: object
     partition: Partition
     moe: nn.Module
@@ -207,24 +149,28 @@ class Trained:
     heldout: dict  # K -> held-out metrics
 
 
-def tuned_params(train_cfg) -> tuple[str, ...]:
-    """The expert tensors a training config changes (the rest are recomputed from the partition)."""
-    if train_cfg.mode != "experts":
+def tuned_params(recipe: Recipe) -> tuple[str, ...]:
+    """The expert tensors a recipe's training changes (the rest are rebuilt from the partition on load)."""
+    if recipe.mode != "experts":
         return ()
-    names = ("down", "shared_down") if train_cfg.refit_down or train_cfg.e2e_steps else ()
-    if train_cfg.gate_up_steps or (train_cfg.e2e_steps and train_cfg.e2e_params == "all"):
-        names = ("gate_up", "down", "shared_gate_up", "shared_down")
-    return names
+    if recipe.e2e_steps and recipe.e2e_params == "all":
+        return ("gate_up", "down", "shared_gate_up", "shared_down")
+    return ("down", "shared_down")
 
 
-def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, progress=None, should_stop=None,
-                eval_ks: list[int] | None = None, device: str | torch.device | None = None) -> Trained:
+def default_eval_ks(recipe: Recipe) -> list[int]:
+    """The K values held-out metrics are measured at by default: 1, the recipe's K and the next one."""
+    return sorted({1, recipe.top_k, min(recipe.num_experts, recipe.top_k + 1)})
+
+
+def train_model(recipe: Recipe, *, loaded=None, progress: Progress | None = None,
+                should_stop: Callable[[], bool] | None = None, eval_ks: list[int] | None = None,
+                device: str | torch.device | None = None) -> Trained:
     """Factorize, train with PAR and measure held-out metrics per K, all in memory.
 
     device: where to train (e.g. "cuda"); the model is moved there (in place: a shared copy moves
     too) after the text is prepared. None: where the model is."""
     from .evaluate import heldout_metrics
-    from .moe import set_top_k
     from .par import TrainingCancelled, train
 
     def emit(rec: dict) -> None:
@@ -235,58 +181,110 @@ def train_model(spec: FactorizeSpec, train_cfg, data: DataSpec, loaded=None, pro
         if should_stop and should_stop():
             raise TrainingCancelled("training cancelled")
 
-    if train_cfg.top_k != spec.top_k:
-        raise ValueError("the training K and the run's K differ: set both to the same value")
-    loaded = loaded or load_model(spec.model)
-    emit({"phase": "data", "message": f"preparing {data.train_tokens} training tokens from {data.source}"})
+    loaded = loaded or load_model(recipe.model)
+    recipe.validate(model_info(loaded.model))  # before the text is prepared: a bad N fails at once
+    emit({"phase": "data", "message": f"preparing {recipe.train_tokens} training tokens from {recipe.data}"})
+
     def data_progress(done: int, wanted: int) -> None:
         check()  # raising here drops the batch being generated cleanly
         emit({"phase": "data", "message": f"generating training text: {done}/{wanted}"})
 
-    train_ids, heldout_ids = load_data(loaded, data, spec.seed, data_progress)
+    train_ids, heldout_ids = load_data(loaded, recipe, data_progress)
     check()
     if device is not None:
         loaded.model.to(device)
         train_ids, heldout_ids = train_ids.to(device), heldout_ids.to(device)
-    emit({"phase": "factorize", "message": f"{spec.split} split into {spec.num_experts} experts"})
-    start = time.monotonic()  # the budget (train_cfg.minutes) and the reported seconds cover the split too
-    from .data import reads_from_disk
-
-    calibration_source = data.source if reads_from_disk(data.source) else None  # else: the built-in text
-    loaded, partition, moe = prepare(spec, loaded, calibration_source)
+    emit({"phase": "factorize", "message": f"{recipe.split} split into {recipe.num_experts} experts"})
+    start = time.monotonic()  # the budget (recipe.minutes) and the reported seconds cover the split too
+    loaded, partition, moe = factorize(recipe, loaded)
     check()
-    result = train(loaded.model, moe, train_ids, train_cfg, progress=progress, should_stop=should_stop,
-                   started=start)
+    result = train(loaded.model, moe, train_ids, recipe, progress=progress, should_stop=should_stop, started=start)
     seconds = time.monotonic() - start
     heldout = {}
     if heldout_ids.numel():
-        for k in eval_ks or sorted({1, spec.top_k, min(spec.num_experts, spec.top_k + 1)}):
+        for k in eval_ks or default_eval_ks(recipe):
             check()
             emit({"phase": "heldout", "message": f"held-out metrics at K={k}"})
             set_top_k(moe, k)
             heldout[str(k)] = heldout_metrics(loaded.model, moe, heldout_ids)
-        set_top_k(moe, spec.top_k)
-    return Trained(loaded, partition, moe, result, seconds, int(train_ids.numel()), heldout)
+        set_top_k(moe, recipe.top_k)
+    return Trained(recipe, loaded, partition, moe, result, seconds, int(train_ids.numel()), heldout)
 
 
-def train_run(spec: FactorizeSpec, train_cfg, data: DataSpec, name: str, runs_dir=None, loaded=None,
-              progress=None, should_stop=None, overwrite: bool = False, eval_ks: list[int] | None = None,
-              device: str | torch.device | None = None) -> dict:
+def train_run(recipe: Recipe, name: str, *, runs_dir=None, loaded=None, progress: Progress | None = None,
+              should_stop: Callable[[], bool] | None = None, overwrite: bool = False,
+              eval_ks: list[int] | None = None, device: str | torch.device | None = None) -> dict:
     """train_model, then save the run (all or nothing: a failed or cancelled job writes nothing)."""
-    from .runs import run_path, write_log
-
     name = sanitize_name(name)
     if run_path(name, runs_dir).exists() and not overwrite:
         raise ValueError(f"a run named {name!r} already exists: pick another name or delete it first")
-    t = train_model(spec, train_cfg, data, loaded, progress, should_stop, eval_ks, device)
-    config = run_config(spec, t.partition, t.loaded, t.moe, mode=train_cfg.mode, trained=train_cfg.mode != "none",
-                        train=asdict(train_cfg), data=asdict(data))
+    t = train_model(recipe, loaded=loaded, progress=progress, should_stop=should_stop, eval_ks=eval_ks,
+                    device=device)
     summary = t.result.summary()
     where = str(next(t.loaded.model.parameters()).device)  # the seconds depend on it
     metrics = {"train": {**summary, "seconds": t.seconds, "tokens": t.tokens, "device": where}, "heldout": t.heldout}
-    path = save_run(name, config, moe_tensors(t.moe, t.partition, tuned_params(train_cfg)), metrics,
-                    root=runs_dir, overwrite=overwrite)
+    path = save_run(name, run_config(recipe, t.partition, t.loaded, t.moe),
+                    moe_tensors(t.moe, t.partition, tuned_params(recipe)), metrics, root=runs_dir, overwrite=overwrite)
     write_log(path, t.result.log)
     return {"run": str(path), "name": path.name, "seconds": t.seconds, "tokens": t.tokens,
-            "heldout": t.heldout.get(str(spec.top_k), {}), "heldout_by_k": t.heldout, "train": summary,
-            "_moe": t.moe}
+            "heldout": t.heldout.get(str(recipe.top_k), {}), "heldout_by_k": t.heldout, "train": summary,
+            "recipe": recipe.to_dict(), "_moe": t.moe}
+
+
+# ---------------------------------------------------------------- evaluate and benchmark a saved run
+def open_run(name: str, runs_dir=None) -> tuple:
+    """(run, loaded dense model, its factorized model) of a saved run: a private factorized copy."""
+    run = load_run(name, runs_dir)
+    loaded = load_model(run.recipe.model)
+    return run, loaded, load_moe(run, loaded.model)
+
+
+def evaluate_run(name: str, tasks, ks: list[int], *, limit: int | None = None, seed: int = 0, data_dir=None,
+                 batch_size: int = 16, runs_dir=None, store: bool = True, progress: bool = False,
+                 callback=None, dense_cache: dict | None = None) -> dict:
+    """Benchmark sweep of a run (dense once, the run at each K, the same items); merged into its metrics."""
+    from .evaluate import run_sweep
+
+    run, loaded, moe = open_run(name, runs_dir)
+    sweep = run_sweep(loaded.model, loaded.tokenizer, moe, tasks, ks, limit, seed, data_dir, batch_size,
+                      progress=progress, callback=callback, dense_cache=dense_cache)
+    sweep["model"], sweep["run"] = run.recipe.model, run.name
+    if store:
+        store_eval(run.name, sweep, runs_dir)
+    return sweep
+
+
+def store_eval(run_name: str, sweep: dict, root=None) -> dict:
+    """Merge a sweep into the run's metrics.json under "eval": other tasks and K values are kept; a
+    task scored on different items (limit, seed, split, n) replaces the old entry. Returns the merged eval."""
+    from .evaluate import summarize
+
+    current = load_run(run_name, root).metrics.get("eval") or {}
+    tasks = dict(current.get("tasks", {}))
+    same = ("limit", "seed", "split", "n")
+    for task, new in sweep["tasks"].items():
+        old = tasks.get(task)
+        if old and all(old.get(f) == new.get(f) for f in same):
+            new = {**new, "k": {**old.get("k", {}), **new["k"]}}
+        tasks[task] = new
+    merged = {"tasks": tasks, "summary": summarize(tasks)}
+    update_metrics(run_name, {"eval": merged}, root)
+    return merged
+
+
+def bench_run(name: str, ks: list[int] | None = None, *, prefill: int = 512, decode: int = 64, batch: int = 8,
+              repeats: int = 5, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              runs_dir=None, store: bool = True, progress: Progress | None = None) -> dict:
+    """Wall-clock dense vs the run's factorized model (bench.run_benchmark); stored under metrics["bench"]."""
+    from .bench import run_benchmark
+
+    run, loaded, moe = open_run(name, runs_dir)
+    dense = loaded.model.to(device=device, dtype=dtype)
+    moe = moe.to(device=device, dtype=dtype)
+    result = run_benchmark(dense, moe, ks, prefill=prefill, decode=decode, batch=batch, repeats=repeats,
+                           progress=progress)
+    result["model"], result["run"] = run.recipe.model, run.name
+    if store:
+        update_metrics(run.name, {"bench": result}, runs_dir)
+    return result
+

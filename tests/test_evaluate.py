@@ -9,10 +9,11 @@ import torch
 from factorlab import cli, tasks
 from factorlab.evaluate import (above_chance, bootstrap_means, encode_pair, evaluate, group_by_context,
                                 heldout_metrics, loglikelihoods, mean_stderr, pack, relative, run_sweep, score_items,
-                                store_eval, summarize)
+                                summarize)
 from factorlab.factorize import build_moe, make_partition
 from factorlab.moe import factorized_layers
-from factorlab.runs import load_run, save_run
+from factorlab.recipe import Recipe
+from factorlab.runs import load_run, moe_tensors, save_run
 from factorlab.tasks import Item, TaskData, load_task
 
 
@@ -214,8 +215,20 @@ def test_sweep_k_equals_n_matches_dense_and_restores_k(tiny_model, tmp_path):
     assert calls and all("dense" not in m for m in calls)
 
 
+def _save_untrained_run(tiny_model, name="r", num_experts=2, top_k=1):
+    """A factorize-only run of the tiny model (contiguous split, untrained router), saved as workflows saves it."""
+    part = make_partition(tiny_model, num_experts, "contiguous")
+    recipe = Recipe(model="tiny", num_experts=num_experts, top_k=top_k, split="contiguous", layers="all",
+                    shared_size=0, mode="none")
+    config = {"recipe": recipe.to_dict(), "layers": part.layers, "expert_size": part.expert_size,
+              "intermediate_size": part.intermediate_size}
+    return save_run(name, config, moe_tensors(build_moe(tiny_model, part, top_k=top_k), part))
+
+
 def test_store_eval_merges_k_and_replaces_changed_items(tiny_model, runs_dir):
-    save_run("r", {"model": "tiny"}, {"x": torch.zeros(1)})
+    from factorlab.workflows import store_eval
+
+    _save_untrained_run(tiny_model)
     entry = {"n": 6, "limit": None, "seed": 0, "split": "validation", "chance": 0.25, "dense": {},
              "k": {"1": {"relative": 0.5, "above_chance": 0.2}}}
     store_eval("r", {"tasks": {"arc_easy": entry}})
@@ -266,13 +279,12 @@ def test_embedded_model_arc_easy_well_above_chance(embedded):
 
 def test_cli_eval_sweep_json_and_store(tiny_model, tmp_path, runs_dir, monkeypatch, capsys):
     from factorlab import models
-    from factorlab.runs import moe_tensors
 
     _write_task_data(tmp_path)
-    monkeypatch.setattr(models, "load_model", lambda spec: models.LoadedModel(tiny_model, ToyTokenizer(), spec, "t", 0))
-    part = make_partition(tiny_model, 2, "contiguous")
-    save_run("r", {"model": "tiny", "top_k": 1, "partition": part.to_config()},
-             moe_tensors(build_moe(tiny_model, part, top_k=1), part, tuned=False))
+    load = lambda spec: models.LoadedModel(tiny_model, ToyTokenizer(), spec, "t", 0)  # noqa: E731
+    monkeypatch.setattr(models, "load_model", load)
+    monkeypatch.setattr("factorlab.workflows.load_model", load)  # workflows.open_run loads the run's model
+    _save_untrained_run(tiny_model)
     assert cli.main(["eval", "r", "--tasks", "arc_easy", "--k", "1,2", "--data-dir", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["tasks"]["arc_easy"]["k"]) == {"1", "2"} and out["run"] == "r"
@@ -285,4 +297,4 @@ def test_cli_eval_sweep_json_and_store(tiny_model, tmp_path, runs_dir, monkeypat
     assert cli.main(["eval", "--dense-only", "--tasks", "boolq", "--data-dir", str(tmp_path), "--json", str(path)]) == 0
     assert json.loads(path.read_text())["tasks"]["boolq"]["k"] == {}
     assert cli.main(["eval", "r", "--k", "3", "--data-dir", str(tmp_path)]) == 2  # K above N: a clear error
-    assert "K must be in 1..2" in capsys.readouterr().err
+    assert "K values must be in 1..2" in capsys.readouterr().err

@@ -18,24 +18,35 @@ def test_expand_grid_and_rows():
     assert only_rows == [{"top_k": 1, "mode": "none"}]
     with pytest.raises(ValueError, match="unknown setting"):
         experiment.expand({"grid": {"experts": [4]}})
+    with pytest.raises(ValueError, match="K \\(top_k\\) must be in 1..4"):  # every row is checked up front
+        experiment.expand({"rows": [{"top_k": 2}, {"top_k": 5}]})
+    with pytest.raises(ValueError, match="`data` block is gone"):
+        experiment.expand({"data": {"source": "builtin"}})
+
+
+def test_setting_recipe_starts_from_its_preset():
+    from factorlab.recipe import Recipe, preset
+
+    assert experiment.setting_recipe({"label": "x"}) == Recipe()
+    assert experiment.setting_recipe({"preset": "paper", "seed": 3, "label": "p"}) == preset("paper", seed=3)
 
 
 def test_rows_are_resumable(tmp_path, monkeypatch):
     calls = []
 
-    def fake_train_model(spec, cfg, data, loaded, eval_ks=None):
-        calls.append((spec.split, cfg.mode, data.train_tokens))
+    def fake_train_model(recipe, *, loaded, eval_ks=None):
+        calls.append((recipe.split, recipe.mode, recipe.train_tokens))
         summary = {"mean_router_label_accuracy": 0.5}
-        return SimpleNamespace(seconds=1.0, tokens=data.train_tokens, heldout={"2": {"perplexity": 3.0}},
+        return SimpleNamespace(seconds=1.0, tokens=recipe.train_tokens, heldout={"2": {"perplexity": 3.0}},
                                result=SimpleNamespace(summary=lambda: summary), moe=None)
 
     monkeypatch.setattr(experiment, "train_model", fake_train_model)
     monkeypatch.setattr(experiment, "gflops_by_k", lambda dense, moe, ks: {"2": 0.2})
     monkeypatch.setattr("factorlab.models.load_model", lambda spec: SimpleNamespace(model=None, tokenizer=None))
-    cfg = {"base": {"top_k": 2}, "grid": {"mode": ["router", "none"]}, "data": {"train_tokens": 512}}
+    cfg = {"base": {"top_k": 2, "train_tokens": 512}, "grid": {"mode": ["router", "none"]}}
     out = tmp_path / "out.json"
     experiment.run_experiment(cfg, out)
-    assert len(calls) == 2
+    assert calls == [("cluster", "router", 512), ("cluster", "none", 512)]
     experiment.run_experiment(cfg, out)  # nothing left to do
     assert len(calls) == 2
     cfg["grid"]["mode"].append("experts")
@@ -71,7 +82,7 @@ def test_gflops_by_k_real_shapes(tiny_model):
 
 
 def test_summary_over_a_subset_of_tasks(tmp_path, monkeypatch):
-    def fake_train_model(spec, cfg, data, loaded, eval_ks=None):
+    def fake_train_model(recipe, *, loaded, eval_ks=None):
         return SimpleNamespace(seconds=1.0, tokens=512, heldout={"2": {"perplexity": 3.0}}, moe=None,
                                result=SimpleNamespace(summary=lambda: {"mean_router_label_accuracy": 0.5}))
 
@@ -86,7 +97,7 @@ def test_summary_over_a_subset_of_tasks(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "gflops_by_k", lambda dense, moe, ks: {"2": 0.2})
     monkeypatch.setattr("factorlab.evaluate.run_sweep", fake_sweep)
     monkeypatch.setattr("factorlab.models.load_model", lambda spec: SimpleNamespace(model=None, tokenizer=None))
-    cfg = {"base": {"top_k": 2}, "rows": [{"mode": "none"}], "data": {"train_tokens": 512},
+    cfg = {"base": {"top_k": 2, "train_tokens": 512}, "rows": [{"mode": "none"}],
            "eval": {"tasks": "piqa,arc_easy,mmlu", "summary_tasks": "piqa,arc_easy"}}
     row = experiment.run_experiment(cfg, tmp_path / "o.json")["rows"][0]
     sub = row["eval"]["summary_subset"]

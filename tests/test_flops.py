@@ -50,27 +50,31 @@ def test_ffn_share_and_components(tiny_model):
     assert half["ffn"] == pytest.approx(flops_per_token(info, 128)["ffn"] * (1 + 0.25) / 2)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_first_token_dense_flops_match_flop_counter(tiny_model, k):
-    info = model_info(tiny_model)
-    part = make_partition(tiny_model, 4, "contiguous")
-    moe = build_moe(tiny_model, part, top_k=k, first_token_dense=True)
-    ids = torch.randint(0, 128, (1, 32))
-    analytic = flops_per_token(info, 32, 4, k, first_token_dense=True)
-    assert _counted(moe, ids) == pytest.approx(analytic["total"] * 32, rel=1e-6)
-    routed = flops_per_token(info, 32, 4, k)
-    dense = flops_per_token(info, 32)
-    assert analytic["ffn"] == pytest.approx(routed["ffn"] + (dense["ffn"] - routed["ffn"]) / 32)
-
 
 def test_per_layer_k_flops_match_flop_counter(tiny_model):
-    from factorlab.moe import set_k_offsets
+    from factorlab.moe import set_top_k
 
     info = model_info(tiny_model)
     part = make_partition(tiny_model, 4, "contiguous")
     moe = build_moe(tiny_model, part, top_k=2)
-    set_k_offsets(moe, {0: 1, 1: -1}, 2)
+    set_top_k(moe, {0: 3, 1: 1})  # an explicit K per layer
     ids = torch.randint(0, 128, (1, 32))
-    analytic = flops_per_token(info, 32, 4, 2, k_offsets={0: 1, 1: -1})
-    assert analytic == flops_per_token(info, 32, 4, 2, top_k_per_layer={0: 3, 1: 1})
+    analytic = flops_per_token(info, 32, 4, 2, top_k_per_layer={0: 3, 1: 1})
+    assert analytic["ffn"] == pytest.approx(flops_per_token(info, 32, 4, 2)["ffn"])  # 3 + 1 = 2 + 2
+    assert analytic["ffn"] != flops_per_token(info, 32, 4, 2, top_k_per_layer={0: 3})["ffn"]
     assert _counted(moe, ids) == pytest.approx(analytic["total"] * 32, rel=1e-6)
+
+
+def test_flops_table_uses_the_per_token_k_means_measured_in_training(tiny_model):
+    from factorlab.flops import mean_k_plan
+
+    info = model_info(tiny_model)
+    per_token_k = {"0": [1.0, 2.5, 3.0, 4.0], "1": [1.2, 2.0, 3.0, 4.0]}  # as runs store it
+    assert mean_k_plan(per_token_k, 2) == {0: 2.5, 1: 2.0}
+    table = flops_table(info, 128, 4, per_token_k=per_token_k)
+    plain = flops_table(info, 128, 4)
+    means = flops_per_token(info, 128, 4, 2, top_k_per_layer={0: 2.5, 1: 2.0})
+    assert table["k"]["2"]["ffn"] == pytest.approx(means["ffn"])
+    assert table["k"]["2"]["ffn_ratio"] == pytest.approx((2.5 + 2.0) / 8)
+    assert table["k"]["1"]["ffn_ratio"] == pytest.approx(2.2 / 8) and table["k"]["1"]["ffn"] > plain["k"]["1"]["ffn"]
+    assert table["k"]["4"] == plain["k"]["4"]

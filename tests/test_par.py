@@ -6,8 +6,9 @@ import torch
 
 from factorlab.factorize import build_moe, make_partition
 from factorlab.moe import factorized_layers
-from factorlab.par import (TrainConfig, TrainingCancelled, balance_loss, combination_labels, label_accuracy, lr_at,
-                           pseudo_labels, refit_down, router_bce_loss, router_kl_loss, train)
+from factorlab.par import (TrainingCancelled, balance_loss, combination_labels, label_accuracy, lr_at, pseudo_labels,
+                           refit_down, router_bce_loss, router_kl_loss, train)
+from factorlab.recipe import Recipe
 
 
 def test_pseudo_labels_hand_computed():
@@ -75,10 +76,16 @@ def _setup(tiny_model, k=1):
     return ids, build_moe(tiny_model, part, top_k=k)
 
 
+def _recipe(**values) -> Recipe:
+    """A training recipe for the tiny model: its shapes (no shared neurons, every layer), plain top-K."""
+    return Recipe(**{"model": "tiny", "split": "random", "layers": "all", "shared_size": 0,
+                     "per_token_rounds": 0, **values})
+
+
 def test_router_mode_learns_pseudo_labels(tiny_model):
     ids, moe = _setup(tiny_model)
     log = []
-    result = train(tiny_model, moe, ids, TrainConfig(mode="router", top_k=1, router_steps=150, router_batch=128),
+    result = train(tiny_model, moe, ids, _recipe(mode="router", top_k=1, router_steps=150, router_batch=128),
                    progress=log.append)
     routes = [r for r in log if r["phase"] == "router"]
     assert len(routes) == 2
@@ -95,10 +102,12 @@ def test_router_loss_falls(tiny_model):
     with torch.no_grad():
         teacher = tiny_model.model.layers[0].mlp(x)
     labels = layer_labels(mlp, x, teacher, 1, 256)
-    first = train_router(mlp, x, labels, TrainConfig(router_steps=1), lambda: None)
-    later = train_router(mlp, x, labels, TrainConfig(router_steps=200, router_batch=256), lambda: None)
+    first = train_router(mlp, x, labels, _recipe(), steps=1, loss_fn=router_kl_loss, check=lambda: None)
+    later = train_router(mlp, x, labels, _recipe(router_batch=256), steps=200, loss_fn=router_kl_loss,
+                         check=lambda: None)
     assert later["route"] < first["route"]
     assert later["label_accuracy"] > first["label_accuracy"]
+    assert not mlp.router.linear.weight.requires_grad  # frozen again after its steps
 
 
 def test_refit_down_reduces_error(tiny_model):
@@ -113,27 +122,14 @@ def test_refit_down_reduces_error(tiny_model):
     assert after < 0.5 * before
 
 
-def test_refine_rounds_fit_routing_and_experts_to_each_other(tiny_model):
-    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
-    results = {}
-    for rounds in (0, 2):
-        _, moe = _setup(tiny_model, k=2)
-        results[rounds] = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=100,
-                                                                 router_batch=128, refine_rounds=rounds,
-                                                                 adaptive_rounds=0))
-    before, after = results[0].layer_mse, results[2].layer_mse
-    assert sum(after.values()) < sum(before.values())
-    with pytest.raises(ValueError, match="refine_rounds"):
-        TrainConfig(refine_rounds=-1)
-
-
-@pytest.mark.parametrize("per_token", [dict(adaptive_rounds=0), dict(adaptive_rounds=2, adaptive_min_experts=1)])
-def test_experts_mode_beats_none_on_heldout(tiny_model, per_token):
+@pytest.mark.parametrize("per_token_rounds", [0, 2])
+def test_experts_mode_beats_none_on_heldout(tiny_model, per_token_rounds):
     ids, moe_none = _setup(tiny_model, k=1)
     _, moe_exp = _setup(tiny_model, k=1)
-    train(tiny_model, moe_none, ids, TrainConfig(mode="none", top_k=1))
-    train(tiny_model, moe_exp, ids, TrainConfig(mode="experts", top_k=1, router_steps=100, router_batch=128,
-                                                **per_token))
+    train(tiny_model, moe_none, ids, _recipe(mode="none", top_k=1))
+    train(tiny_model, moe_exp, ids, _recipe(mode="experts", top_k=1, router_steps=100, router_batch=128,
+                                            per_token_rounds=per_token_rounds, per_token_router_steps=100))
+    assert all(m.adaptive == bool(per_token_rounds) for m in factorized_layers(moe_exp).values())
     held = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = tiny_model(held).logits.log_softmax(-1)
@@ -147,15 +143,17 @@ def test_experts_mode_beats_none_on_heldout(tiny_model, per_token):
 def test_training_is_deterministic(tiny_model):
     ids, a = _setup(tiny_model)
     _, b = _setup(tiny_model)
-    cfg = TrainConfig(mode="experts", top_k=1, router_steps=20, router_batch=64, gate_up_steps=5, seed=3)
-    train(tiny_model, a, ids, cfg)
-    train(tiny_model, b, ids, cfg)
+    recipe = _recipe(mode="experts", top_k=1, router_steps=20, router_batch=64, per_token_rounds=1,
+                     per_token_router_steps=10, seed=3)
+    train(tiny_model, a, ids, recipe)
+    train(tiny_model, b, ids, recipe)
     for (i, ma), mb in zip(factorized_layers(a).items(), factorized_layers(b).values()):
         assert torch.equal(ma.router.linear.weight, mb.router.linear.weight)
         assert torch.equal(ma.down, mb.down)
+        assert torch.equal(ma.thresholds, mb.thresholds)
 
 
-def test_cancel_and_bad_config(tiny_model):
+def test_cancel_and_bad_recipe(tiny_model):
     ids, moe = _setup(tiny_model)
     calls = {"n": 0}
 
@@ -164,45 +162,44 @@ def test_cancel_and_bad_config(tiny_model):
         return calls["n"] > 3
 
     with pytest.raises(TrainingCancelled):
-        train(tiny_model, moe, ids, TrainConfig(mode="router", router_steps=50), should_stop=stop)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        TrainConfig(mode="fast")
-    with pytest.raises(ValueError, match="label_loss"):
-        TrainConfig(label_loss="mse")
+        train(tiny_model, moe, ids, _recipe(mode="router", router_steps=50), should_stop=stop)
+    with pytest.raises(ValueError, match="mode='fast' is not a choice"):
+        _recipe(mode="fast")
     with pytest.raises(ValueError, match="ridge must be >= 0"):
-        TrainConfig(ridge=-1.0)
-    with pytest.raises(ValueError, match="gate_up_lr must be positive"):
-        TrainConfig(gate_up_lr=0.0)
+        _recipe(ridge=-1.0)
+    with pytest.raises(ValueError, match="router_lr must be positive"):
+        _recipe(router_lr=0.0)
 
 
 def test_end_to_end_distillation_runs(tiny_model):
     ids, moe = _setup(tiny_model, k=2)
     log = []
-    train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=10, e2e_steps=4, e2e_batch=2),
+    train(tiny_model, moe, ids, _recipe(mode="experts", top_k=2, router_steps=10, e2e_steps=4, e2e_batch=2),
           progress=log.append)
     e2e = [r["losses"]["kl"] for r in log if r["phase"] == "e2e"]
     assert len(e2e) == 4 and all(math.isfinite(v) for v in e2e)
+    assert log[-1]["step"] == log[-1]["total"]
 
 
 def test_end_to_end_down_only_changes_only_down_projections(tiny_model):
     ids, moe = _setup(tiny_model, k=2)
-    cfg = TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0, e2e_steps=3, e2e_batch=2,
-                      e2e_params="down", e2e_lr=1e-3)
+    recipe = _recipe(mode="experts", top_k=2, router_steps=5, per_token_rounds=1, per_token_router_steps=5,
+                     e2e_steps=3, e2e_batch=2, e2e_params="down", e2e_lr=1e-3)
     before = {}
 
     def snapshot(rec):
         if rec["phase"] == "experts" and rec["layer"] == max(factorized_layers(moe)) and not before:
             before.update({n: p.detach().clone() for n, p in moe.named_parameters()})
 
-    train(tiny_model, moe, ids, cfg, progress=snapshot)
+    train(tiny_model, moe, ids, recipe, progress=snapshot)
     changed = {n for n, p in moe.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.endswith(".down") or n.endswith("shared_down") for n in changed)
     assert not any(p.requires_grad for p in moe.parameters())
-    with pytest.raises(ValueError, match="e2e_params"):
-        TrainConfig(e2e_params="router")
+    with pytest.raises(ValueError, match="e2e_params='router' is not a choice"):
+        _recipe(e2e_params="router")
 
 
-def test_end_to_end_schedule_fits_its_minutes(tiny_model, monkeypatch):
+def test_end_to_end_schedule_fits_the_minutes(tiny_model, monkeypatch):
     ids, moe = _setup(tiny_model, k=2)
     clock = {"t": 0.0}
 
@@ -210,34 +207,36 @@ def test_end_to_end_schedule_fits_its_minutes(tiny_model, monkeypatch):
         clock["t"] += 1.0
         return clock["t"]
 
-    monkeypatch.setattr("factorlab.par.time.monotonic", fake_monotonic)
+    monkeypatch.setattr("factorlab.par.trainer.time.monotonic", fake_monotonic)
     log = []
-    cfg = TrainConfig(mode="experts", top_k=2, router_steps=2, refine_rounds=0, e2e_steps=1000, e2e_batch=1,
-                      e2e_minutes=1.0)
-    train(tiny_model, moe, ids, cfg, progress=log.append)
+    recipe = _recipe(mode="experts", top_k=2, router_steps=2, e2e_steps=1000, e2e_batch=1, minutes=1.0)
+    result = train(tiny_model, moe, ids, recipe, progress=log.append)
     e2e = [r for r in log if r["phase"] == "e2e"]
     assert 2 < len(e2e) < 1000  # fitted to the minute, far below the 1000-step cap
     assert e2e[-1]["step"] == e2e[-1]["total"]  # the progress total follows the fitted schedule
-    with pytest.raises(ValueError, match="e2e_minutes"):
-        TrainConfig(e2e_minutes=0)
-
+    assert not result.stopped_early  # the fitted schedule ends within the budget
+    with pytest.raises(ValueError, match="minutes must be positive"):
+        _recipe(minutes=0)
 
 
 @pytest.mark.parametrize("params", ["down", "all"])
 def test_a_run_tuned_end_to_end_saves_what_changed_and_reloads_exactly(tiny_model, runs_dir, params):
+    from types import SimpleNamespace
+
     from factorlab.runs import load_moe, moe_tensors, save_run
-    from factorlab.workflows import tuned_params
+    from factorlab.workflows import run_config, tuned_params
 
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
     part = make_partition(tiny_model, 4, "random", seed=0)
     moe = build_moe(tiny_model, part, top_k=2)
-    cfg = TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0, e2e_steps=3, e2e_params=params)
-    train(tiny_model, moe, ids, cfg)
-    saved = tuned_params(cfg)
+    recipe = _recipe(mode="experts", top_k=2, router_steps=5, per_token_rounds=1, per_token_router_steps=5,
+                     e2e_steps=3, e2e_params=params)
+    train(tiny_model, moe, ids, recipe)
+    saved = tuned_params(recipe)
     assert ("gate_up" in saved) == (params == "all") and "down" in saved
-    save_run("e2e", {"model": "tiny", "top_k": 2, "output_mode": "scaled", "partition": part.to_config()},
-             moe_tensors(moe, part, saved))
+    save_run("e2e", run_config(recipe, part, SimpleNamespace(source="tiny"), moe), moe_tensors(moe, part, saved))
     again = load_moe("e2e", tiny_model)
+    assert all(m.adaptive for m in factorized_layers(again).values())
     with torch.no_grad():
         assert torch.equal(again(ids).logits, moe(ids).logits)
 
@@ -247,93 +246,44 @@ def test_the_time_budget_counts_from_the_callers_start(tiny_model):
 
     ids, moe = _setup(tiny_model, k=2)
     log = []
-    cfg = TrainConfig(mode="experts", top_k=2, router_steps=50, refine_rounds=0, e2e_steps=5, minutes=1.0)
-    result = train(tiny_model, moe, ids, cfg, progress=log.append, started=time.monotonic() - 120)
+    recipe = _recipe(mode="experts", top_k=2, router_steps=50, e2e_steps=5, minutes=1.0)
+    result = train(tiny_model, moe, ids, recipe, progress=log.append, started=time.monotonic() - 120)
     assert result.stopped_early and not [r for r in log if r["phase"] == "e2e"]  # the budget was spent before
     assert result.seconds >= 120
 
 
-def test_first_token_dense_training_keeps_position_zero_exact(tiny_model, runs_dir):
-    from factorlab.runs import load_moe, moe_tensors, save_run
-
+def test_the_pass_trains_each_layer_on_the_inputs_inference_gives_it(tiny_model):
+    """Layer 1 is trained on the stream the pass builds through the trained layer 0; a real forward of the
+    trained model must give layer 1 the same inputs, so its error there is the one the pass recorded."""
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
     part = make_partition(tiny_model, 4, "random", seed=0)
-    moe = build_moe(tiny_model, part, top_k=1, first_token_dense=True)
-    result = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=1, router_steps=50, router_batch=128,
-                                                     refine_rounds=1, e2e_steps=3, e2e_batch=2))
-    assert set(result.layer_mse) == {0, 1}
-    held = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.allclose(moe(held).logits[:, 0], tiny_model(held).logits[:, 0], atol=1e-4)
-    config = {"model": "tiny", "top_k": 1, "output_mode": "scaled", "partition": part.to_config(),
-              "mode": "experts", "first_token_dense": True}
-    save_run("ftd", config, moe_tensors(moe, part, tuned=True))
-    again = load_moe("ftd", tiny_model)
-    with torch.no_grad():
-        assert torch.equal(again(held).logits, moe(held).logits)
-
-
-def test_training_follows_a_per_layer_k_plan(tiny_model, monkeypatch):
-    import factorlab.par as par
-    from factorlab.moe import set_k_offsets
-
-    ids, moe = _setup(tiny_model, k=2)
-    set_k_offsets(moe, {0: 1, 1: -1}, 2)
-    seen = []
-    for name in ("layer_labels", "joint_labels"):
-        def spy(mlp, inputs, target, top_k, chunk, factor=None, _original=getattr(par, name), _name=name):
-            masks = _original(mlp, inputs, target, top_k, chunk, factor)
-            seen.append((_name, top_k, int(masks.sum(1).max())))
-            return masks
-        monkeypatch.setattr(par, name, spy)
-    result = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=30, router_batch=128,
-                                                     refine_rounds=1))
-    # labels of layer 0 pick 3 experts, of layer 1 one: each layer's own K, not the nominal 2
-    assert seen == [("layer_labels", 3, 3), ("joint_labels", 3, 3), ("layer_labels", 1, 1), ("joint_labels", 1, 1)]
-    layers = factorized_layers(moe)
-    assert (layers[0].top_k, layers[1].top_k) == (3, 1)
-    assert set(result.layer_mse) == {0, 1}
-    x = torch.randn(50, 64)
-    with torch.no_grad():
-        assert layers[0].router(x)[3].shape == (50, 3)
-
-
-
-def test_first_token_dense_training_with_gate_up_steps_advances_the_stream_as_inference_runs(tiny_model):
-    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    part = make_partition(tiny_model, 4, "random", seed=0)
-    moe = build_moe(tiny_model, part, top_k=1, first_token_dense=True)
-    result = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=1, router_steps=20, router_batch=128,
-                                                     refine_rounds=0, gate_up_steps=20, gate_up_lr=1e-2))
-    # layer 1 was trained on the stream the pass built; a real forward of the trained model must give
-    # layer 1 the same inputs, so its error on the routed tokens is the one the pass recorded
+    moe = build_moe(tiny_model, part, top_k=1)
+    result = train(tiny_model, moe, ids, _recipe(mode="experts", top_k=1, router_steps=20, router_batch=128,
+                                                 per_token_rounds=1, per_token_router_steps=20))
     seen = []
     handle = moe.model.layers[1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     with torch.no_grad():
         moe(ids)
     handle.remove()
     x = seen[0].reshape(-1, 64)
-    rest = torch.ones(x.shape[0], dtype=torch.bool)
-    rest[torch.arange(8) * 32] = False
     with torch.no_grad():
         mlp, dense = moe.model.layers[1].mlp, tiny_model.model.layers[1].mlp
-        mse = torch.nn.functional.mse_loss(mlp(x[rest]), dense(x[rest])).item()
+        mse = torch.nn.functional.mse_loss(mlp(x), dense(x)).item()
     assert mse == pytest.approx(result.layer_mse[1], rel=1e-4)
 
 
-def test_gate_up_steps_are_followed_by_a_down_refit(tiny_model, monkeypatch):
-    import factorlab.par as par
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_each_layer_is_refitted_after_its_router_and_after_each_per_token_round(tiny_model, monkeypatch, rounds):
+    import factorlab.par.per_token as per_token
+    import factorlab.par.trainer as trainer
 
     calls = []
-    real = par.refit_down
-    monkeypatch.setattr(par, "refit_down", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    real = trainer.refit_down
+    spy = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]  # noqa: E731
+    monkeypatch.setattr(trainer, "refit_down", spy)
+    monkeypatch.setattr(per_token, "refit_down", spy)
     ids, moe = _setup(tiny_model)
     layers = len(factorized_layers(moe))
-    train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0,
-                                            adaptive_rounds=0))
-    assert len(calls) == layers  # one refit per layer
-    calls.clear()
-    ids, moe = _setup(tiny_model)
-    train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=5, refine_rounds=0,
-                                            adaptive_rounds=0, gate_up_steps=3, gate_up_lr=1e-3))
-    assert len(calls) == 2 * layers  # and one more after the gate/up steps
+    train(tiny_model, moe, ids, _recipe(mode="experts", top_k=2, router_steps=5, per_token_rounds=rounds,
+                                        per_token_router_steps=5))
+    assert len(calls) == layers * (1 + rounds)

@@ -1,20 +1,37 @@
-"""Per-token K (adaptive routing at the same mean K): dispatch, labels, thresholds, training, runs, FLOPs."""
+"""Per-token K (adaptive routing at the same mean K): dispatch, best sets, thresholds, training, runs, FLOPs."""
+import json
+
 import pytest
 import torch
 
 from factorlab.factorize import build_moe, make_partition
 from factorlab.flops import flops_per_token, mean_k_plan
 from factorlab.models import model_info
-from factorlab.moe import count_active_experts, factorized_layers, layer_mean_k, mark_first_tokens, set_top_k
-from factorlab.par import (TrainConfig, adaptive_labels, adaptive_rounds, joint_labels, layer_labels, refit_down,
-                           subset_masks, train, train_router, tune_thresholds)
+from factorlab.moe import count_active_experts, factorized_layers, layer_mean_k, set_top_k
+from factorlab.par import (best_sets, layer_labels, min_experts, per_token_rounds, refit_down, router_bce_loss,
+                           router_kl_loss, subset_masks, train, train_router, tune_thresholds)
+from factorlab.recipe import Recipe
 from factorlab.runs import load_moe, moe_tensors, save_run
 
 
-def _adaptive_moe(tiny_model, mode="scaled", k=2, first_token_dense=False, shared=0):
+def _recipe(**values) -> Recipe:
+    """A recipe for the tiny model (every layer, random split, no shared neurons unless given)."""
+    return Recipe(**{"model": "tiny", "split": "random", "layers": "all", "shared_size": 0, **values})
+
+
+def _save(name, recipe, part, moe, tuned):
+    """Save a run as workflows does: the recipe once, and the facts derived from the model."""
+    from types import SimpleNamespace
+
+    from factorlab.workflows import run_config
+
+    return save_run(name, run_config(recipe, part, SimpleNamespace(source="tiny"), moe), moe_tensors(moe, part, tuned))
+
+
+def _adaptive_moe(tiny_model, mode="scaled", k=2, shared=0):
     calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0)) if shared else None
     part = make_partition(tiny_model, 4, "random", seed=0, calibration_ids=calib, shared_size=shared)
-    moe = build_moe(tiny_model, part, top_k=k, output_mode=mode, first_token_dense=first_token_dense)
+    moe = build_moe(tiny_model, part, top_k=k, output_mode=mode)
     with torch.no_grad():
         for mlp in factorized_layers(moe).values():
             mlp.router.linear.weight.normal_()
@@ -54,25 +71,13 @@ def test_tokens_run_a_varying_number_of_experts_and_k_n_runs_all(tiny_model):
     assert not mlp.adaptive and layer_mean_k(moe) == {0: 4.0, 1: 4.0}
 
 
-def test_first_token_dense_with_per_token_k(tiny_model):
-    _, moe = _adaptive_moe(tiny_model, "gated", 2, first_token_dense=True)
-    handles = mark_first_tokens(moe)
-    ids = torch.randint(0, 128, (2, 9))
-    with torch.no_grad(), count_active_experts(moe) as active:
-        out = moe(ids).logits
-    for h in handles:
-        h.remove()
-    assert torch.isfinite(out).all()
-    assert set(active) == {0, 1}  # 16 routed tokens per layer (the two first tokens run the whole FFN)
-
-
-def test_adaptive_labels_pick_each_tokens_best_set_of_its_size(tiny_model):
+def test_best_sets_pick_each_tokens_best_set_of_its_size(tiny_model):
     _, moe = _adaptive_moe(tiny_model, "scaled", 2)
     mlp = factorized_layers(moe)[0]
     x = torch.randn(400, 64)
     with torch.no_grad():
         target = tiny_model.model.layers[0].mlp(x)
-        labels = adaptive_labels(mlp, x, target, 2.0, chunk=128)
+        labels = best_sets(mlp, x, target, 2.0, chunk=128)
         assert abs(labels.sum(1).mean().item() - 2.0) < 0.1
         masks = subset_masks(4)
         outs = mlp.expert_outputs(x) * 2.0  # (T, N, H), scaled weight N/K
@@ -90,10 +95,10 @@ def test_thresholds_give_the_mean_k_they_are_tuned_for():
     assert torch.all(thresholds[:-1] >= thresholds[1:]) and thresholds[-1] == 0
 
 
-def test_adaptive_rounds_beat_top_k_at_the_same_mean(tiny_model):
+def test_per_token_rounds_beat_top_k_at_the_same_mean(tiny_model):
     """Tokens of unequal size (norms 0.5 and 3, as FFN inputs vary): on held-out inputs, per-token K at
-    mean <= 2 fits the FFN clearly better than the same layer trained for top-2 (router, refit, refine).
-    Every token runs its best expert (min 1, the default without shared neurons): on these random
+    mean <= 2 fits the FFN clearly better than the same layer trained for top-2 (PAR router, refit).
+    Every token runs its best expert (min 1, the rule without shared neurons): on these random
     inputs a router cannot tell which tokens need no routed expert."""
     part = make_partition(tiny_model, 4, "random", seed=0)
     moe = build_moe(tiny_model, part, top_k=2)
@@ -104,21 +109,19 @@ def test_adaptive_rounds_beat_top_k_at_the_same_mean(tiny_model):
         return torch.randn(n, 64, generator=g) * torch.where(torch.rand(n, 1, generator=g) < 0.3, 3.0, 0.5)
 
     x, held = data(3000), data(1000)
-    cfg = TrainConfig(router_steps=200, chunk_tokens=1024)
+    recipe = _recipe(top_k=2, per_token_rounds=3, per_token_router_steps=66)
     with torch.no_grad():
         target, held_target = dense(x), dense(held)
-    train_router(mlp, x, layer_labels(mlp, x, target, 2, 1024), cfg, lambda: None)
+    train_router(mlp, x, layer_labels(mlp, x, target, 2, 1024), recipe, steps=200, loss_fn=router_kl_loss,
+                 check=lambda: None)
     refit_down(mlp, x, target, 1e-3, 1024)
-    for _ in range(2):
-        train_router(mlp, x, joint_labels(mlp, x, target, 2, 1024), cfg, lambda: None)
-        refit_down(mlp, x, target, 1e-3, 1024)
     with torch.no_grad():
         before = (mlp(held) - held_target).pow(2).sum() / held_target.pow(2).sum()
-    adaptive_rounds(mlp, x, target, TrainConfig(adaptive_rounds=3, adaptive_min_experts=1, router_steps=200,
-                                                chunk_tokens=1024), lambda: None, None)
+    assert min_experts(mlp) == 1
+    per_token_rounds(mlp, x, target, recipe, lambda: None, None, 1024)
     with torch.no_grad(), count_active_experts(moe) as active:
         after = (mlp(held) - held_target).pow(2).sum() / held_target.pow(2).sum()
-    assert mlp.adaptive and 1.7 < active[0] < 2.1
+    assert mlp.adaptive and mlp.min_experts == 1 and 1.7 < active[0] < 2.1
     assert after < 0.92 * before
 
 
@@ -126,29 +129,36 @@ def test_a_per_token_k_run_trains_saves_reloads_and_counts_its_flops(tiny_model,
     part = make_partition(tiny_model, 4, "random", seed=0)
     moe = build_moe(tiny_model, part, top_k=2)
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    result = train(tiny_model, moe, ids, TrainConfig(mode="experts", top_k=2, router_steps=50, router_batch=64,
-                                                      adaptive_rounds=1))
+    recipe = _recipe(mode="experts", top_k=2, router_steps=50, router_batch=64, per_token_rounds=1,
+                     per_token_router_steps=50)
+    result = train(tiny_model, moe, ids, recipe)
     layers = factorized_layers(moe)
     assert all(m.adaptive for m in layers.values()) and set(result.layer_mse) == {0, 1}
-    save_run("ptk", {"model": "tiny", "top_k": 2, "output_mode": "scaled", "partition": part.to_config(),
-                     "mode": "experts"}, moe_tensors(moe, part, ("down", "shared_down")))
+    path = _save("ptk", recipe, part, moe, ("down", "shared_down"))
     again = load_moe("ptk", tiny_model)
     with torch.no_grad():
         assert torch.equal(again(ids[:2]).logits, moe(ids[:2]).logits)
     means = layer_mean_k(again, 2)
     assert all(abs(v - 2.0) < 0.05 for v in means.values())
     info = model_info(tiny_model)
-    plan = mean_k_plan({i: layers[i].expected_k.tolist() for i in layers}, 2, 4)
-    assert plan == pytest.approx(means)
+    stored = json.loads((path / "config.json").read_text())["per_token_k"]  # what the run says training measured
+    assert set(stored) == {"0", "1"} and all(len(v) == 4 for v in stored.values())
+    plan = mean_k_plan(stored, 2)
+    assert plan == pytest.approx(means, abs=1e-4)
     measured = flops_per_token(info, 64, 4, 2, [0, 1], top_k_per_layer=plan)["ffn"]
     assert measured == pytest.approx(flops_per_token(info, 64, 4, 2, [0, 1])["ffn"], rel=0.03)
 
 
-def test_mean_k_plan_and_config_checks():
-    assert mean_k_plan(None, 2, 4) is None
-    assert mean_k_plan({"3": [1.0, 2.1, 3.05, 4.0]}, 2, 4, {3: 1}) == {3: 3.05}
-    with pytest.raises(ValueError, match="adaptive_rounds must be >= 0"):
-        TrainConfig(adaptive_rounds=-1)
+def test_mean_k_plan_and_recipe_checks():
+    assert mean_k_plan(None, 2) is None and mean_k_plan({}, 2) is None
+    assert mean_k_plan({"3": [1.0, 2.1, 3.05, 4.0]}, 2) == {3: 2.1}
+    assert mean_k_plan({"3": [1.0, 2.1, 3.05, 4.0]}, 3) == {3: 3.05}
+    with pytest.raises(ValueError, match="per_token_rounds must be at least 0"):
+        _recipe(per_token_rounds=-1)
+    with pytest.raises(ValueError, match="at most 8 experts"):
+        _recipe(num_experts=16, top_k=2)
+    assert not _recipe(num_experts=16, top_k=2, per_token_rounds=0).per_token  # plain top-K: any N
+    assert not _recipe(mode="router").per_token  # only the experts mode fits experts
 
 
 def test_routing_traces_record_the_experts_that_ran(tiny_model):
@@ -180,10 +190,10 @@ def test_tokens_may_run_no_expert_when_allowed(tiny_model, runs_dir):
     x = torch.randn(600, 64)
     with torch.no_grad():
         target = tiny_model.model.layers[0].mlp(x)
-        labels = adaptive_labels(mlp, x, target, 1.0, chunk=256, min_experts=0)
+        labels = best_sets(mlp, x, target, 1.0, chunk=256, least=0)
         assert (labels.sum(1) == 0).any() and abs(labels.sum(1).mean().item() - 1.0) < 0.1
         scores = mlp.router.linear(x).sigmoid()
-    thresholds, means = tune_thresholds(scores, min_experts=0)
+    thresholds, means = tune_thresholds(scores, least=0)
     assert torch.allclose(means, torch.tensor([1.0, 2.0, 3.0, 4.0]), atol=0.01)
     for m in factorized_layers(moe).values():
         m.set_thresholds(thresholds, means, min_experts=0)
@@ -197,14 +207,11 @@ def test_tokens_may_run_no_expert_when_allowed(tiny_model, runs_dir):
         first_none = int(none.nonzero()[0])
         for i in [first_none] + list(range(10)):  # decode (one token at a time) takes its own path
             assert torch.allclose(mlp(x[i:i + 1]), ref[i:i + 1], atol=1e-5)
-    save_run("none", {"model": "tiny", "top_k": 1, "output_mode": "gated", "partition": part.to_config(),
-                      "mode": "experts"}, moe_tensors(moe, part, True))
+    _save("none", _recipe(top_k=1, output_mode="gated", shared_size=16, mode="experts"), part, moe, True)
     again = factorized_layers(load_moe("none", tiny_model))[0]
     assert again.min_experts == 0 and torch.equal(again(x), mlp(x))
     with pytest.raises(ValueError, match="min_experts must be 0 or 1"):
         mlp.set_thresholds(thresholds, means, min_experts=2)
-    with pytest.raises(ValueError, match="adaptive_min_experts"):
-        TrainConfig(adaptive_min_experts=2)
 
 
 def test_the_heatmap_shows_tokens_that_run_no_routed_expert():
@@ -215,7 +222,7 @@ def test_the_heatmap_shows_tokens_that_run_no_routed_expert():
     assert "none (the shared neurons only)" in fig.data[0].customdata[0][1]
 
 
-def test_by_default_tokens_may_skip_the_routed_experts_only_where_shared_neurons_remain(tiny_model):
+def test_tokens_may_skip_the_routed_experts_only_where_shared_neurons_remain(tiny_model):
     x = torch.randn(800, 64)
     with torch.no_grad():
         target = tiny_model.model.layers[0].mlp(x)
@@ -223,66 +230,17 @@ def test_by_default_tokens_may_skip_the_routed_experts_only_where_shared_neurons
         _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=shared)
         mlp = factorized_layers(moe)[0]
         mlp.set_thresholds(None)
-        adaptive_rounds(mlp, x, target, TrainConfig(adaptive_rounds=1, router_steps=20, chunk_tokens=400),
-                        lambda: None, None)
-        assert mlp.min_experts == least
+        assert min_experts(mlp) == least
+        per_token_rounds(mlp, x, target, _recipe(shared_size=shared, per_token_rounds=1, per_token_router_steps=20),
+                         lambda: None, None, 400)
+        assert mlp.adaptive and mlp.min_experts == least
 
 
-def test_token_weights_scale_each_tokens_error_in_the_refit_and_the_sets(tiny_model):
-    """Weight w on a token = the token counted w times: all ones change nothing, weight 2 equals the
-    token twice, weight 0 drops it; in the per-token sets, tokens that count little get fewer experts
-    at the same mean."""
-    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        target = tiny_model.model.layers[0].mlp(x)
-
-    _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
-    mlp = factorized_layers(moe)[0]
-    start = mlp.shared_down.clone(), mlp.down.clone()
-
-    def refit(xs, ts, w=None):
-        with torch.no_grad():
-            mlp.shared_down.copy_(start[0])
-            mlp.down.copy_(start[1])
-        refit_down(mlp, xs, ts, 1e-4, 128, w)
-        return torch.cat([mlp.shared_down.flatten(), mlp.down.flatten()])
-
-    plain = refit(x, target)
-    assert torch.allclose(refit(x, target, torch.ones(300)), plain, atol=1e-5)
-    twice = torch.ones(300)
-    twice[:50] = 2.0
-    assert torch.allclose(refit(x, target, twice), refit(torch.cat([x, x[:50]]), torch.cat([target, target[:50]])),
-                          atol=1e-4)
-    dropped = torch.ones(300)
-    dropped[200:] = 0.0
-    assert not torch.allclose(refit(x, target, dropped), plain, atol=1e-3)
-    small = torch.ones(300)
-    small[:150] = 1e-3
-    with torch.no_grad():  # a target that every added expert brings closer
-        every = mlp.shared_output(x) + 2.0 * mlp.expert_outputs(x).sum(1)
-        for least in (0, 1):
-            even = adaptive_labels(mlp, x, every, 2.0, chunk=128, min_experts=least).sum(1)
-            sizes = adaptive_labels(mlp, x, every, 2.0, chunk=128, min_experts=least, weights=small).sum(1)
-            assert abs(sizes.mean().item() - 2.0) < 0.05 and abs(even.mean().item() - 2.0) < 0.05
-            assert abs(even[:150].mean() - even[150:].mean()) < 0.5  # unweighted: about the same on both halves
-            assert sizes[:150].max() == least and sizes[150:].mean() > 2.5  # weighted: the light half gets the least
-
-
-def test_residual_token_weights_train_and_are_validated(tiny_model):
-    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
-    result = train(tiny_model, moe, ids, TrainConfig(top_k=2, router_steps=30, router_batch=64, adaptive_rounds=1,
-                                                     token_weight="residual"))
-    assert set(result.layer_mse) == {0, 1} and all(v == v and v < float("inf") for v in result.layer_mse.values())
-    with pytest.raises(ValueError, match="token_weight"):
-        TrainConfig(token_weight="norm")
-
-
-@pytest.mark.parametrize("mode,shared,adaptive,weighted", [("scaled", 16, True, False), ("scaled", 0, True, True),
-                                                           ("gated", 16, False, True), ("scaled", 0, False, False)])
-def test_block_normal_equations_equal_the_full_design(tiny_model, mode, shared, adaptive, weighted):
+@pytest.mark.parametrize("mode,shared,adaptive", [("scaled", 16, True), ("scaled", 0, True), ("gated", 16, False),
+                                                  ("scaled", 0, False), ("gated", 0, True)])
+def test_block_normal_equations_equal_the_full_design(tiny_model, mode, shared, adaptive):
     """The refit's normal equations, accumulated only over the blocks each token's experts fill, equal
-    A^T diag(w) A and A^T diag(w) t of the full design matrix (zeros where an expert does not run)."""
+    A^T A and A^T t of the full design matrix (zeros where an expert does not run)."""
     from factorlab.par import normal_equations
 
     _, moe = _adaptive_moe(tiny_model, mode, 2, shared=shared)
@@ -291,7 +249,6 @@ def test_block_normal_equations_equal_the_full_design(tiny_model, mode, shared, 
         mlp.set_thresholds(None)
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(257, 64, generator=g), torch.randn(257, 64, generator=g)
-    w = torch.rand(257, generator=g) + 0.1 if weighted else None
     with torch.no_grad():
         acts = mlp.expert_activations(x) * mlp.routing_weights(x).unsqueeze(-1)  # (T, N, D)
         parts = [acts.reshape(x.shape[0], -1)]
@@ -299,32 +256,33 @@ def test_block_normal_equations_equal_the_full_design(tiny_model, mode, shared, 
             h = x @ mlp.shared_gate_up.t()
             parts.insert(0, mlp.act_fn(h[:, :shared]) * h[:, shared:])
         a = torch.cat(parts, 1).double()
-        aw = a if w is None else a * w.double().unsqueeze(1)
         cols = a.shape[1]
         gram, cross = torch.zeros(cols, cols, dtype=torch.float64), torch.zeros(cols, 64, dtype=torch.float64)
-        normal_equations(mlp, x, t, w, gram, cross)
+        normal_equations(mlp, x, t, gram, cross)
     assert (mlp.routing_weights(x) == 0).any()  # the routing leaves blocks empty
-    assert torch.allclose(gram, aw.t() @ a, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(cross, aw.t() @ t.double(), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(gram, a.t() @ a, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(cross, a.t() @ t.double(), rtol=1e-4, atol=1e-4)
 
 
-def test_adaptive_rounds_train_the_router_for_their_own_step_count(tiny_model, monkeypatch):
-    import factorlab.par as par
+def test_per_token_rounds_train_the_router_for_their_own_step_count(tiny_model, monkeypatch):
+    import factorlab.par.per_token as per_token
+    import factorlab.par.trainer as trainer
 
-    steps = []
-    real = par.train_router
-    monkeypatch.setattr(par, "train_router", lambda mlp, x, labels, cfg, *a, **kw: (steps.append(
-        (cfg.label_loss, cfg.router_steps)), real(mlp, x, labels, cfg, *a, **kw))[1])
+    seen = []
+
+    def spy(real):
+        def wrapped(mlp, x, labels, recipe, *, steps, loss_fn, **kw):
+            seen.append((loss_fn, steps))
+            return real(mlp, x, labels, recipe, steps=steps, loss_fn=loss_fn, **kw)
+        return wrapped
+
+    monkeypatch.setattr(trainer, "train_router", spy(trainer.train_router))
+    monkeypatch.setattr(per_token, "train_router", spy(per_token.train_router))
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
-    train(tiny_model, moe, ids, TrainConfig(top_k=2, router_steps=20, router_batch=64, adaptive_rounds=2,
-                                            adaptive_router_steps=7))
-    assert steps == [("kl", 20), ("bce", 7), ("bce", 7)] * 2  # per layer: PAR router, then each round
-    steps.clear()
-    _, moe = _adaptive_moe(tiny_model, "scaled", 2, shared=16)
-    train(tiny_model, moe, ids, TrainConfig(top_k=2, router_steps=20, router_batch=64, adaptive_rounds=1,
-                                            adaptive_router_steps=None))
-    assert steps == [("kl", 20), ("bce", 6)] * 2  # None: a third of the PAR router's steps
-    assert TrainConfig().round_router_steps == 200 and TrainConfig(router_steps=2).round_router_steps == 1
-    with pytest.raises(ValueError, match="adaptive_router_steps"):
-        TrainConfig(adaptive_router_steps=0)
+    train(tiny_model, moe, ids, _recipe(shared_size=16, top_k=2, router_steps=20, router_batch=64,
+                                        per_token_rounds=2, per_token_router_steps=7))
+    # per layer: the PAR router (KL to its labels), then each round's router (BCE to the best sets)
+    assert seen == [(router_kl_loss, 20), (router_bce_loss, 7), (router_bce_loss, 7)] * 2
+    with pytest.raises(ValueError, match="per_token_router_steps must be at least 1"):
+        _recipe(per_token_router_steps=0)

@@ -9,8 +9,14 @@ from factorlab.runs import (RunError, delete_run, list_runs, load_moe, load_run,
                             sanitize_name, save_run, update_metrics, write_log)
 
 
-def _config(part, k=2):
-    return {"model": "tiny", "top_k": k, "output_mode": "gated", "partition": part.to_config(), "mode": "experts"}
+def _config(part, k=2, **recipe):
+    """A run's config as workflows.run_config writes it: the recipe once, the partition's facts."""
+    from factorlab.recipe import Recipe
+
+    r = Recipe(model="tiny", num_experts=part.num_experts, top_k=k, split=part.strategy, layers="all",
+               shared_size=part.shared_size, output_mode="gated", seed=part.seed, **recipe)
+    return {"recipe": r.to_dict(), "layers": part.layers, "expert_size": part.expert_size,
+            "intermediate_size": part.intermediate_size}
 
 
 def test_save_reload_identical_logits(tiny_model, runs_dir):
@@ -66,20 +72,21 @@ def test_names_are_sanitised():
         sanitize_name("///")
 
 
-def test_a_per_layer_k_plan_and_first_token_dense_reload(tiny_model, runs_dir):
-    from factorlab.moe import set_k_offsets
+def test_the_recipe_is_stored_once_and_read_back(tiny_model, runs_dir):
+    """config.json holds the recipe once (N, K, split... are not repeated elsewhere); Run.recipe reads it; a
+    config whose recipe cannot be read makes the run corrupt (listed as such), not a crash later."""
+    import json
 
-    part = make_partition(tiny_model, 4, "random", seed=1)
-    moe = build_moe(tiny_model, part, top_k=2, first_token_dense=True)
-    set_k_offsets(moe, {1: 1}, 2)
-    with torch.no_grad():
-        for mlp in factorized_layers(moe).values():
-            mlp.router.linear.weight.normal_()
-    config = {**_config(part), "output_mode": "scaled", "first_token_dense": True, "k_offsets": {"1": 1}}
-    save_run("plan", config, moe_tensors(moe, part, tuned=True))
-    again = load_moe("plan", tiny_model)
-    assert {i: m.top_k for i, m in factorized_layers(again).items()} == {0: 2, 1: 3}
-    assert factorized_layers(again)[0].first_token_dense
-    ids = torch.randint(0, 128, (2, 13))
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, moe(ids).logits)
+    part = make_partition(tiny_model, 2, "contiguous", seed=3)
+    moe = build_moe(tiny_model, part, top_k=1)
+    save_run("once", _config(part, 1, per_token_rounds=0), moe_tensors(moe, part))
+    config = json.loads((runs_dir / "once" / "config.json").read_text())
+    assert "num_experts" not in config and "top_k" not in config and "partition" not in config
+    run = load_run("once")
+    assert (run.recipe.num_experts, run.recipe.top_k, run.recipe.seed, run.layers) == (2, 1, 3, [0, 1])
+    assert run.partition.expert_size == 64 and run.removed_settings == {}
+    config["recipe"]["top_k"] = 7
+    (runs_dir / "once" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match="corrupt: its settings cannot be read"):
+        load_run("once")
+    assert not {r.name: r for r in list_runs()}["once"].ok
