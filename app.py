@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -18,13 +19,11 @@ import gradio as gr
 
 from factorlab import lab, viz
 from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
-from factorlab.factorize import SHARED_CHOICES, STRATEGIES
 from factorlab.jobs import get_manager
 from factorlab.models import hub_reachable
-from factorlab.moe import OUTPUT_MODES
-from factorlab.par import TrainConfig
+from factorlab.recipe import PRESETS, Recipe, field_type, preset, recipe_fields
 from factorlab.tasks import TASK_NAMES
-from factorlab.workflows import RECIPE_LAYERS, RECIPE_SHARED_CHOICE, DataSpec
+from factorlab.workflows import FLOPS_SEQ_LEN
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = json.loads((ASSETS / "examples.json").read_text())
@@ -34,6 +33,7 @@ CHAT_CONCURRENCY = int(os.environ.get("FACTORLAB_CHAT_CONCURRENCY", "4"))
 THEME = gr.themes.Soft(primary_hue="orange", secondary_hue="blue")
 JOB_COLUMNS = ["job", "kind", "name", "state", "progress", "elapsed", "error"]
 CSS = (ASSETS / "style.css").read_text()
+INITIAL = lab.control_values(Recipe())  # what the recipe controls show on a fresh page
 
 
 def gpu(fn):
@@ -53,17 +53,17 @@ def shown(fn):
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
-        def stream(*args):
+        def stream(*args, **kwargs):
             try:
-                yield from fn(*args)
+                yield from fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - re-raised, as a message when it is the user's to fix
                 raise convert(exc) from exc
         return stream
 
     @functools.wraps(fn)
-    def call(*args):
+    def call(*args, **kwargs):
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised, as a message when it is the user's to fix
             raise convert(exc) from exc
     return call
@@ -122,11 +122,15 @@ def refresh_runs():
     return gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=lab.run_names())
 
 
-def factorize(model, n, k, split, layers, output_mode, seed, shared, shared_choice, calibration, first_token, layer_k):
-    """Factorize without saving: K=N exactness check and FLOPs per K."""
-    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k,
-                              shared_choice)
-    text, rows = lab.quick_factorize(spec)
+def apply_preset(name, model):
+    """Set every recipe control to a named preset (the model stays: presets are about the method)."""
+    values = lab.control_values(preset(name, model=model or "default"))
+    return {SETTINGS[key]: value for key, value in values.items()}
+
+
+def factorize(**settings):
+    """Factorize the recipe the controls show, without saving: K=N exactness check and FLOPs per K."""
+    text, rows = lab.quick_factorize(lab.recipe_from_controls(settings))
     return text, gr.Dataframe(value=rows, headers=["model", "FFN GFLOPs/token", "total GFLOPs/token", "FFN vs dense",
                                                    "total vs dense"])
 
@@ -140,15 +144,9 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or ""
 
 
-def start_training(poll, model, n, k, split, layers, output_mode, seed, shared, shared_choice, calibration, first_token,
-                   layer_k, mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
-                   gate_up, e2e, adaptive_rounds, request: gr.Request = None):
-    """Validate the page's settings and queue a training job."""
-    spec = lab.factorize_spec(model, n, k, split, layers, output_mode, seed, shared, calibration, first_token, layer_k,
-                              shared_choice)
-    job_id = lab.start_training(spec, lab.TRAIN_MODES.get(mode, mode), lab.DATA_SOURCES.get(data_kind, data_kind),
-                                upload, hub_id, train_tokens, heldout_tokens, seq_len, router_steps, minutes, name,
-                                gate_up, e2e, adaptive_rounds)
+def start_training(poll, name, request: gr.Request = None, **settings):
+    """Queue a training job of the recipe the controls show."""
+    job_id = lab.start_training(lab.recipe_from_controls(settings), name=name)
     _STARTED.setdefault(_session(request), set()).add(job_id)
     poll = {**(poll or {}), "started": [*(poll or {}).get("started", []), job_id], "key": None}
     view = lab.job_view(get_manager().get(job_id))
@@ -278,8 +276,11 @@ def _stats(label: str, step, ffn: float, dense_ffn: float) -> str:
             f"{step.prefill_s:.2f} s · active FFN <b>{ffn:.3f}</b> GFLOPs/token{share}</div>")
 
 
-def _stream(dense_history, moe_history, message, run, temperature, top_p, max_new, seed, k, colour, layer):
-    sampling = Sampling(float(temperature), float(top_p), lab._int(max_new, "max new tokens"), lab._int(seed, "seed"))
+def _stream(dense_history, moe_history, message, settings: dict):
+    """Stream both replies; settings: the chat controls by name (CHAT_SETTINGS), seed already chosen."""
+    run, k, colour, layer = settings["run"], settings["k"], settings["colour"], settings["layer"]
+    sampling = Sampling(float(settings["temperature"]), float(settings["top_p"]),
+                        lab._int(settings["max_new"], "max new tokens"), lab._int(settings["seed"], "seed"))
     user = {"role": "user", "content": message}
     dense_history = [*dense_history, user, {"role": "assistant", "content": ""}]
     moe_history = [*moe_history, user, {"role": "assistant", "content": ""}]
@@ -313,17 +314,16 @@ def _last_user(history: list) -> int | None:
 
 
 @gpu
-def chat(message, dense_history, moe_history, run, temperature, top_p, max_new, seed, k, colour, layer):
+def chat(message, dense_history, moe_history, **settings):
     """Send one message to both models and stream both replies."""
     message = (message or "").strip()
     if not message:
         raise lab.LabError("type a message first")
-    yield from _stream(dense_history or [], moe_history or [], message, run, temperature, top_p, max_new, seed, k,
-                       colour, layer)
+    yield from _stream(dense_history or [], moe_history or [], message, settings)
 
 
 @gpu
-def regenerate(dense_history, moe_history, run, temperature, top_p, max_new, seed, k, colour, layer):
+def regenerate(dense_history, moe_history, **settings):
     """Answer the last message again with the next seed."""
     dense_history, moe_history = list(dense_history or []), list(moe_history or [])
     i = _last_user(dense_history)
@@ -331,9 +331,9 @@ def regenerate(dense_history, moe_history, run, temperature, top_p, max_new, see
         raise lab.LabError("nothing to regenerate: send a message first")
     message = to_messages([dense_history[i]])[0]["content"]
     j = _last_user(moe_history)
-    seed = lab._int(seed, "seed") + 1  # a new sample (greedy decoding gives the same reply again)
-    for outputs in _stream(dense_history[:i], moe_history[:j] if j is not None else [], message, run, temperature,
-                           top_p, max_new, seed, k, colour, layer):
+    seed = lab._int(settings["seed"], "seed") + 1  # a new sample (greedy decoding gives the same reply again)
+    for outputs in _stream(dense_history[:i], moe_history[:j] if j is not None else [], message,
+                           {**settings, "seed": seed}):
         yield *outputs, seed
 
 
@@ -355,15 +355,24 @@ embedded model, this keeps far more of the dense model's answers than giving eve
 {diagram}
 
 ## The tabs
-1. **Factorize & train.** Pick a model, N, K, how neurons are grouped (*contiguous* as FactorLLM's code, *random*,
-   *cluster*: neurons that fire together share an expert, or *coverage*: the cluster split refined so that each
-   token's best K experts hold more of its output), which layers, and the output rule (*scaled*: each
+1. **Factorize & train.** Every setting is a field of one **recipe**. Start from a **preset** — *default* (the
+   measured recipe: 4 experts + 256 always-on shared neurons in layers 1–29, per-token K with mean 2), *quick* (the
+   same shape on less text and fewer steps: a model to look at in about a minute), *paper* (FactorLLM's setting:
+   contiguous split of every layer, no shared neurons, plain top-1) or *no-par* (the default with an untrained
+   router, the baseline PAR is measured against) — then change what you like; the rarely changed settings are under
+   *Advanced*, and `python -m factorlab recipe` prints them all with what each does. The everyday ones: the model,
+   N, K, how neurons are grouped into experts (*cluster*: neurons that fire together on calibration text share an
+   expert; *random*: a seeded shuffle; *contiguous*: in order, as FactorLLM's code), which layers, the shared
+   neurons, the training text, and the training (*experts*: PAR router and a least-squares refit of the experts,
+   the method; *router*: PAR router only; *none*: an untrained router). *Per-token K rounds* > 0 let each token run
+   0..N experts, K on average; 0 gives every token its top K. Under *Advanced*, the output rule (*scaled*: each
    chosen expert counts N/K, as FactorLLM; *gated*: weighted by router probabilities). *Factorize + exactness
    check* proves the cut is lossless: at K = N the logits equal the dense model's (max difference about 1e-4: fp32
    rounding). *Start training* runs a background job (one at a time; every browser sees it): the bar shows step,
    tokens/s (training tokens passed through one layer step per second), elapsed time and ETA; the plot shows the
    router loss, balance loss and distillation error per layer. A finished job is saved as a run
-   (`runs/<name>/`), listed with its held-out perplexity and agreement with dense.
+   (`runs/<name>/`, its recipe stored with it), listed with its preset (or *custom*), held-out perplexity and
+   agreement with dense.
 2. **Routing.** Every token (columns) at every factorized layer (rows), coloured by the expert it is sent to
    first, or by one expert's router probability. Hover for the chosen experts and probabilities. Beside it: the
    share of tokens each expert receives per layer, and the **load entropy** of the PAR router against the same
@@ -391,6 +400,48 @@ embedded model, this keeps far more of the dense model's answers than giving eve
 """
 
 
+# ---------------------------------------------------------------- recipe controls
+def recipe_control(f) -> gr.components.Component:
+    """The control of one Recipe field, from its metadata: choices -> Radio, numbers -> Number, text -> Textbox
+    (the model: a Dropdown that suggests the supported Hub models and takes any id or folder)."""
+    shown_as = {"label": f.metadata["label"], "info": f.metadata["help"], "value": INITIAL[f.name],
+                "elem_id": f.name.replace("_", "-")}
+    if f.name == "model":
+        return gr.Dropdown(list(lab.MODEL_CHOICES), allow_custom_value=True, **shown_as)
+    if f.metadata["choices"]:
+        return gr.Radio(list(f.metadata["choices"]), **shown_as)
+    if field_type(f) is str:
+        return gr.Textbox(**shown_as)
+    return gr.Number(precision=0 if field_type(f) is int else None, **shown_as)
+
+
+def data_controls(f) -> dict[str, gr.components.Component]:
+    """The `data` field as three widgets: a choice of source, a file upload and a Hub dataset id."""
+    kind = gr.Radio([(label, value) for value, label in lab.DATA_SOURCES.items()], value=INITIAL["data_kind"],
+                    label=f.metadata["label"], elem_id="data-kind")
+    upload = gr.File(INITIAL["upload"], label="Upload .txt / .jsonl", file_types=list(lab.UPLOAD_SUFFIXES),
+                     type="filepath", height=120, visible=INITIAL["data_kind"] == "upload")
+    hub_id = gr.Textbox(INITIAL["hub_id"], label="Hub dataset", placeholder="HuggingFaceFW/fineweb-edu:sample-10BT",
+                        visible=INITIAL["data_kind"] == "hub")
+    return {"data_kind": kind, "upload": upload, "hub_id": hub_id}
+
+
+def recipe_controls(fields: list) -> dict[str, gr.components.Component]:
+    """Lay out the controls of these Recipe fields in order, consecutive number boxes three to a row;
+    returns them by field name (`data` as its lab.DATA_CONTROLS widgets)."""
+    controls: dict[str, gr.components.Component] = {}
+    for numeric, group in itertools.groupby(fields, key=lambda f: field_type(f) is not str):
+        group = list(group)
+        if not numeric:
+            for f in group:
+                controls |= data_controls(f) if f.name == "data" else {f.name: recipe_control(f)}
+            continue
+        for row in range(0, len(group), 3):
+            with gr.Row():
+                controls |= {f.name: recipe_control(f) for f in group[row:row + 3]}
+    return controls
+
+
 # ---------------------------------------------------------------- layout
 with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
     run_state = gr.State(None)  # this page's current run
@@ -410,61 +461,15 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
         with gr.Tab("Factorize & train", id="train"):
             with gr.Row():
                 with gr.Column(scale=2):
-                    model = gr.Dropdown(list(lab.MODEL_CHOICES), value="default", allow_custom_value=True,
-                                        label="Model", info="'default' = embedded SmolLM2-135M-Instruct (offline); "
-                                        "a Hub id; or a local folder path")
+                    preset_pick = gr.Dropdown([(f"{name}: {text}", name) for name, (text, _) in PRESETS.items()],
+                                              value=Recipe().preset_name(), label="Preset", elem_id="preset",
+                                              info="sets every setting below to a named recipe (the model stays); "
+                                                   "change any of them after")
                     hub_md = gr.Markdown()
-                    with gr.Row():
-                        n_box = gr.Number(4, precision=0, label="N experts", info="must divide the FFN width")
-                        k_box = gr.Number(2, precision=0, label="K active", info="1..N")
-                    split = gr.Radio(list(STRATEGIES), value="cluster", elem_id="split", label="Split strategy",
-                                     info="cluster: neurons that fire together; coverage: cluster refined so each "
-                                          "token's best K experts hold more of its output. Both read calibration text")
-                    layers = gr.Textbox(RECIPE_LAYERS, elem_id="layers", label="Layers",
-                                        info="'1-' (default: all but layer 0, which stays dense), 'all', or e.g. '0-3,10'")
-                    output_mode = gr.Radio(list(OUTPUT_MODES), value="scaled", label="Output mode")
+                    controls = recipe_controls(recipe_fields(everyday=True))
                     with gr.Accordion("Advanced", open=False):
-                        seed = gr.Number(0, precision=0, label="Seed")
-                        shared = gr.Number(256, precision=0, label="Shared neurons (always active)",
-                                           info="256 (default) measured best; 0 = pure N experts")
-                        shared_choice = gr.Radio(list(SHARED_CHOICES), value=RECIPE_SHARED_CHOICE,
-                                                 elem_id="shared-choice", label="Shared neurons chosen by",
-                                                 info="energy_share (default): largest mean share of each token's FFN "
-                                                      "output; frequency: most often among each token's strongest "
-                                                      "quarter (the recipe before round 15); see README")
-                        calibration = gr.Number(4096, precision=0, label="Calibration tokens (cluster / coverage split)")
-                        first_token = gr.Checkbox(False, label="First token runs the whole FFN",
-                                                  info="each sequence's first token (the attention sink, outputs up to "
-                                                       "~800x the others in some layers) skips routing; counted in FLOPs")
-                        layer_k = gr.Textbox("uniform", label="Per-layer K",
-                                             info="uniform (default); auto (same total K, moved to the layers with the "
-                                                  "largest measured layer error; measured worse than uniform on the "
-                                                  "default model); or LAYERS=K entries such as '3-6=3;2,11=1'")
-                        heldout_tokens = gr.Number(2048, precision=0, elem_id="heldout-tokens", label="Held-out tokens")
-                        seq_len = gr.Number(256, precision=0, elem_id="seq-len", label="Sequence length")
-                        adaptive_rounds = gr.Number(TrainConfig.adaptive_rounds, precision=0,
-                                                    label="Per-token K rounds",
-                                                    info="0 = every token runs its top K experts; > 0 (default 5): "
-                                                         "tokens run 0..N experts (0: only the shared neurons), K "
-                                                         "on average (router scores above a threshold), fitted in "
-                                                         "this many rounds after the refit (each: "
-                                                         "a third of the router steps, a refit)")
-                        gate_up = gr.Number(0, precision=0, label="gate/up Adam steps per layer")
-                        e2e = gr.Number(0, precision=0, label="End-to-end distillation steps",
-                                        info="KL to the dense model after the layer-wise pass (at most this many; "
-                                             "with Minutes set, the schedule fits the time left)")
+                        controls |= recipe_controls(recipe_fields(everyday=False))
                     factorize_btn = gr.Button("Factorize + exactness check", elem_id="factorize")
-                    mode = gr.Radio(list(lab.TRAIN_MODES), value="router + experts (PAR)", label="Training")
-                    data_kind = gr.Radio(list(lab.DATA_SOURCES), value=list(lab.DATA_SOURCES)[0], label="Training text",
-                                         elem_id="data-kind")
-                    upload = gr.File(label="Upload .txt / .jsonl", file_types=[".txt", ".jsonl", ".md"],
-                                     type="filepath", height=120, visible=False)
-                    hub_id = gr.Textbox(label="Hub dataset", placeholder="HuggingFaceFW/fineweb-edu:sample-10BT",
-                                        visible=False)
-                    with gr.Row():
-                        train_tokens = gr.Number(DataSpec.train_tokens, precision=0, elem_id="train-tokens", label="Train tokens")
-                        minutes = gr.Number(0, label="Minutes (0 = no limit)")
-                        router_steps = gr.Number(TrainConfig.router_steps, precision=0, elem_id="router-steps", label="Router steps / layer")
                     run_name = gr.Textbox(label="Run name", elem_id="run-name",
                                           placeholder="empty: a name from the settings")
                     with gr.Row():
@@ -473,7 +478,7 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                 with gr.Column(scale=3):
                     train_md = gr.Markdown("Factorize to check exactness and compute, or start a training job.",
                                            elem_id="train-status")
-                    flops_df = gr.Dataframe(label="FLOPs per token by K (sequence length 512)", interactive=False,
+                    flops_df = gr.Dataframe(label=f"FLOPs per token by K (sequence length {FLOPS_SEQ_LEN})", interactive=False,
                                             headers=["model", "FFN GFLOPs/token", "total GFLOPs/token",
                                                      "FFN vs dense", "total vs dense"])
                     loss_plot = gr.Plot(viz.loss_figure([]), label="Training losses")
@@ -564,18 +569,23 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
             gr.HTML(f"<div class='fl-diagram'>{(ASSETS / 'diagram.svg').read_text()}</div>")
             gr.Markdown(rest)
 
+    # every setting of the recipe by the name lab.recipe_from_controls reads: the Recipe's fields, `data` as
+    # its three widgets. Events pass them as keyword arguments (inputs_kwargs): no order anywhere.
+    SETTINGS = controls
+    RECIPE_CONTROLS = {name: c for name, c in SETTINGS.items() if name not in lab.DATA_CONTROLS}
+    DATA_CONTROLS = {name: SETTINGS[name] for name in lab.DATA_CONTROLS}
+
     # ---------------------------------------------------------------- wiring
     run_outputs = [current_md, route_k, expert, trade_k, colour_layer, chat_k, task, loss_plot]
     trade_inputs = [run_state, task, trade_k, trade_seq]
     trade_outputs = [trade_plot, trade_df, flops_plot, bench_md, bench_df, timing_md]
-    factor_inputs = [model, n_box, k_box, split, layers, output_mode, seed, shared, shared_choice, calibration, first_token,
-                     layer_k]
-    chat_settings = [run_state, temperature, top_p, max_new, chat_seed, chat_k, colour_tokens, colour_layer]
+    chat_settings = {"run": run_state, "temperature": temperature, "top_p": top_p, "max_new": max_new,
+                     "seed": chat_seed, "k": chat_k, "colour": colour_tokens, "layer": colour_layer}
     chat_outputs = [message, chat_dense, chat_moe, stats_dense, stats_moe, tokens_view]
 
-    data_kind.change(lambda kind: (gr.File(visible=lab.DATA_SOURCES.get(kind) == "upload"),
-                                   gr.Textbox(visible=lab.DATA_SOURCES.get(kind) == "hub")),
-                     data_kind, [upload, hub_id], api_name="data_source_toggle")
+    DATA_CONTROLS["data_kind"].change(lambda kind: (gr.File(visible=kind == "upload"), gr.Textbox(visible=kind == "hub")),
+                                      DATA_CONTROLS["data_kind"], [DATA_CONTROLS["upload"], DATA_CONTROLS["hub_id"]],
+                                      api_name="data_source_toggle")
     demo.load(shown(page_load), run_state, [run_state, hub_md, runs_df, run_pick], api_name="page_load")
     run_state.change(shown(run_changed), run_state, run_outputs, api_name="run_changed").then(
         shown(tradeoffs), trade_inputs, trade_outputs, api_name="run_changed_tradeoffs")
@@ -585,11 +595,11 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
                [poll_state, run_state, job_html, loss_plot, jobs_df, runs_df, run_pick, runs_version],
                api_name="job_poll", show_progress="hidden", concurrency_limit=None)
 
-    factorize_btn.click(shown(gpu(factorize)), factor_inputs, [train_md, flops_df], api_name="factorize")
-    start_btn.click(shown(start_training),
-                    [poll_state, *factor_inputs, mode, data_kind, upload, hub_id, train_tokens, heldout_tokens, seq_len,
-                     router_steps, minutes, run_name, gate_up, e2e, adaptive_rounds],
-                    [poll_state, job_html, train_md], api_name="train_start", concurrency_limit=None)
+    preset_pick.input(shown(apply_preset), [preset_pick, RECIPE_CONTROLS["model"]], list(SETTINGS.values()),
+                      api_name="recipe_preset")
+    factorize_btn.click(shown(gpu(factorize)), None, [train_md, flops_df], inputs_kwargs=SETTINGS, api_name="factorize")
+    start_btn.click(shown(start_training), [poll_state, run_name], [poll_state, job_html, train_md],
+                    inputs_kwargs=SETTINGS, api_name="train_start", concurrency_limit=None)
     cancel_btn.click(shown(cancel_job), None, train_md, api_name="job_cancel", concurrency_limit=None)
     load_btn.click(shown(load_run), run_pick, [run_state, runs_md], api_name="run_load")
     delete_btn.click(shown(delete_run), [run_pick, run_state], [runs_df, run_pick, run_state, runs_md],
@@ -615,11 +625,10 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
     bench_btn.click(shown(start_bench), [run_state, bench_prefill, bench_decode, bench_repeats], trade_status,
                     api_name="bench_start")
 
-    chat_inputs = [message, chat_dense, chat_moe, *chat_settings]
     for trigger, name in ((message.submit, "chat"), (send_btn.click, "chat_send")):
-        trigger(shown(chat), chat_inputs, chat_outputs, api_name=name, concurrency_limit=CHAT_CONCURRENCY,
-                concurrency_id="chat")
-    regen_btn.click(shown(regenerate), [chat_dense, chat_moe, *chat_settings], [*chat_outputs, chat_seed],
+        trigger(shown(chat), [message, chat_dense, chat_moe], chat_outputs, inputs_kwargs=chat_settings, api_name=name,
+                concurrency_limit=CHAT_CONCURRENCY, concurrency_id="chat")
+    regen_btn.click(shown(regenerate), [chat_dense, chat_moe], [*chat_outputs, chat_seed], inputs_kwargs=chat_settings,
                     api_name="chat_regenerate", concurrency_limit=CHAT_CONCURRENCY, concurrency_id="chat")
     clear_btn.click(clear_chat, None, [chat_dense, chat_moe, stats_dense, stats_moe, tokens_view],
                     api_name="chat_clear")

@@ -2,7 +2,9 @@
 
 Models load once per process and are shared by every session: the dense model (read-only, no
 lock) and the factorized model of each run in use (a lock, because a stream sets K on it before
-each forward). Background jobs (training, evaluations, benchmarks) build their own copies.
+each forward). Background jobs (training, evaluations, benchmarks) build their own copies through
+factorlab.workflows, the only writer of the run store. The page's settings are one Recipe:
+`control_values` is what its controls show, `recipe_from_controls` reads them back, by field name.
 Per-user state (the current run) lives in the app's gr.State; jobs in factorlab.jobs.
 """
 from __future__ import annotations
@@ -15,28 +17,31 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .chat import ModelHandle
-from .flops import flops_per_token, flops_table, mean_k_plan
+from .data import BUILTIN_DEFAULT
+from .flops import flops_per_token, mean_k_plan
 from .jobs import JobCancelled, JobInfo, get_manager
 from .models import HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
-from .data import BUILTIN_DEFAULT
-from .moe import chosen_lists, factorized_layers, k_offsets, record_routing, set_k_offsets, set_top_k
-from .runs import RunError, config_k_offsets, list_runs, load_moe, load_run, runs_root, sanitize_name
+from .moe import chosen_lists, factorized_layers, record_routing, set_top_k
+from .recipe import Recipe, field_type, recipe_fields
+from .runs import Run, RunError, list_runs, load_moe, load_run, runs_root, sanitize_name
 
 MODEL_CHOICES = ("default", *HUB_MODELS)
-TRAIN_MODES = {"router + experts (PAR)": "experts", "router only (PAR)": "router", "no PAR (untrained router)": "none"}
-_BUILTIN_LABELS = {"everyday": "built-in: everyday English (non-evaluated datasets)",
-                   "local": "built-in: local prose (Python docs, fast)",
-                   "selfgen": "built-in: text the model writes itself (slow)"}
-# The default source first (what `builtin` means), then the other built-ins, then upload and Hub.
-DATA_SOURCES = {_BUILTIN_LABELS[BUILTIN_DEFAULT] + " — default": BUILTIN_DEFAULT,
-                **{label: kind for kind, label in _BUILTIN_LABELS.items() if kind != BUILTIN_DEFAULT},
-                "uploaded file (.txt / .jsonl)": "upload", "Hugging Face dataset": "hub"}
+_BUILTIN_TEXT = {"everyday": "everyday English (non-evaluated datasets)", "local": "local prose (Python docs, fast)",
+                 "selfgen": "text the model writes itself (slow)"}
+_BUILTINS = {"builtin": f"built-in: {_BUILTIN_TEXT[BUILTIN_DEFAULT]} — default",
+             **{kind: f"built-in: {text}" for kind, text in _BUILTIN_TEXT.items() if kind != BUILTIN_DEFAULT}}
+# The page's training-text choices: value (what Recipe.data becomes) -> label; the recipe's default first.
+DATA_SOURCES = {**_BUILTINS, "upload": "uploaded file (.txt / .jsonl)", "hub": "Hugging Face dataset"}
+DATA_CONTROLS = ("data_kind", "upload", "hub_id")  # the three widgets that show the recipe's `data`
 UPLOAD_SUFFIXES = (".txt", ".md", ".jsonl")
 MAX_ROUTE_TOKENS = 160
 MOE_CACHE_SIZE = 3
@@ -88,16 +93,8 @@ def run_handle(name: str, trained: bool = True) -> ModelHandle:
         if key in _moe_cache:
             _moe_cache.move_to_end(key)
             return _moe_cache[key]
-    loaded = load_model(run.config["model"])
-    if trained:
-        model = load_moe(run, loaded.model)
-    else:
-        from .factorize import build_moe
-        model = build_moe(loaded.model, run.partition, run.config.get("top_k", 1),
-                          run.config.get("output_mode", "scaled"), router_seed=run.config.get("seed", 0),
-                          first_token_dense=run.config.get("first_token_dense", False))
-        set_k_offsets(model, config_k_offsets(run.config), run.config.get("top_k", 1))
-    handle = ModelHandle(model, loaded.tokenizer, threading.Lock())
+    loaded = load_model(run.recipe.model)
+    handle = ModelHandle(load_moe(run, loaded.model, trained=trained), loaded.tokenizer, threading.Lock())
     with _models_lock:
         _moe_cache[key] = handle
         while len(_moe_cache) > MOE_CACHE_SIZE:
@@ -113,21 +110,17 @@ def forget_run(name: str) -> None:
 
 
 def run_shape(name: str) -> dict:
-    """N, K, factorized layers and shared width of a run, from its config."""
-    config = load_run(name).config
-    part = config["partition"]
-    return {"model": config["model"], "num_experts": part["num_experts"], "top_k": config.get("top_k", 1),
-            "layers": part["layers"], "shared_size": part.get("shared_size", 0), "mode": config.get("mode"),
-            "first_token_dense": config.get("first_token_dense", False), "k_offsets": config_k_offsets(config),
-            "per_token_k": config.get("per_token_k")}
+    """Model, N, K, factorized layers, shared width, training mode and per-token K means of a run."""
+    run = load_run(name)
+    recipe = run.recipe
+    return {"model": recipe.model, "num_experts": recipe.num_experts, "top_k": recipe.top_k, "layers": run.layers,
+            "shared_size": recipe.shared_size, "mode": recipe.mode, "per_token_k": run.per_token_k}
 
 
 def _run_flops(info: dict, shape: dict, k: int, seq_len: int) -> dict:
-    """FLOPs per token of a run at K, from its config (per-token K: the means training measured)."""
+    """FLOPs per token of a run at K (per-token K: the mean experts per token training measured)."""
     return flops_per_token(info, seq_len, shape["num_experts"], k, shape["layers"], shape["shared_size"],
-                           top_k_per_layer=mean_k_plan(shape["per_token_k"], k, shape["num_experts"],
-                                                       shape["k_offsets"]),
-                           first_token_dense=shape["first_token_dense"], k_offsets=shape["k_offsets"])
+                           top_k_per_layer=mean_k_plan(shape["per_token_k"], k))
 
 
 def dense_ffn_gflops(spec: str, seq_len: int = 512) -> float:
@@ -144,27 +137,31 @@ def ffn_gflops(name: str, k: int, seq_len: int = 512) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- runs
-RUN_COLUMNS = ["run", "model", "N", "K", "split", "layers", "training", "dense ppl",
+RUN_COLUMNS = ["run", "recipe", "model", "N", "K", "split", "layers", "training", "dense ppl",
                "held-out by K: perplexity (agreement)", "eval: mean relative at K", "created"]
 
 
 def run_rows() -> list[list]:
-    """One row per run on disk, newest first; a corrupt run shows its error."""
+    """One row per run on disk (RUN_COLUMNS), newest first; a corrupt run shows its error."""
     rows = []
     for r in list_runs():
-        if not r.ok:
-            rows.append([r.name, "corrupt", None, None, None, None, r.error, None, None, None, None])
-            continue
-        c, m = r.config, r.metrics
-        held = sorted(((int(k), v) for k, v in (m.get("heldout") or {}).items() if v))
-        mean = (((m.get("eval") or {}).get("summary") or {}).get("k") or {}).get(str(c.get("top_k"))) or {}
-        rows.append([r.name, c.get("model"), c.get("num_experts"), c.get("top_k"), c.get("split"),
-                     _layers_text(c.get("layers") or []), c.get("mode"),
-                     f"{held[0][1]['dense_perplexity']:.2f}" if held else None,
-                     " · ".join(f"K={k}: {v['perplexity']:.1f} ({_pct(v['agreement'])})" for k, v in held) or None,
-                     _pct(mean.get("relative_capped")),
-                     time.strftime("%Y-%m-%d %H:%M", time.localtime(c.get("created", 0)))])
+        row = dict.fromkeys(RUN_COLUMNS)
+        row.update({"run": r.name, "recipe": "corrupt", "model": r.error} if r.run is None else _run_row(r.run))
+        rows.append(list(row.values()))
     return rows
+
+
+def _run_row(run: Run) -> dict:
+    recipe, m = run.recipe, run.metrics
+    held = sorted(((int(k), v) for k, v in (m.get("heldout") or {}).items() if v))
+    mean = (((m.get("eval") or {}).get("summary") or {}).get("k") or {}).get(str(recipe.top_k)) or {}
+    return {"run": run.name, "recipe": recipe.preset_name() or "custom", "model": recipe.model,
+            "N": recipe.num_experts, "K": recipe.top_k, "split": recipe.split, "layers": _layers_text(run.layers),
+            "training": recipe.mode, "dense ppl": f"{held[0][1]['dense_perplexity']:.2f}" if held else None,
+            "held-out by K: perplexity (agreement)":
+                " · ".join(f"K={k}: {v['perplexity']:.1f} ({_pct(v['agreement'])})" for k, v in held) or None,
+            "eval: mean relative at K": _pct(mean.get("relative_capped")),
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.config.get("created", 0)))}
 
 
 def run_names() -> list[str]:
@@ -172,25 +169,31 @@ def run_names() -> list[str]:
     return [r.name for r in list_runs() if r.ok]
 
 
+def recipe_summary(recipe: Recipe) -> str:
+    """Markdown: the preset a recipe is, or `custom` and the fields where it differs from the default."""
+    name = recipe.preset_name()
+    if name:
+        return f"recipe **{name}** (preset)"
+    changed = {k: v for k, v in recipe.differences().items() if k != "model"}
+    return "recipe **custom**: " + ", ".join(f"`{k}={v}`" for k, v in changed.items()) + " (default otherwise)"
+
+
 def describe_run(name: str | None) -> str:
-    """Markdown: the run's configuration and headline metrics."""
+    """Markdown: the run's recipe and headline metrics."""
     if not name:
         return "**No run loaded.** Train one (or load one from the list) in *Factorize & train*."
     run = load_run(name)
-    c, m = run.config, run.metrics
-    lines = [f"**Current run: `{run.name}`** — {c['model']}, N={c['num_experts']} experts, K={c['top_k']}, "
-             f"{c['split']} split over {len(c['layers'])} layer(s), training: {c.get('mode')}, "
-             f"output: {c.get('output_mode')}"]
-    offsets = config_k_offsets(c)
-    if offsets:
-        plan = ", ".join(f"layer {i}: K{o:+d}" for i, o in sorted(offsets.items()))
-        lines[0] += f", per-layer K plan ({plan}; mean K {c['top_k'] + sum(offsets.values()) / len(c['layers']):.2f})"
-    if c.get("first_token_dense"):
-        lines[0] += ", first token of each sequence through the whole FFN"
-    if c.get("per_token_k"):
-        means = [v[c["top_k"] - 1] for v in c["per_token_k"].values()]
+    r, m = run.recipe, run.metrics
+    shared = f" + {r.shared_size} shared neurons" if r.shared_size else ""
+    lines = [f"**Current run: `{run.name}`** — {r.model}, {recipe_summary(r)}: N={r.num_experts} experts{shared}, "
+             f"K={r.top_k}, {r.split} split over {len(run.layers)} layer(s), training: {r.mode}, output: {r.output_mode}"]
+    if run.per_token_k:
+        means = [v[r.top_k - 1] for v in run.per_token_k.values()]
         lines[0] += (f", per-token K (each token runs the experts its router scores above a threshold; "
-                     f"{sum(means) / len(means):.2f} experts per token at K={c['top_k']}, measured in training)")
+                     f"{sum(means) / len(means):.2f} experts per token at K={r.top_k}, measured in training)")
+    if run.removed_settings:
+        lines.append("- made with settings factorlab no longer has (measured worse; docs/research.md): " +
+                     ", ".join(f"`{k}={v}`" for k, v in run.removed_settings.items()))
     for k, h in sorted((m.get("heldout") or {}).items(), key=lambda kv: int(kv[0])):
         if h:
             lines.append(f"- held-out at K={k}: perplexity {h['perplexity']:.2f} (dense {h['dense_perplexity']:.2f}), "
@@ -251,41 +254,54 @@ def _ci(interval: list[float] | None) -> str:
     return "" if not interval else f" (95% CI {100 * interval[0]:.1f}–{100 * interval[1]:.1f}%)"
 
 
-# ---------------------------------------------------------------- factorize
-def factorize_spec(model: str, num_experts, top_k, split: str, layers: str, output_mode: str, seed,
-                   shared_size=0, calibration_tokens=4096, first_token_dense=False, layer_k="uniform",
-                   shared_choice=None):
-    """A validated FactorizeSpec from the page's controls (ValueError says what to fix);
-    shared_choice None: the recipe's."""
-    from .workflows import RECIPE_SHARED_CHOICE, FactorizeSpec
+# ---------------------------------------------------------------- the recipe on the page
+def control_values(recipe: Recipe) -> dict[str, Any]:
+    """What the page's controls show for a recipe, by field name: `data` as the three DATA_CONTROLS
+    widgets, no time limit (minutes None) as 0."""
+    values = {f.name: getattr(recipe, f.name) for f in recipe_fields() if f.name != "data"}
+    values["minutes"] = recipe.minutes or 0
+    if recipe.data.startswith("hub:"):
+        return {**values, "data_kind": "hub", "upload": None, "hub_id": recipe.data.removeprefix("hub:")}
+    if recipe.data in _BUILTINS:
+        return {**values, "data_kind": recipe.data, "upload": None, "hub_id": ""}
+    if Path(recipe.data).suffix.lower() in UPLOAD_SUFFIXES:
+        return {**values, "data_kind": "upload", "upload": recipe.data, "hub_id": ""}
+    raise LabError(f"the page cannot show the training text {recipe.data!r}: train it with "
+                   f"`python -m factorlab train NAME --data {recipe.data}`")
 
-    return FactorizeSpec((model or "default").strip(), _int(num_experts, "N"), _int(top_k, "K"), split,
-                         (layers or "all").strip(), output_mode, _int(seed, "seed"), _int(shared_size, "shared size"),
-                         _int(calibration_tokens, "calibration tokens"), bool(first_token_dense),
-                         (layer_k or "uniform").strip(), shared_choice or RECIPE_SHARED_CHOICE)
+
+def recipe_from_controls(values: dict[str, Any]) -> Recipe:
+    """The Recipe the page's controls show (control_values' keys; a missing field keeps its default).
+
+    Whole numbers are checked here and 0 or empty minutes mean no limit; a LabError names the setting."""
+    values = dict(values)
+    if "data_kind" in values:
+        values["data"] = data_source(values.pop("data_kind"), values.pop("upload", None), values.pop("hub_id", None))
+    fields = {f.name: f for f in recipe_fields()}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise LabError(f"unknown settings {', '.join(unknown)}: the recipe has {', '.join(fields)}")
+    typed = {name: _typed(fields[name], value) for name, value in values.items()}
+    try:
+        return Recipe(**typed)
+    except ValueError as exc:
+        raise LabError(str(exc)) from None
 
 
-def quick_factorize(spec) -> tuple[str, list[list]]:
-    """Factorize without saving: the K=N exactness check as markdown and the FLOPs table per K."""
-    from .workflows import factorize_run
-
-    result = factorize_run(spec, None)
-    offsets = k_offsets(result.pop("_moe"))
-    diff = result["max_abs_logit_diff"]
-    verdict = "exact (fp32 rounding)" if diff < 1e-3 else "NOT exact: something is wrong"
-    text = (f"**K=N exactness check:** max |logit difference| = **{diff:.2e}** over {result['tokens']} tokens "
-            f"(largest |logit| {result['max_abs_logit']:.1f}) — {verdict}.\n\n"
-            f"{result['model_source']}: {spec.split} split of {len(result['layers'])} layer(s) into "
-            f"{spec.num_experts} experts of {result['expert_size']} neurons"
-            f"{f' + {spec.shared_size} shared' if spec.shared_size else ''}, in {result['factorize_seconds']:.1f} s. "
-            "Nothing was saved: *Start training* saves a run.")
-    info = dense_info(spec.model)
-    table = flops_table(info, result["flops_seq_len"], spec.num_experts, factorized_layers=result["layers"],
-                        shared_size=spec.shared_size, first_token_dense=spec.first_token_dense, k_offsets=offsets)
-    rows = [["dense", round(table["dense"]["ffn"] / 1e9, 4), round(table["dense"]["total"] / 1e9, 4), "100%", "100%"]]
-    rows += [[f"K={k}", round(r["ffn"] / 1e9, 4), round(r["total"] / 1e9, 4), _pct(r["ffn_ratio"]),
-              _pct(r["total_ratio"])] for k, r in table["k"].items()]
-    return text, rows
+def _typed(f, value: Any) -> Any:
+    """A control's value as the field's type (Number boxes may send 4.0 or None, text boxes spaces)."""
+    what = f"{f.metadata['label']} ({f.name})"
+    kind = field_type(f)
+    if f.default is None and value in (None, "", 0):
+        return None
+    if kind is int:
+        return _int(value, what)
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise LabError(f"{what} must be a number, got {value!r}") from None
+    return str(value if value is not None else "").strip()
 
 
 def _int(value, what: str) -> int:
@@ -298,12 +314,35 @@ def _int(value, what: str) -> int:
     return int(number)
 
 
+# ---------------------------------------------------------------- factorize
+def quick_factorize(recipe: Recipe) -> tuple[str, list[list]]:
+    """Factorize without saving: the K=N exactness check as markdown and the FLOPs table per K."""
+    from .workflows import factorize_run
+
+    result = factorize_run(recipe)
+    result.pop("_moe")
+    diff = result["max_abs_logit_diff"]
+    verdict = "exact (fp32 rounding)" if diff < 1e-3 else "NOT exact: something is wrong"
+    shared = f" + {recipe.shared_size} shared" if recipe.shared_size else ""
+    text = (f"**K=N exactness check:** max |logit difference| = **{diff:.2e}** over {result['tokens']} tokens "
+            f"(largest |logit| {result['max_abs_logit']:.1f}) — {verdict}.\n\n"
+            f"{result['model_source']}: {recipe.split} split of {len(result['layers'])} layer(s) into "
+            f"{recipe.num_experts} experts of {result['expert_size']} neurons{shared}, in "
+            f"{result['factorize_seconds']:.1f} s. Nothing was saved: *Start training* saves a run.")
+    table = result["flops"]
+    rows = [["dense", round(table["dense"]["ffn"] / 1e9, 4), round(table["dense"]["total"] / 1e9, 4), "100%", "100%"]]
+    rows += [[f"K={k}", round(r["ffn"] / 1e9, 4), round(r["total"] / 1e9, 4), _pct(r["ffn_ratio"]),
+              _pct(r["total_ratio"])] for k, r in table["k"].items()]
+    return text, rows
+
+
 # ---------------------------------------------------------------- training jobs
 def data_source(kind: str, upload: str | None, hub_id: str | None) -> str:
-    """The data source string for a UI choice, validated now (uploads are copied somewhere stable)."""
+    """The recipe's `data` for the page's choice (a DATA_SOURCES key), checked now; an upload is copied to
+    a stable place (Gradio deletes its own copy)."""
     from .data import load_texts
 
-    if kind in ("builtin", *_BUILTIN_LABELS):
+    if kind in ("builtin", *_BUILTIN_TEXT):
         return kind
     if kind == "upload":
         if not upload:
@@ -327,40 +366,23 @@ def data_source(kind: str, upload: str | None, hub_id: str | None) -> str:
         source = name if name.startswith("hub:") else f"hub:{name}"
         load_texts(source, max_chars=1)  # offline, unknown or benchmark datasets fail here, with the fix
         return source
-    raise LabError(f"unknown data source {kind!r}: choose one of {', '.join(DATA_SOURCES.values())}")
+    raise LabError(f"unknown data source {kind!r}: choose one of {', '.join(DATA_SOURCES)}")
 
 
-def start_training(spec, mode: str, data_kind: str, upload: str | None, hub_id: str | None, train_tokens,
-                   heldout_tokens, seq_len, router_steps, minutes, name: str | None,
-                   gate_up_steps=0, e2e_steps=0, adaptive_rounds=None) -> str:
-    """Validate everything the user chose, then queue a training job; returns its id."""
-    from .factorize import resolve_layers, validate_experts
-    from .par import TrainConfig
-    from .workflows import DataSpec
-
-    if mode not in TRAIN_MODES.values():
-        raise LabError(f"unknown training mode {mode!r}: choose one of {', '.join(TRAIN_MODES.values())}")
-    minutes = float(minutes) if minutes not in (None, "") and float(minutes) > 0 else None
-    cfg = TrainConfig(mode=mode, top_k=spec.top_k, router_steps=_int(router_steps, "router steps"), minutes=minutes,
-                      seed=spec.seed, gate_up_steps=_int(gate_up_steps, "gate/up steps"),
-                      e2e_steps=_int(e2e_steps, "end-to-end steps"),
-                      adaptive_rounds=(TrainConfig.adaptive_rounds if adaptive_rounds in (None, "")
-                                       else _int(adaptive_rounds, "per-token K rounds")))
-    data = DataSpec(data_source(data_kind, upload, hub_id), _int(train_tokens, "train tokens"),
-                    _int(heldout_tokens, "held-out tokens"), _int(seq_len, "sequence length"))
-    if spec.model == "default" or Path(spec.model).expanduser().exists() or not hub_reachable():
-        info = dense_info(spec.model)  # loads now (cached): bad models fail here, not in the job
-        validate_experts(info["intermediate_size"], spec.num_experts, spec.shared_size)
-        resolve_layers(spec.layers, info["num_layers"])
-    run_name = sanitize_name(name or f"{Path(spec.model).name or 'model'}-{spec.num_experts}e{spec.top_k}k-"
-                             f"{spec.split}-{mode}-{time.strftime('%m%d-%H%M%S')}")
+def start_training(recipe: Recipe, *, name: str | None = None) -> str:
+    """Check the recipe against the model's shapes, then queue a training job; returns its id."""
+    if recipe.model == "default" or Path(recipe.model).expanduser().exists() or not hub_reachable():
+        # the model loads now (cached): a bad model, N or layer fails here, not in the job. A Hub model
+        # would be downloaded in the request: its job checks the recipe instead.
+        recipe.validate(dense_info(recipe.model))
+    run_name = sanitize_name(name or f"{Path(recipe.model).name or 'model'}-{recipe.preset_name() or 'custom'}-"
+                             f"{recipe.num_experts}e{recipe.top_k}k-{time.strftime('%m%d-%H%M%S')}")
     if (runs_root() / run_name).exists():
         raise LabError(f"a run named {run_name!r} already exists: pick another name or delete it first")
     if any(j.params.get("run") == run_name and not j.is_finished for j in get_manager().jobs()):
         raise LabError(f"a job is already making the run {run_name!r}: pick another name")
     check_writable()
-    params = {"run": run_name, "spec": asdict(spec), "train": asdict(cfg), "data": asdict(data)}
-    return _submit("train", run_name, _train_job, params)
+    return _submit("train", run_name, _train_job, {"run": run_name, "recipe": recipe.to_dict()})
 
 
 def _submit(kind: str, name: str, fn, params: dict) -> str:
@@ -373,30 +395,37 @@ def _submit(kind: str, name: str, fn, params: dict) -> str:
     return job_id
 
 
-def _train_job(ctx) -> dict:
-    from .par import TrainConfig, TrainingCancelled
-    from .workflows import DataSpec, FactorizeSpec, train_run
+@contextmanager
+def _storing() -> Iterator[None]:
+    """A run store that cannot be written becomes a message with the fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise LabError(f"results could not be stored: {readonly_hint(exc)}") from exc
 
-    p = ctx.params
-    spec, cfg, data = FactorizeSpec(**p["spec"]), TrainConfig(**p["train"]), DataSpec(**p["data"])
-    ctx.report(message=f"loading {spec.model}", phase="load")
-    loaded = load_model(spec.model)
+
+def _train_job(ctx) -> dict:
+    from .par import TrainingCancelled
+    from .workflows import train_run
+
+    recipe = Recipe.from_dict(ctx.params["recipe"])
+    ctx.report(message=f"loading {recipe.model}", phase="load")
+    loaded = load_model(recipe.model)
 
     def progress(rec: dict) -> None:
         if "step" in rec:  # a trainer step: one layer and phase over all training tokens
             where = f" layer {rec['layer']}" if rec.get("layer") is not None else ""
-            ctx.report(step=rec["step"], total=rec["total"], tokens=rec["step"] * data.train_tokens,
+            ctx.report(step=rec["step"], total=rec["total"], tokens=rec["step"] * recipe.train_tokens,
                        losses=rec.get("losses") or {}, message=f"{rec['phase']}{where}", phase="train")
         else:
             ctx.report(message=rec.get("message"), phase=rec.get("phase"))
 
     try:
-        result = train_run(spec, cfg, data, p["run"], loaded=loaded, progress=progress,
-                           should_stop=lambda: ctx.cancelled)
+        with _storing():
+            result = train_run(recipe, ctx.params["run"], loaded=loaded, progress=progress,
+                               should_stop=lambda: ctx.cancelled)
     except TrainingCancelled as exc:
         raise JobCancelled(str(exc)) from exc
-    except OSError as exc:
-        raise LabError(f"the run could not be saved: {readonly_hint(exc)}") from exc
     return {"run": result["name"], "seconds": result["seconds"], "heldout": result["heldout_by_k"]}
 
 
@@ -419,7 +448,7 @@ def missing_evals(name: str, tasks: list[str], limit: int | None) -> dict[str, l
     """Task -> K values not yet stored for this run with the same items."""
     run = load_run(name)
     stored = (run.metrics.get("eval") or {}).get("tasks", {})
-    ks = range(1, run.config["num_experts"] + 1)
+    ks = range(1, run.recipe.num_experts + 1)
     out = {}
     for task in tasks:
         entry = stored.get(task) or {}
@@ -434,26 +463,23 @@ _dense_scores: dict[str, dict] = {}  # per dense model: scores reused across eva
 
 
 def _eval_job(ctx) -> dict:
-    from .evaluate import run_sweep, store_eval
+    from .workflows import evaluate_run
 
     p = ctx.params
-    run = load_run(p["run"])
-    loaded = load_model(run.config["model"])
-    ctx.report(message="loading the run (a private copy)", phase="load")
-    moe = load_moe(run, loaded.model)
-    for i, (task, ks) in enumerate(p["missing"].items(), 1):
-        def callback(done: int, total: int, message: str, i=i) -> None:
-            ctx.check_cancel()
-            ctx.report(step=done, total=total, message=f"{message} (task {i}/{len(p['missing'])})",
-                       phase=f"eval {task}")
+    dense_cache = _dense_scores.setdefault(load_run(p["run"]).recipe.model, {})
+    by_ks: dict[tuple[int, ...], list[str]] = {}  # tasks missing the same K values are scored in one sweep
+    for task, ks in p["missing"].items():
+        by_ks.setdefault(tuple(ks), []).append(task)
+    for i, (ks, tasks) in enumerate(by_ks.items(), 1):
+        ctx.report(message="loading the run (a private copy)", phase="load")
 
-        sweep = run_sweep(loaded.model, loaded.tokenizer, moe, [task], ks, p["limit"], 0, progress=False,
-                          callback=callback, dense_cache=_dense_scores.setdefault(run.config["model"], {}))
-        try:
-            store_eval(run.name, sweep)
-        except OSError as exc:
-            raise LabError(f"results could not be stored: {readonly_hint(exc)}") from exc
-    return {"run": run.name, "tasks": list(p["missing"])}
+        def callback(done: int, total: int, message: str, i=i, phase=f"eval {', '.join(tasks)}") -> None:
+            ctx.check_cancel()
+            ctx.report(step=done, total=total, message=f"{message} (sweep {i}/{len(by_ks)})", phase=phase)
+
+        with _storing():
+            evaluate_run(p["run"], tasks, list(ks), limit=p["limit"], callback=callback, dense_cache=dense_cache)
+    return {"run": p["run"], "tasks": list(p["missing"])}
 
 
 def start_bench(name: str, prefill, decode, repeats) -> str:
@@ -469,26 +495,18 @@ def start_bench(name: str, prefill, decode, repeats) -> str:
 
 
 def _bench_job(ctx) -> dict:
-    from .bench import run_benchmark
-    from .runs import update_metrics
+    from .workflows import bench_run
 
     p = ctx.params
-    run = load_run(p["run"])
-    loaded = load_model(run.config["model"])
     ctx.report(message="loading the run (a private copy)", phase="load")
-    moe = load_moe(run, loaded.model)
 
     def progress(rec: dict) -> None:
         ctx.check_cancel()
         ctx.report(step=rec["step"], total=rec["total"], message=rec["phase"], phase="bench")
 
-    result = run_benchmark(loaded.model, moe, prefill=p["prefill"], decode=p["decode"], batch=0,
-                           repeats=p["repeats"], progress=progress)
-    try:
-        update_metrics(run.name, {"bench": result})
-    except OSError as exc:
-        raise LabError(f"results could not be stored: {readonly_hint(exc)}") from exc
-    return {"run": run.name}
+    with _storing():
+        bench_run(p["run"], prefill=p["prefill"], decode=p["decode"], batch=0, repeats=p["repeats"], progress=progress)
+    return {"run": p["run"]}
 
 
 # ---------------------------------------------------------------- job views

@@ -35,8 +35,10 @@ def prepare_run(name: str, layers: str, train_tokens: int, tasks: list[str], lim
 
     if name in lab.run_names():
         return
-    spec = lab.factorize_spec("default", 4, 2, "cluster", layers, "scaled", 0)
-    jobs = [lab.start_training(spec, "experts", "local", None, None, train_tokens, 2048, 256, 100, 0, name)]
+    from factorlab.recipe import preset
+
+    recipe = preset("quick", layers=layers, data="local", train_tokens=train_tokens)
+    jobs = [lab.start_training(recipe, name=name)]
     get_manager().wait(jobs[0])
     jobs += [lab.start_eval(name, tasks, limit), lab.start_bench(name, 128, 16, 2)]
     for job_id in jobs:

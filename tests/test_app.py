@@ -1,7 +1,8 @@
 """The Gradio app, launched in-process and driven endpoint by endpoint with gradio_client.
 
 One app for the module, tiny budgets (2 factorized layers, 512 training tokens, a few router
-steps) so the file runs in about three minutes on two cores.
+steps) so the file runs in about three minutes on two cores. Endpoints are called with keyword
+arguments named as the app's controls (the Recipe's field names for the recipe's settings).
 """
 import json
 import os
@@ -16,14 +17,15 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 240.0
-TINY = dict(model="default", n=4, k=2, split="random", layers="0-1", output_mode="scaled", seed=0, shared=0,
-            shared_choice="energy_share", calibration=4096, first_token=False, layer_k="uniform")
-from factorlab.lab import DATA_SOURCES  # noqa: E402
-
-LOCAL_PROSE = next(label for label, kind in DATA_SOURCES.items() if kind == "local")
-TRAIN = dict(mode="router + experts (PAR)", data_kind=LOCAL_PROSE, upload=None,
-             hub_id="", train_tokens=512, heldout_tokens=256, seq_len=128, router_steps=5, minutes=0, gate_up=0, e2e=0,
-             adaptive_rounds=3)
+# Settings by Recipe field name, as the endpoints take them (keyword arguments; a setting left out keeps
+# its control's initial value, the default recipe). `data` is its widgets: data_kind, upload, hub_id.
+# 2 factorized layers, no calibration pass; upload: a File has no initial value the client may leave out
+TINY = dict(split="random", layers="0-1", shared_size=0, upload=None)
+BUDGET = dict(train_tokens=512, heldout_tokens=256, seq_len=128, router_steps=5, per_token_router_steps=2)
+LOCAL = dict(data_kind="local")  # local prose: the fastest built-in text
+TRAIN = {**TINY, **BUDGET, **LOCAL}
+# chat: greedy sampling (the same reply every time); layer: where tokens are coloured when colour is on
+GREEDY = dict(temperature=0, top_p=0.9, seed=0, layer=1)
 
 
 def free_port() -> int:
@@ -62,12 +64,17 @@ def new_client(served):
     return Client(served[1], verbose=False)
 
 
-def train_args(name: str, **overrides) -> list:
-    values = {**TINY, **TRAIN, "name": name, **overrides}
-    order = ["model", "n", "k", "split", "layers", "output_mode", "seed", "shared", "shared_choice", "calibration",
-             "first_token", "layer_k", "mode", "data_kind", "upload", "hub_id", "train_tokens", "heldout_tokens",
-             "seq_len", "router_steps", "minutes", "name", "gate_up", "e2e", "adaptive_rounds"]
-    return [values[key] for key in order]
+def endpoint_outputs(app, api_name: str) -> list[str]:
+    """The names of the settings an endpoint returns, in the order the app wired them."""
+    names = {component._id: name for name, component in app.SETTINGS.items()}
+    dependency = next(d for d in app.demo.config["dependencies"] if d["api_name"] == api_name)
+    return [names[i] for i in dependency["outputs"]]
+
+
+def preset_controls(served, client, name: str, **inputs) -> dict:
+    """The settings the page shows after choosing a preset, by name."""
+    values = client.predict(name=name, **inputs, api_name="/recipe_preset")
+    return dict(zip(endpoint_outputs(served[0], "recipe_preset"), values))
 
 
 def poll_until(client, predicate, timeout: float = TIMEOUT) -> str:
@@ -84,21 +91,29 @@ def poll_until(client, predicate, timeout: float = TIMEOUT) -> str:
     raise AssertionError(f"job did not reach the expected state in {timeout} s; last view: {last}")
 
 
-def user_error(client, api_name: str, *args) -> str:
+def user_error(client, api_name: str, *args, **kwargs) -> str:
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError) as info:
-        client.predict(*args, api_name=api_name)
+        client.predict(*args, **kwargs, api_name=api_name)
     return str(info.value)
 
 
+def run_row(runs: dict, name: str) -> dict:
+    """A run's row of the runs table, by column name."""
+    headers = runs["value"]["headers"]
+    return next(dict(zip(headers, r)) for r in runs["value"]["data"] if r[0] == name)
+
+
 @pytest.fixture(scope="module")
-def trained(client):
-    """A tiny PAR run trained through the page; returns (run name, seconds from Start to first progress)."""
+def trained(served, client):
+    """A tiny run trained through the page: the quick preset, then smaller budgets. Returns (run name,
+    seconds from Start to first progress, the settings the page showed)."""
     from factorlab.jobs import get_manager
 
+    shown = {**preset_controls(served, client, "quick"), **TRAIN}
     start = time.perf_counter()
-    html, message = client.predict(*train_args("tiny"), api_name="/train_start")
+    html, message = client.predict(name="tiny", **shown, api_name="/train_start")
     first_progress = time.perf_counter() - start
     assert "tiny" in html and "Queued training job" in message
     job = get_manager().jobs()[0]
@@ -115,7 +130,7 @@ def trained(client):
     traces = {t["name"] for t in json.loads(loss["plot"])["data"]}
     assert {"router loss (PAR)", "balance loss", "distillation MSE (after refit)"} <= traces
     assert route_k["maximum"] == 4 and route_k["value"] == 2 and [c[1] for c in layer["choices"]] == [0, 1]
-    return "tiny", first_progress
+    return "tiny", first_progress, shown
 
 
 def test_page_load_says_offline_and_lists_runs(client):
@@ -124,38 +139,65 @@ def test_page_load_says_offline_and_lists_runs(client):
     assert runs["value"]["headers"][0] == "run"
 
 
+def test_the_page_starts_at_the_default_recipe(served, client):
+    from factorlab.lab import DATA_CONTROLS, recipe_from_controls
+    from factorlab.recipe import Recipe, recipe_fields
+
+    app = served[0]
+    assert set(app.RECIPE_CONTROLS) == {f.name for f in recipe_fields()} - {"data"}
+    assert set(app.DATA_CONTROLS) == set(DATA_CONTROLS)
+    assert recipe_from_controls({name: c.value for name, c in app.SETTINGS.items()}) == Recipe()
+    # what an API client gets when it leaves a setting out: the same initial values
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/train_start"]["parameters"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in params if p["parameter_name"] in app.SETTINGS}
+    assert set(defaults) == set(app.SETTINGS) and recipe_from_controls(defaults) == Recipe()
+    assert app.preset_pick.value == "default"
+    for f in recipe_fields():
+        if f.name == "data":
+            continue
+        control = app.RECIPE_CONTROLS[f.name]
+        assert control.label == f.metadata["label"] and control.info == f.metadata["help"]
+        parents = []
+        while control is not None:
+            parents.append(type(control).__name__)
+            control = control.parent
+        assert ("Accordion" in parents) == (not f.metadata["everyday"]), f.name  # the rest under Advanced
+
+
+def test_the_preset_selector_sets_every_control(served, client):
+    from factorlab.lab import control_values, recipe_from_controls
+    from factorlab.recipe import PRESETS, preset
+
+    assert set(endpoint_outputs(served[0], "recipe_preset")) == set(served[0].SETTINGS)
+    for name in PRESETS:
+        shown = preset_controls(served, client, name)
+        assert recipe_from_controls(shown) == preset(name), name
+        assert shown == control_values(preset(name)), name
+    other = "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert preset_controls(served, client, "paper", model=other)["model"] == other  # the model stays
+    assert "not in the list of choices" in user_error(client, "/recipe_preset", name="best")  # Gradio's own check
+
+
 def test_factorize_shows_exactness_and_flops_per_k(client):
-    text, table = client.predict(*TINY.values(), api_name="/factorize")
+    text, table = client.predict(**TINY, api_name="/factorize")
     diff = float(text.split("= **")[1].split("**")[0])
-    assert diff < 1e-3
+    assert diff < 1e-3 and "random split of 2 layer(s) into 4 experts of 384 neurons" in text
     rows = table["value"]["data"]
     assert [r[0] for r in rows] == ["dense", "K=1", "K=2", "K=3", "K=4"]
     ffn = [r[1] for r in rows]
     assert ffn[1] < ffn[2] < ffn[3] < ffn[4] == pytest.approx(ffn[0], rel=1e-3)
 
 
-def test_factorize_with_a_per_layer_k_plan_and_first_token_dense(client):
-    args = {**TINY, "first_token": True, "layer_k": "0=3;1=1"}
-    text, table = client.predict(*args.values(), api_name="/factorize")
-    assert float(text.split("= **")[1].split("**")[0]) < 1e-3  # K=N is still the dense model
-    rows = {r[0]: r for r in table["value"]["data"]}
-    plain = {r[0]: r for r in client.predict(*TINY.values(), api_name="/factorize")[1]["value"]["data"]}
-    assert rows["K=2"][1] > plain["K=2"][1]  # the first token's whole FFN is counted (K=3 + K=1 = 2 x K=2)
-    assert rows["K=4"][1] < plain["K=4"][1]  # layer 1 runs K=4-1=3 there
-
-
 def test_bad_factorize_inputs_are_messages(client, tmp_path):
-    args = list(TINY.values())
-    assert "do not divide" in user_error(client, "/factorize", *[args[0], 5, *args[2:]])
-    assert "K must be in 1..4" in user_error(client, "/factorize", *[args[0], 4, 6, *args[3:]])
-    assert "cannot be reached" in user_error(client, "/factorize", "someone/some-model", *args[1:])
+    assert "do not divide" in user_error(client, "/factorize", **{**TINY, "num_experts": 5})
+    assert "K (top_k) must be in 1..4" in user_error(client, "/factorize", **{**TINY, "top_k": 6})
+    assert "cannot be reached" in user_error(client, "/factorize", **{**TINY, "model": "someone/some-model"})
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    assert "not supported" in user_error(client, "/factorize", str(tmp_path / "gpt2"), *args[1:])
-    assert "out of range" in user_error(client, "/factorize", *args[:4], "0-99", *args[5:])
-    assert "LAYERS=K" in user_error(client, "/factorize", *args[:-1], "0:3")
-    assert "not factorized" in user_error(client, "/factorize", *args[:-1], "5=3")
+    assert "not supported" in user_error(client, "/factorize", **{**TINY, "model": str(tmp_path / "gpt2")})
+    assert "out of range" in user_error(client, "/factorize", **{**TINY, "layers": "0-99"})
+    assert "write 'all'" in user_error(client, "/factorize", **{**TINY, "layers": "0:3"})
 
 
 def test_bad_training_inputs_are_messages_and_start_nothing(client, tmp_path, monkeypatch):
@@ -171,25 +213,26 @@ def test_bad_training_inputs_are_messages_and_start_nothing(client, tmp_path, mo
     big.write_text("word " * 5000)
     wrong = tmp_path / "table.csv"
     wrong.write_text("a,b\n1,2\n")
-    upload = "uploaded file (.txt / .jsonl)"
     from gradio_client import handle_file
 
-    def with_file(path):
-        return train_args("x", data_kind=upload, upload=handle_file(path))
+    def train_error(**changes) -> str:
+        return user_error(client, "/train_start", name="x", **{**TRAIN, **changes})
 
-    assert "no text" in user_error(client, "/train_start", *with_file(empty))
-    assert "binary" in user_error(client, "/train_start", *with_file(binary))
-    assert "Invalid file type" in user_error(client, "/train_start", *with_file(wrong))  # Gradio's own check
+    def with_file(path) -> str:
+        return train_error(data_kind="upload", upload=handle_file(path))
+
+    assert "no text" in with_file(empty)
+    assert "binary" in with_file(binary)
+    assert "Invalid file type" in with_file(wrong)  # Gradio's own check
     monkeypatch.setattr(data, "MAX_FILE_BYTES", 10_000)
-    assert "limit" in user_error(client, "/train_start", *with_file(big))
-    assert "choose a .txt" in user_error(client, "/train_start", *train_args("x", data_kind=upload))
-    hub = "Hugging Face dataset"
-    assert "unreachable" in user_error(client, "/train_start", *train_args("x", data_kind=hub, hub_id="nobody/nothing"))
-    assert "evaluation benchmark" in user_error(client, "/train_start",
-                                                *train_args("x", data_kind=hub, hub_id="allenai/ai2_arc"))
-    assert "do not divide" in user_error(client, "/train_start", *train_args("x", n=5))
-    assert "cannot be reached" in user_error(client, "/train_start", *train_args("x", model="someone/model"))
-    assert "at least one row" in user_error(client, "/train_start", *train_args("x", train_tokens=64))
+    assert "limit" in with_file(big)
+    assert "choose a .txt" in train_error(data_kind="upload")
+    assert "unreachable" in train_error(data_kind="hub", hub_id="nobody/nothing")
+    assert "evaluation benchmark" in train_error(data_kind="hub", hub_id="allenai/ai2_arc")
+    assert "do not divide" in train_error(num_experts=5)
+    assert "cannot be reached" in train_error(model="someone/model")
+    assert "at least one row" in train_error(train_tokens=64)
+    assert "per-token K" in train_error(num_experts=16, top_k=2)  # 2^N expert sets: at most 8 experts
     assert len(get_manager().jobs()) == before
 
 
@@ -197,28 +240,41 @@ def test_read_only_runs_folder_is_a_message(client, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("FACTORLAB_RUNS", str(blocker / "runs"))
-    assert "not writable" in user_error(client, "/train_start", *train_args("x"))
+    assert "not writable" in user_error(client, "/train_start", name="x", **TRAIN)
     hub, runs, picker = client.predict(api_name="/page_load")  # the app keeps serving
     assert runs["value"]["data"] == []
 
 
 def test_training_job_saves_a_run_with_heldout_metrics(client, trained):
-    name, first_progress = trained
+    name, first_progress, shown = trained
     assert first_progress < 5.0
     runs, _ = client.predict(api_name="/runs_refresh")
-    row = next(r for r in runs["value"]["data"] if r[0] == name)
-    assert row[2] == 4 and row[3] == 2 and row[6] == "experts"
-    assert float(row[7]) > 1 and "K=2: " in row[8] and "%)" in row[8]  # dense and per-K held-out metrics
+    row = run_row(runs, name)
+    assert row["N"] == 4 and row["K"] == 2 and row["training"] == "experts" and row["recipe"] == "custom"
+    assert float(row["dense ppl"]) > 1  # dense and per-K held-out metrics
+    assert "K=2: " in row["held-out by K: perplexity (agreement)"] and "%)" in row["held-out by K: perplexity (agreement)"]
     metrics = json.loads((Path(os.environ["FACTORLAB_RUNS"]) / name / "metrics.json").read_text())
     assert metrics["train"]["device"] == "cpu"  # where the run trained: its seconds depend on it
     html, loss, jobs_df, *_ = client.predict(api_name="/job_poll")
     assert "duplicate" not in str(html)
-    assert "exists" in user_error(client, "/train_start", *train_args(name))
+    assert "exists" in user_error(client, "/train_start", name=name, **shown)
+
+
+def test_training_saves_the_recipe_the_page_showed(trained):
+    from factorlab.lab import recipe_from_controls
+    from factorlab.recipe import preset
+    from factorlab.runs import load_run
+
+    name, _, shown = trained
+    recipe = load_run(name).recipe
+    assert recipe == recipe_from_controls(shown) == preset("quick", split="random", layers="0-1", shared_size=0, **BUDGET,
+                                                                       data="local")
+    assert set(recipe.differences(preset("quick"))) == {"split", "layers", "shared_size", *BUDGET, "data"}
 
 
 def test_routing_heatmap_loads_and_par_vs_no_par(client, trained):
-    heatmap, load, entropy, note = client.predict("The cat sat on the mat. def f(x): return x", 2, "top-1 expert", 0,
-                                                  api_name="/routing")
+    heatmap, load, entropy, note = client.predict(text="The cat sat on the mat. def f(x): return x", k=2,
+                                                  colour="top-1 expert", expert=0, api_name="/routing")
     fig = json.loads(heatmap["plot"])
     z = fig["data"][0]["z"]
     # 2 layers, top-1 expert ids (per-token K, the default: None where a token ran no routed expert)
@@ -230,18 +286,19 @@ def test_routing_heatmap_loads_and_par_vs_no_par(client, trained):
     assert any("PAR" in n for n in names) and any("no PAR" in n for n in names)
     shares = [t["y"] for t in json.loads(load["plot"])["data"]]
     assert [sum(col) for col in zip(*shares)] == pytest.approx([1.0, 1.0])
-    prob = json.loads(client.predict("router probability of one expert", 1, api_name="/routing_colour")["plot"])
+    prob = json.loads(client.predict(colour="router probability of one expert", expert=1,
+                                     api_name="/routing_colour")["plot"])
     assert all(0 <= p <= 1 for row in prob["data"][0]["z"] for p in row)
     assert client.predict("Code", api_name="/routing_example").startswith("def fibonacci")
-    assert "type some text" in user_error(client, "/routing", "  ", 2, "top-1 expert", 0)
+    assert "type some text" in user_error(client, "/routing", text="  ")
 
 
 def test_tradeoffs_redraw_from_stored_results_is_fast(client, trained):
     timings, server = [], []
     for k in (1, 2, 3, 1, 2):
         start = time.perf_counter()
-        plot, table, flops, bench_md, bench, timing = client.predict("held-out agreement with dense", k, 512,
-                                                                     api_name="/tradeoffs_k")
+        plot, table, flops, bench_md, bench, timing = client.predict(task="held-out agreement with dense", k=k,
+                                                                     seq_len=512, api_name="/tradeoffs_k")
         timings.append(time.perf_counter() - start)
         server.append(float(timing.split(" in ")[1].split(" ms")[0]))
     assert "No benchmark yet" in bench_md
@@ -258,27 +315,28 @@ def test_tradeoffs_redraw_from_stored_results_is_fast(client, trained):
 def test_eval_and_benchmark_jobs_fill_the_tradeoffs(client, trained):
     from factorlab.jobs import get_manager
 
-    assert "Queued evaluation" in client.predict(["arc_easy"], 4, api_name="/eval_start")
+    assert "Queued evaluation" in client.predict(tasks=["arc_easy"], limit=4, api_name="/eval_start")
     poll_until(client, lambda h: "eval" in h and ("done" in h or "failed" in h))
     job = next(j for j in get_manager().jobs() if j.kind == "eval")
     assert job.state == "done", job.error
-    assert "already measured" in user_error(client, "/eval_start", ["arc_easy"], 4)
-    assert "Queued benchmark" in client.predict(16, 2, 1, api_name="/bench_start")
+    assert "already measured" in user_error(client, "/eval_start", tasks=["arc_easy"], limit=4)
+    assert "Queued benchmark" in client.predict(prefill=16, decode=2, repeats=1, api_name="/bench_start")
     poll_until(client, lambda h: "bench" in h and ("done" in h or "failed" in h))
     job = next(j for j in get_manager().jobs() if j.kind == "bench")
     assert job.state == "done", job.error
     assert client.predict(api_name="/results_changed") is not None
-    plot, table, flops, bench_md, bench, timing = client.predict("arc_easy", 2, 256, api_name="/tradeoffs_task")
+    plot, table, flops, bench_md, bench, timing = client.predict(task="arc_easy", k=2, seq_len=256, api_name="/tradeoffs_task")
     assert [r[0] for r in table["value"]["data"]] == ["dense", "K=1", "K=2", "K=3", "K=4"]
     assert "Measured speed" in bench_md and len(bench["value"]["data"]) == 4
-    plot, table, *_ = client.predict("mean relative maintenance (capped at 100%)", 2, 256,
+    plot, table, *_ = client.predict(task="mean relative maintenance (capped at 100%)", k=2, seq_len=256,
                                      api_name="/run_changed_tradeoffs")
     assert table["value"]["data"][0][0] == "dense"
 
 
 def test_chat_streams_both_sides_and_regenerates(client, trained):
     # K=4 of 4: the tiny run's greedy reply has tokens to colour (at K=2 it now ends its turn at once)
-    job = client.submit("What is the capital of France?", [], [], 0, 0.9, 8, 0, 4, True, 1, api_name="/chat")
+    job = client.submit(message="What is the capital of France?", max_new=8, k=4, colour=True, **GREEDY,
+                        api_name="/chat")
     outputs = list(job)
     assert len(outputs) > 3  # streamed: one update per token
     _, dense, moe, stats_dense, stats_moe, tokens = job.outputs()[-1]
@@ -286,23 +344,25 @@ def test_chat_streams_both_sides_and_regenerates(client, trained):
     assert moe[-1]["content"][0]["text"]
     assert "tokens/s" in stats_dense and "GFLOPs/token" in stats_moe and "K=4 of 4" in stats_moe
     assert "fl-tok" in tokens and "layer 1" in tokens
-    again = client.predict(dense, moe, 0, 0.9, 8, 0, 2, False, 1, api_name="/chat_regenerate")
+    again = client.predict(dense_history=dense, moe_history=moe, max_new=8, k=2, **GREEDY, api_name="/chat_regenerate")
     assert again[1][-1]["content"] == dense[-1]["content"]  # greedy: the same reply again
     assert len(again[1]) == 2 and again[-1] == 1  # the seed moved on, for a new sample when sampling
-    sent = client.predict("Say hi.", again[1], again[2], 0, 0.9, 4, 0, 1, False, 1, api_name="/chat_send")
+    sent = client.predict(message="Say hi.", dense_history=again[1], moe_history=again[2], max_new=4, k=1, **GREEDY,
+                          api_name="/chat_send")
     assert len(sent[1]) == 4 and "K=1 of 4" in sent[4]
     route_text = client.predict(sent[2], sent[1], api_name="/routing_last_turn")
     assert "Say hi." in route_text
-    heatmap, *_ = client.predict(route_text, 2, "top-1 expert", 0, api_name="/routing_last_turn_route")
+    heatmap, *_ = client.predict(text=route_text, k=2, api_name="/routing_last_turn_route")
     assert client.predict(api_name="/chat_clear")[0] == []
-    assert "type a message" in user_error(client, "/chat", " ", [], [], 0, 0.9, 8, 0, 2, False, 1)
-    assert "less than minimum" in user_error(client, "/chat", "hi", [], [], 0.5, 0, 8, 0, 2, False, 1)  # top-p 0
+    assert "type a message" in user_error(client, "/chat", message=" ", **GREEDY)
+    assert "less than minimum" in user_error(client, "/chat", message="hi", **{**GREEDY, "top_p": 0})
 
 
 def test_two_clients_chat_while_a_job_trains_then_cancel(served, client, trained):
     from factorlab.jobs import get_manager
 
-    client.predict(*train_args("long", layers="all", router_steps=3000, train_tokens=1024), api_name="/train_start")
+    client.predict(name="long", **{**TRAIN, "layers": "all", "router_steps": 3000, "train_tokens": 1024},
+                   api_name="/train_start")
     job = get_manager().jobs()[0]
     poll_until(client, lambda h: "long" in h and "train" in h and "step" in h)
     assert "long" in new_client(served).predict(api_name="/job_poll")[0]  # a second browser sees the same job
@@ -312,7 +372,8 @@ def test_two_clients_chat_while_a_job_trains_then_cancel(served, client, trained
         try:
             other = new_client(served)
             other.predict(trained[0], api_name="/run_load")
-            results[k] = other.predict("Name a colour.", [], [], 0, 0.9, 6, 0, k, True, 1, api_name="/chat")
+            results[k] = other.predict(message="Name a colour.", max_new=6, k=k, colour=True, **GREEDY,
+                                       api_name="/chat")
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
@@ -341,8 +402,8 @@ def test_uploaded_jsonl_trains_and_the_run_can_be_deleted(client, trained, tmp_p
     lines = [json.dumps({"text": f"Note {i}: the river rose after {i} days of rain, and the bridge held."})
              for i in range(120)]
     (tmp_path / "notes.jsonl").write_text("\n".join(lines))
-    client.predict(*train_args("to-delete", mode="no PAR (untrained router)", router_steps=1, heldout_tokens=0,
-                               data_kind="uploaded file (.txt / .jsonl)", upload=handle_file(tmp_path / "notes.jsonl")),
+    client.predict(name="to-delete", **{**TRAIN, "mode": "none", "router_steps": 1, "heldout_tokens": 0,
+                                        "data_kind": "upload", "upload": handle_file(tmp_path / "notes.jsonl")},
                    api_name="/train_start")
     poll_until(client, lambda h: "to-delete" in h and "done" in h)
     runs, picker, message = client.predict("to-delete", api_name="/run_delete")

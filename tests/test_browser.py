@@ -1,4 +1,4 @@
-"""One headless-Chromium walk: factorize -> short training -> heatmap -> trade-off slider -> one chat turn.
+"""One headless-Chromium walk: preset -> factorize -> short training -> heatmap -> trade-off slider -> chat turn.
 
 Screenshots of each step go to test-artifacts/screenshots/ (gitignored). Skipped, with the reason,
 when Debian's chromium (/usr/bin/chromium) or Playwright's Python package is missing.
@@ -73,9 +73,19 @@ def wait_until_stable(page, selector: str, quiet_ms: int = 1500) -> None:
     raise AssertionError(f"{selector} kept changing for {TIMEOUT_MS} ms")
 
 
+def choose_preset(page, name: str) -> None:
+    """Pick a preset in the dropdown at the top of Factorize & train; it sets every recipe control."""
+    page.locator("#preset input").click()
+    page.get_by_role("option", name=f"{name}:").click()
+
+
 def test_factorize_train_route_chat(page):
+    choose_preset(page, "quick")
+    page.wait_for_function("document.querySelector('#train-tokens input').value === '8192'")  # the preset's budget
+    # then the budget of a test: 2 layers, no shared neurons, a random split (no calibration pass)
     page.locator("#split").get_by_text("random", exact=True).click()
     fill(page, "layers", "0-1")
+    fill(page, "shared-size", 0)
     page.locator("#factorize").click()
     page.wait_for_selector("#train-status:has-text('exactness check')")
     assert "exact (fp32 rounding)" in page.inner_text("#train-status")
@@ -83,8 +93,9 @@ def test_factorize_train_route_chat(page):
 
     page.locator("#data-kind").get_by_text("local prose", exact=False).click()
     fill(page, "train-tokens", 512)
-    fill(page, "router-steps", 5)
     page.get_by_text("Advanced").click()
+    fill(page, "router-steps", 5)
+    fill(page, "per-token-router-steps", 2)
     fill(page, "heldout-tokens", 256)
     fill(page, "seq-len", 128)
     fill(page, "run-name", "browser-run")
@@ -95,6 +106,12 @@ def test_factorize_train_route_chat(page):
     print(f"click Start -> first progress on the page: {1000 * first_update:.0f} ms")
     page.wait_for_selector("#job .fl-done", timeout=TIMEOUT_MS)
     page.wait_for_selector("#current-run:has-text('browser-run')")  # the finished run became current
+    from factorlab.recipe import preset
+    from factorlab.runs import load_run
+
+    assert load_run("browser-run").recipe == preset(
+        "quick", split="random", layers="0-1", shared_size=0, data="local", train_tokens=512, router_steps=5,
+        per_token_router_steps=2, heldout_tokens=256, seq_len=128)
     page.screenshot(path=str(SHOTS / "2-trained.png"), full_page=True)
 
     page.get_by_role("tab", name="Routing").click()

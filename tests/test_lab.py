@@ -1,10 +1,12 @@
-"""The app's logic without the page: validation messages, routing statistics, stored-result views."""
+"""The app's logic without the page: the recipe on the page, validation messages, routing statistics,
+stored-result views."""
 import json
 import math
 
 import pytest
 
 from factorlab import lab
+from factorlab.recipe import PRESETS, Recipe, preset
 from factorlab.runs import save_run
 
 
@@ -25,9 +27,40 @@ def test_whole_numbers_and_layer_ranges():
     assert lab._layers_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
+def test_the_page_shows_every_recipe_and_reads_it_back():
+    for name in PRESETS:
+        assert lab.recipe_from_controls(lab.control_values(preset(name))) == preset(name)
+    shown = lab.control_values(Recipe())
+    assert shown["data_kind"] == "builtin" == Recipe().data and list(lab.DATA_SOURCES)[0] == "builtin"
+    assert shown["minutes"] == 0 and "data" not in shown  # no limit shows as 0; `data` as its three widgets
+    hub = Recipe(data="hub:someone/texts", minutes=2.5)
+    assert lab.control_values(hub)["hub_id"] == "someone/texts" and lab.control_values(hub)["minutes"] == 2.5
+    assert lab.recipe_from_controls({}) == Recipe()  # a setting left out keeps its default
+    with pytest.raises(lab.LabError, match="cannot show"):
+        lab.control_values(Recipe(data="everyday+selfgen"))
+
+
+def test_controls_are_converted_and_errors_name_the_setting():
+    recipe = lab.recipe_from_controls({"num_experts": 8.0, "top_k": "3", "router_lr": "0.02", "minutes": 0,
+                                       "layers": " 0-3 ", "data_kind": "local", "upload": None, "hub_id": ""})
+    assert recipe == Recipe(num_experts=8, top_k=3, router_lr=0.02, layers="0-3", data="local")
+    assert lab.recipe_from_controls({"minutes": None}).minutes is None
+    assert lab.recipe_from_controls({"minutes": 5}).minutes == 5.0
+    for values, message in (({"num_experts": 2.5}, r"N experts \(num_experts\) must be a whole number"),
+                            ({"seed": None}, r"Seed \(seed\) must be a whole number"),
+                            ({"router_lr": "fast"}, r"\(router_lr\) must be a number"),
+                            ({"top_k": 5}, r"K \(top_k\) must be in 1..4"),
+                            ({"minutes": -1}, "minutes must be positive"),
+                            ({"split": "coverage"}, "not a choice: use one of contiguous, random, cluster"),
+                            ({"shared_choice": "frequency"}, "unknown settings shared_choice"),
+                            ({"data_kind": "upload"}, "choose a .txt")):
+        with pytest.raises(lab.LabError, match=message):
+            lab.recipe_from_controls(values)
+
+
 def test_data_source_validation(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTORLAB_CACHE", str(tmp_path / "cache"))
-    assert lab.data_source("local", None, None) == "local"
+    assert lab.data_source("local", None, None) == "local" and lab.data_source("builtin", None, None) == "builtin"
     with pytest.raises(lab.LabError, match="choose a .txt"):
         lab.data_source("upload", None, None)
     text = tmp_path / "notes.txt"
@@ -56,36 +89,51 @@ def test_unwritable_runs_folder_is_reported_with_the_fix(tmp_path, monkeypatch):
     assert lab.run_rows() == []
 
 
-def fake_run(runs_dir, metrics: dict) -> str:
+FAKE = Recipe(num_experts=4, top_k=2, split="random", layers="0-1", shared_size=0, per_token_rounds=0)
+
+
+def fake_run(runs_dir, metrics: dict, recipe: Recipe = FAKE, name: str = "fake") -> str:
+    """A run as workflows.run_config stores it, with a stand-in partition (views never load the weights)."""
     import torch
 
-    config = {"model": "default", "num_experts": 4, "top_k": 2, "split": "random", "layers": [0, 1],
-              "mode": "experts", "output_mode": "scaled", "seed": 0,
-              "partition": {"num_experts": 4, "strategy": "random", "seed": 0, "intermediate_size": 8,
-                            "shared_size": 0, "layers": [0, 1]}}
-    save_run("fake", config, {"permutation.0": torch.arange(8)}, metrics, root=runs_dir)
-    return "fake"
+    config = {"recipe": recipe.to_dict(), "model_source": "embedded", "layers": [0, 1], "expert_size": 2,
+              "intermediate_size": 8}
+    save_run(name, config, {"permutation.0": torch.arange(8)}, metrics, root=runs_dir)
+    return name
 
 
 HELDOUT = {str(k): {"perplexity": 30.0 / k, "dense_perplexity": 20.0, "agreement": 0.5 + 0.1 * k, "kl": 1.0 / k,
                     "tokens": 100} for k in (1, 2, 3)}
 
 
-def test_run_rows_and_description_show_heldout_metrics_per_k(runs_dir):
+def test_run_rows_and_description_show_the_recipe_and_heldout_metrics_per_k(runs_dir):
     fake_run(runs_dir, {"heldout": HELDOUT})
-    row = lab.run_rows()[0]
-    assert row[0] == "fake" and row[7] == "20.00" and row[8].startswith("K=1: 30.0 (60.0%) · K=2: 15.0 (70.0%)")
-    assert "perplexity 10.00 (dense 20.00)" in lab.describe_run("fake")
-    assert "per-layer" not in lab.describe_run("fake") and "first token" not in lab.describe_run("fake")
-    config_path = runs_dir / "fake" / "config.json"
-    config = json.loads(config_path.read_text())
-    config.update(k_offsets={"0": 1}, first_token_dense=True)
-    config_path.write_text(json.dumps(config))
+    row = dict(zip(lab.RUN_COLUMNS, lab.run_rows()[0]))
+    assert row["run"] == "fake" and row["recipe"] == "custom" and row["N"] == 4 and row["layers"] == "0-1"
+    assert row["dense ppl"] == "20.00"
+    assert row["held-out by K: perplexity (agreement)"].startswith("K=1: 30.0 (60.0%) · K=2: 15.0 (70.0%)")
     text = lab.describe_run("fake")
-    assert "per-layer K plan (layer 0: K+1; mean K 2.50)" in text and "first token of each sequence" in text
+    assert "perplexity 10.00 (dense 20.00)" in text and "no longer has" not in text
+    assert "recipe **custom**: `split=random`, `layers=0-1`, `shared_size=0`, `per_token_rounds=0`" in text
+    fake_run(runs_dir, {}, preset("quick"), "quick-run")
+    assert "recipe **quick** (preset)" in lab.describe_run("quick-run")
+    assert dict(zip(lab.RUN_COLUMNS, lab.run_rows()[0]))["recipe"] == "quick"
     (runs_dir / "broken").mkdir()
     (runs_dir / "broken" / "config.json").write_text("{not json")
-    assert any(r[0] == "broken" and r[1] == "corrupt" for r in lab.run_rows())
+    assert any(r[0] == "broken" and r[1] == "corrupt" and "corrupt" in r[2] for r in lab.run_rows())
+
+
+def test_an_old_run_shows_its_recipe_and_the_settings_that_were_removed(runs_dir):
+    import torch
+
+    old = {"model": "default", "num_experts": 4, "top_k": 2, "split": "cluster", "layers": [1, 2], "mode": "experts",
+           "output_mode": "scaled", "seed": 0, "train": {"router_steps": 600, "gate_up_steps": 30},
+           "partition": {"num_experts": 4, "strategy": "cluster", "seed": 0, "intermediate_size": 8,
+                         "shared_size": 4, "layers": [1, 2], "shared_choice": "frequency"}}
+    save_run("old", old, {"permutation.1": torch.arange(8)}, {}, root=runs_dir)
+    text = lab.describe_run("old")
+    assert "no longer has" in text and "`shared_choice=frequency`" in text and "`gate_up_steps=30`" in text
+    assert lab.run_shape("old")["layers"] == [1, 2] and lab.missing_evals("old", ["piqa"], 10) == {"piqa": [1, 2, 3, 4]}
 
 
 def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
