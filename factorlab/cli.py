@@ -420,8 +420,8 @@ def cmd_eval(args) -> int:
         if args.name:
             raise CliError("--dense-only scores the dense model alone: drop the run name")
         loaded = load_model(args.model or "default")
-        sweep = run_sweep(loaded.model, loaded.tokenizer, None, tasks, [], args.limit, args.seed, args.data_dir,
-                          args.batch_size, progress=sys.stderr.isatty())
+        sweep = run_sweep(loaded.model, loaded.tokenizer, None, tasks, [], limit=args.limit, seed=args.seed,
+                          data_dir=args.data_dir, batch_size=args.batch_size, progress=sys.stderr.isatty())
         sweep["model"], sweep["run"] = args.model or "default", None
     elif not args.name:
         raise CliError("give a run NAME, or --dense-only to score the dense model alone")

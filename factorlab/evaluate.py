@@ -378,7 +378,7 @@ def summarize(tasks: dict[str, dict]) -> dict:
 
 
 def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: str | Sequence[str] = "all",
-              ks: Sequence[int] = (), limit: int | None = None, seed: int = 0, data_dir: str | Path | None = None,
+              ks: Sequence[int] = (), *, limit: int | None = None, seed: int = 0, data_dir: str | Path | None = None,
               batch_size: int = 16, progress: bool = True, callback: Callback | None = None,
               dense_cache: dict | None = None) -> dict:
     """Score the dense model once per task and the factorized model at each K, on the same items.

@@ -95,8 +95,8 @@ def run_experiment(config: dict, out_path: str | Path, progress=None, shard: tup
             if cache_file:
                 cache.update(read_dense_cache(cache_file, recipe.model))
             sweep = run_sweep(loaded.model, loaded.tokenizer, trained.moe, ev["tasks"], ev.get("ks") or [recipe.top_k],
-                              ev.get("limit"), ev.get("seed", 0), ev.get("data_dir"), ev.get("batch_size", 16),
-                              progress=False, dense_cache=cache)
+                              limit=ev.get("limit"), seed=ev.get("seed", 0), data_dir=ev.get("data_dir"),
+                              batch_size=ev.get("batch_size", 16), progress=False, dense_cache=cache)
             if cache_file:
                 write_dense_cache(cache_file, recipe.model, cache)
             row["eval"] = sweep

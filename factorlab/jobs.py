@@ -122,7 +122,7 @@ class JobContext:
         if self._job.cancel_event.is_set():
             raise JobCancelled(f"job {self._job.name!r} was cancelled")
 
-    def report(self, step: int | None = None, total: int | None = None, tokens: int | None = None,
+    def report(self, *, step: int | None = None, total: int | None = None, tokens: int | None = None,
                losses: dict[str, float] | None = None, message: str | None = None,
                phase: str | None = None) -> None:
         """Update progress (None keeps the previous value) and append a history record.
@@ -130,7 +130,8 @@ class JobContext:
         tokens is the cumulative count of the current phase; tokens/s and the ETA are measured
         from the moment the phase began (a new `phase` resets them).
         """
-        self._manager._report(self._job, step, total, tokens, losses, message, phase)
+        self._manager._report(self._job, dict(step=step, total=total, tokens=tokens, losses=losses, message=message,
+                                              phase=phase))
 
 
 class JobManager:
@@ -254,7 +255,9 @@ class JobManager:
                 self._finish(job, DONE)
             log.info("job %s done", job.id)
 
-    def _report(self, job: _Job, step, total, tokens, losses, message, phase) -> None:
+    def _report(self, job: _Job, update: dict) -> None:
+        step, total, tokens, losses, message, phase = (update[k] for k in ("step", "total", "tokens", "losses",
+                                                                            "message", "phase"))
         now = progress_clock()
         with self._cond:
             p = job.progress

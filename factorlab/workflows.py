@@ -246,8 +246,8 @@ def evaluate_run(name: str, tasks, ks: list[int], *, limit: int | None = None, s
     from .evaluate import run_sweep
 
     run, loaded, moe = open_run(name, runs_dir)
-    sweep = run_sweep(loaded.model, loaded.tokenizer, moe, tasks, ks, limit, seed, data_dir, batch_size,
-                      progress=progress, callback=callback, dense_cache=dense_cache)
+    sweep = run_sweep(loaded.model, loaded.tokenizer, moe, tasks, ks, limit=limit, seed=seed, data_dir=data_dir,
+                      batch_size=batch_size, progress=progress, callback=callback, dense_cache=dense_cache)
     sweep["model"], sweep["run"] = run.recipe.model, run.name
     if store:
         store_eval(run.name, sweep, runs_dir)
