@@ -357,7 +357,7 @@ embedded model, this keeps far more of the dense model's answers than giving eve
 ## The tabs
 1. **Factorize & train.** Every setting is a field of one **recipe**. Start from a **preset** — *default* (the
    measured recipe: 4 experts + 256 always-on shared neurons in layers 1–29, per-token K with mean 2), *quick* (the
-   same shape on less text and fewer steps: a model to look at in about a minute), *paper* (FactorLLM's setting:
+   same shape on less text and fewer steps: a model to look at after 1.5 minutes of training), *paper* (FactorLLM's setting:
    contiguous split of every layer, no shared neurons, plain top-1) or *no-par* (the default with an untrained
    router, the baseline PAR is measured against) — then change what you like; the rarely changed settings are under
    *Advanced*, and `python -m factorlab recipe` prints them all with what each does. The everyday ones: the model,

@@ -6,6 +6,9 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import socket
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -41,3 +44,24 @@ def runs_dir(tmp_path, monkeypatch):
     d = tmp_path / "runs"
     monkeypatch.setenv("FACTORLAB_RUNS", str(d))
     return d
+
+
+@contextmanager
+def served_app(runs):
+    """Launch app.py in this process on a free port with a private runs folder; yields (app module, url)."""
+    old = os.environ.get("FACTORLAB_RUNS")
+    os.environ["FACTORLAB_RUNS"] = str(runs)
+    import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    try:
+        yield app, url
+    finally:
+        app.demo.close()
+        if old is None:
+            os.environ.pop("FACTORLAB_RUNS", None)
+        else:
+            os.environ["FACTORLAB_RUNS"] = old

@@ -6,7 +6,6 @@ arguments named as the app's controls (the Recipe's field names for the recipe's
 """
 import json
 import os
-import socket
 import statistics
 import threading
 import time
@@ -28,27 +27,13 @@ TRAIN = {**TINY, **BUDGET, **LOCAL}
 GREEDY = dict(temperature=0, top_p=0.9, seed=0, layer=1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(app module, base url) with a private runs folder."""
-    runs = tmp_path_factory.mktemp("runs")
-    old = os.environ.get("FACTORLAB_RUNS")
-    os.environ["FACTORLAB_RUNS"] = str(runs)
-    import app
+    from tests.conftest import served_app
 
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
-    yield app, url
-    app.demo.close()
-    if old is None:
-        os.environ.pop("FACTORLAB_RUNS", None)
-    else:
-        os.environ["FACTORLAB_RUNS"] = old
+    with served_app(tmp_path_factory.mktemp("runs")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

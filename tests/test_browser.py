@@ -5,7 +5,6 @@ when Debian's chromium (/usr/bin/chromium) or Playwright's Python package is mis
 """
 import os
 import shutil
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -21,24 +20,15 @@ SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots
 TIMEOUT_MS = 240_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip(f"chromium not found at {CHROMIUM}: install it with `apt-get install -y chromium chromium-driver`")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    old = os.environ.get("FACTORLAB_RUNS")
-    os.environ["FACTORLAB_RUNS"] = str(tmp_path_factory.mktemp("runs"))
-    import app
+    from tests.conftest import served_app
 
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as p:
+    with served_app(tmp_path_factory.mktemp("runs")) as (_, url), sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         tab = browser.new_page(viewport={"width": 1280, "height": 900})
         tab.set_default_timeout(TIMEOUT_MS)
@@ -46,11 +36,6 @@ def page(tmp_path_factory):
         tab.wait_for_selector("text=turn a language model's FFNs into experts")
         yield tab
         browser.close()
-    app.demo.close()
-    if old is None:
-        os.environ.pop("FACTORLAB_RUNS", None)
-    else:
-        os.environ["FACTORLAB_RUNS"] = old
 
 
 def fill(page, elem_id: str, value) -> None:
