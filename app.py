@@ -124,8 +124,15 @@ def refresh_runs():
 
 def apply_preset(name, model):
     """Set every recipe control to a named preset (the model stays: presets are about the method)."""
+    if name == lab.CUSTOM:  # nothing to apply: the controls already show the user's own recipe
+        return {control: gr.skip() for control in SETTINGS.values()}
     values = lab.control_values(preset(name, model=model or "default"))
     return {SETTINGS[key]: value for key, value in values.items()}
+
+
+def preset_label(**settings):
+    """After a user edits a setting: the preset the controls now show, or custom."""
+    return lab.preset_label(settings)
 
 
 def factorize(**settings):
@@ -357,14 +364,15 @@ embedded model, this keeps far more of the dense model's answers than giving eve
 ## The tabs
 1. **Factorize & train.** Every setting is a field of one **recipe**. Start from a **preset** — *default* (the
    measured recipe: 4 experts + 256 always-on shared neurons in layers 1–29, per-token K with mean 2), *quick* (the
-   same shape on less text and fewer steps: a model to look at after 1.5 minutes of training), *paper* (FactorLLM's setting:
-   contiguous split of every layer, no shared neurons, plain top-1) or *no-par* (the default with an untrained
-   router, the baseline PAR is measured against) — then change what you like; the rarely changed settings are under
-   *Advanced*, and `python -m factorlab recipe` prints them all with what each does. The everyday ones: the model,
-   N, K, how neurons are grouped into experts (*cluster*: neurons that fire together on calibration text share an
-   expert; *random*: a seeded shuffle; *contiguous*: in order, as FactorLLM's code), which layers, the shared
-   neurons, the training text, and the training (*experts*: PAR router and a least-squares refit of the experts,
-   the method; *router*: PAR router only; *none*: an untrained router). *Per-token K rounds* > 0 let each token run
+   same shape on less text and fewer steps: a model to look at after 1.5 minutes of training), *paper*
+   (FactorLLM's setting: contiguous split of every layer, no shared neurons, plain top-1) or *no-par* (the default
+   with an untrained router, the baseline PAR is measured against) — then change what you like (the selector then
+   says *custom*); the rarely changed settings are under *Advanced*, and `python -m factorlab recipe` prints them
+   all with what each does. The everyday ones: the model, N, K, how neurons are grouped into experts (*cluster*:
+   neurons that fire together on calibration text share an expert; *random*: a seeded shuffle; *contiguous*: in
+   order, as FactorLLM's code), which layers, the shared neurons, the training text, and the training (*experts*:
+   PAR router and a least-squares refit of the experts, the method; *router*: PAR router only; *none*: an
+   untrained router). *Per-token K rounds* > 0 let each token run
    0..N experts, K on average; 0 gives every token its top K. Under *Advanced*, the output rule (*scaled*: each
    chosen expert counts N/K, as FactorLLM; *gated*: weighted by router probabilities). *Factorize + exactness
    check* proves the cut is lossless: at K = N the logits equal the dense model's (max difference about 1e-4: fp32
@@ -461,7 +469,8 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
         with gr.Tab("Factorize & train", id="train"):
             with gr.Row():
                 with gr.Column(scale=2):
-                    preset_pick = gr.Dropdown([(f"{name}: {text}", name) for name, (text, _) in PRESETS.items()],
+                    preset_pick = gr.Dropdown([(f"{name}: {text}", name) for name, (text, _) in PRESETS.items()]
+                                              + [(f"{lab.CUSTOM}: your own changes to a preset", lab.CUSTOM)],
                                               value=Recipe().preset_name(), label="Preset", elem_id="preset",
                                               info="sets every setting below to a named recipe (the model stays); "
                                                    "change any of them after")
@@ -597,6 +606,9 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
 
     preset_pick.input(shown(apply_preset), [preset_pick, RECIPE_CONTROLS["model"]], list(SETTINGS.values()),
                       api_name="recipe_preset")
+    gr.on([c.input for c in SETTINGS.values() if hasattr(c, "input")] + [DATA_CONTROLS["upload"].change],
+          shown(preset_label), None, preset_pick, inputs_kwargs=SETTINGS, api_name="recipe_label",
+          show_progress="hidden", queue=False)
     factorize_btn.click(shown(gpu(factorize)), None, [train_md, flops_df], inputs_kwargs=SETTINGS, api_name="factorize")
     start_btn.click(shown(start_training), [poll_state, run_name], [poll_state, job_html, train_md],
                     inputs_kwargs=SETTINGS, api_name="train_start", concurrency_limit=None)

@@ -270,6 +270,20 @@ def control_values(recipe: Recipe) -> dict[str, Any]:
                    f"`python -m factorlab train NAME --data {recipe.data}`")
 
 
+CUSTOM = "custom"  # the preset selector's value when the controls show no preset exactly
+
+
+def preset_label(values: dict[str, Any]) -> str:
+    """The preset the page's controls show exactly (the model aside), else CUSTOM; half-typed values
+    are CUSTOM too. An upload or Hub text is never a preset, so it is not checked here."""
+    if values.get("data_kind") not in _BUILTINS:
+        return CUSTOM
+    try:
+        return recipe_from_controls(values).preset_name() or CUSTOM
+    except LabError:
+        return CUSTOM
+
+
 def recipe_from_controls(values: dict[str, Any]) -> Recipe:
     """The Recipe the page's controls show (control_values' keys; a missing field keeps its default).
 

@@ -163,6 +163,25 @@ def test_the_preset_selector_sets_every_control(served, client):
     assert "not in the list of choices" in user_error(client, "/recipe_preset", name="best")  # Gradio's own check
 
 
+def test_the_preset_selector_says_custom_once_a_setting_is_changed(served, client):
+    """After a user edits a control, the selector names the preset the controls still show, or `custom`;
+    choosing `custom` changes nothing."""
+    from factorlab.lab import control_values
+    from factorlab.recipe import preset
+
+    quick = control_values(preset("quick"))
+    assert client.predict(**quick, api_name="/recipe_label") == "quick"
+    assert client.predict(**{**quick, "model": "HuggingFaceTB/SmolLM2-360M-Instruct"},
+                          api_name="/recipe_label") == "quick"  # presets are about the method
+    assert client.predict(**{**quick, "seed": 1}, api_name="/recipe_label") == "custom"
+    assert client.predict(**{**quick, "num_experts": 2.5}, api_name="/recipe_label") == "custom"  # half-typed
+    assert client.predict(**{**quick, "data_kind": "hub", "hub_id": "x/y"}, api_name="/recipe_label") == "custom"
+    assert client.predict(**control_values(preset("default")), api_name="/recipe_label") == "default"
+    updates = served[0].apply_preset("custom", "default")
+    assert set(updates) == set(served[0].SETTINGS.values())
+    assert all(update == {"__type__": "update"} for update in updates.values())  # gr.skip(): nothing changes
+
+
 def test_factorize_shows_exactness_and_flops_per_k(client):
     text, table = client.predict(**TINY, api_name="/factorize")
     diff = float(text.split("= **")[1].split("**")[0])

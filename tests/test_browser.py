@@ -71,6 +71,7 @@ def test_factorize_train_route_chat(page):
     page.locator("#split").get_by_text("random", exact=True).click()
     fill(page, "layers", "0-1")
     fill(page, "shared-size", 0)
+    page.wait_for_function("document.querySelector('#preset input').value.startsWith('custom')")  # what a visitor sees
     page.locator("#factorize").click()
     page.wait_for_selector("#train-status:has-text('exactness check')")
     assert "exact (fp32 rounding)" in page.inner_text("#train-status")
