@@ -278,7 +278,7 @@ def above_chance(factorized: float, dense: float, chance: float, dense_stderr: f
 
 
 def gflops(info: dict, seq_len: int, moe: nn.Module | None = None, top_k: int | None = None,
-            measured: dict[int, float] | None = None) -> float:
+           measured: dict[int, float] | None = None) -> float:
     """GFLOPs per token; for per-token-K layers with the experts per token `measured` on the scored
     tokens ({layer: mean}) or, without it, the mean training measured."""
     if moe is None:
@@ -378,8 +378,8 @@ def summarize(tasks: dict[str, dict]) -> dict:
 
 
 def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: str | Sequence[str] = "all",
-              ks: Sequence[int] = (), *, limit: int | None = None, seed: int = 0, data_dir: str | Path | None = None,
-              batch_size: int = 16, progress: bool = True, callback: Callback | None = None,
+              ks: Sequence[int] = (), *, limit: int | None = None, seed: int = 0,
+              data_dir: str | Path | None = None, batch_size: int = 16, progress: bool = True, callback: Callback | None = None,
               dense_cache: dict | None = None) -> dict:
     """Score the dense model once per task and the factorized model at each K, on the same items.
 
