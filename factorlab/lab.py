@@ -32,7 +32,8 @@ from .jobs import JobCancelled, JobInfo, get_manager
 from .models import HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
 from .moe import chosen_lists, factorized_layers, record_routing, set_top_k
 from .recipe import Recipe, field_type, recipe_fields
-from .runs import Run, RunError, list_runs, load_moe, load_run, runs_root, sanitize_name
+from .runs import Run, RunError, list_runs, load_moe, runs_root, sanitize_name
+from .runs import load_run as load_run_or_folder
 
 MODEL_CHOICES = ("default", *HUB_MODELS)
 _BUILTIN_TEXT = {"everyday": "everyday English (non-evaluated datasets)", "local": "local prose (Python docs, fast)",
@@ -82,6 +83,22 @@ def dense_info(spec: str) -> dict:
     if spec not in _info_cache:
         _info_cache[spec] = model_info(load_model(spec).model)
     return _info_cache[spec]
+
+
+def checked_run_name(name: str) -> str:
+    """A run's name as the page may use it: a folder name in the runs folder, never a path."""
+    text = name.strip() if isinstance(name, str) else ""
+    try:
+        if text and sanitize_name(text) == text:
+            return text
+    except RunError:
+        pass
+    raise LabError(f"no run named {name!r} in the runs folder: choose one from the list")
+
+
+def load_run(name: str) -> Run:
+    """A run of the runs folder, by its name only: the page never reaches another folder by a path."""
+    return load_run_or_folder(checked_run_name(name))
 
 
 def run_handle(name: str, trained: bool = True) -> ModelHandle:
@@ -207,6 +224,7 @@ def delete(name: str) -> None:
 
     if not name:
         raise LabError("choose a run to delete")
+    name = checked_run_name(name)  # as jobs hold it; a corrupt run can be deleted too
     busy = [j for j in get_manager().jobs() if not j.is_finished and j.params.get("run") == name]
     if busy:
         raise LabError(f"run {name!r} is in use by a {busy[0].kind} job: cancel it first")
@@ -500,6 +518,7 @@ def start_bench(name: str, prefill, decode, repeats) -> str:
     """Queue a wall-clock benchmark of dense vs every K of the run (stored in metrics["bench"])."""
     if not name:
         raise LabError("load a run first")
+    name = load_run(name).name
     params = {"run": name, "prefill": _int(prefill, "prefill tokens"), "decode": _int(decode, "decode tokens"),
               "repeats": _int(repeats, "repeats")}
     if params["prefill"] < 1 or params["repeats"] < 1 or params["decode"] < 0:

@@ -242,6 +242,9 @@ def load_run(name: str, root: str | Path | None = None) -> Run:
     if not isinstance(config, dict) or not isinstance(metrics, dict):
         raise RunError(f"run {path.name!r} is corrupt: {CONFIG} and {METRICS} must hold JSON objects; "
                        "delete it and create it again.")
+    problem = _metrics_problem(metrics)
+    if problem:
+        raise RunError(f"run {path.name!r} is corrupt: {METRICS} {problem}; delete it and create it again.")
     run = Run(path.name, path, config, metrics)
     try:
         run.recipe, run.layers  # noqa: B018 - read once: a run whose settings cannot be read is corrupt
@@ -249,6 +252,24 @@ def load_run(name: str, root: str | Path | None = None) -> Run:
         raise RunError(f"run {path.name!r} is corrupt: its settings cannot be read ({exc}); "
                        "delete it and create it again.") from exc
     return run
+
+
+def _metrics_problem(metrics: dict) -> str | None:
+    """What is malformed in the parts of metrics.json that readers walk (None: nothing)."""
+    for key in ("train", "heldout", "eval", "bench", "exactness"):
+        if key in metrics and not isinstance(metrics[key], dict):
+            return f'holds a {type(metrics[key]).__name__} as "{key}", not an object'
+    for k, value in (metrics.get("heldout") or {}).items():
+        if value is not None and not isinstance(value, dict):
+            return f'holds a {type(value).__name__} as "heldout" at K={k}, not an object'
+    ev = metrics.get("eval") or {}
+    for key in ("tasks", "summary"):
+        if key in ev and not isinstance(ev[key], dict):
+            return f'holds a {type(ev[key]).__name__} as "eval.{key}", not an object'
+    for task, entry in (ev.get("tasks") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("k", {}), dict):
+            return f'holds a malformed "eval.tasks.{task}"'
+    return None
 
 
 def load_moe(run: Run | str, dense: nn.Module, root: str | Path | None = None, trained: bool = True) -> nn.Module:

@@ -123,6 +123,67 @@ def test_run_rows_and_description_show_the_recipe_and_heldout_metrics_per_k(runs
     assert any(r[0] == "broken" and r[1] == "corrupt" and "corrupt" in r[2] for r in lab.run_rows())
 
 
+@pytest.mark.parametrize("config, metrics, reason", [
+    ([1, 2, 3], {}, "must hold JSON objects"),
+    (None, {"eval": [1, 2]}, 'holds a list as "eval"'),
+    (None, {"heldout": {"2": 39.0}}, 'holds a float as "heldout" at K=2'),
+    (None, {"eval": {"tasks": {"piqa": {"k": []}}}}, 'malformed "eval.tasks.piqa"'),
+    ({}, {}, "its settings cannot be read"),
+])
+def test_one_malformed_run_is_listed_as_corrupt_and_breaks_nothing(runs_dir, config, metrics, reason):
+    """Issue 27, case 1: a malformed config.json or metrics.json marks that run corrupt (with the reason);
+    the runs table, the run list and the CLI's `runs` keep working for every other run."""
+    import subprocess
+    import sys
+
+    fake_run(runs_dir, {"heldout": HELDOUT})
+    fake_run(runs_dir, {}, name="bad")
+    if config is not None:
+        (runs_dir / "bad" / "config.json").write_text(json.dumps(config))
+    (runs_dir / "bad" / "metrics.json").write_text(json.dumps(metrics))
+    rows = {r[0]: r for r in lab.run_rows()}
+    assert rows["bad"][1] == "corrupt" and reason in rows["bad"][2] and rows["fake"][1] == "custom"
+    assert lab.run_names() == ["fake"]
+    out = subprocess.run([sys.executable, "-m", "factorlab", "runs"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    assert "bad" in out.stdout and "CORRUPT" in out.stdout and reason in out.stdout
+
+
+def test_the_page_reaches_runs_by_name_only(runs_dir, tmp_path):
+    """Issue 27, case 2: a path typed into the Run field (another folder holding a run, or the runs
+    folder's own run by a path) is refused, so a visitor learns nothing of the server's folders and a
+    result is never stored on a run it was not loaded from."""
+    import shutil
+
+    fake_run(runs_dir, {"heldout": HELDOUT})
+    outside = tmp_path / "elsewhere" / "fake"
+    shutil.copytree(runs_dir / "fake", outside)
+    for typed in (str(outside), str(runs_dir / "fake"), "../runs/fake", "fake/", "", None, 7):
+        for action in (lab.describe_run, lab.run_shape, lambda n: lab.start_bench(n, 8, 0, 1),
+                       lambda n: lab.start_eval(n, ["piqa"], 5), lab.delete):
+            if typed in ("", None) and action in (lab.describe_run, lab.delete):
+                continue  # an empty field has its own message
+            with pytest.raises(lab.LabError, match="no run named .* in the runs folder|load a run first"):
+                action(typed)
+    assert (runs_dir / "fake").is_dir() and outside.is_dir()  # nothing was deleted
+    assert "Current run: `fake`" in lab.describe_run(" fake ")
+
+
+def test_a_run_in_use_cannot_be_deleted_under_another_spelling(runs_dir, monkeypatch):
+    """Issue 27, case 3: the in-use check and the delete look at the same name."""
+    from types import SimpleNamespace
+
+    fake_run(runs_dir, {"heldout": HELDOUT}, name="twoA")
+    job = SimpleNamespace(is_finished=False, params={"run": "twoA"}, kind="bench")
+    monkeypatch.setattr(lab, "get_manager", lambda: SimpleNamespace(jobs=lambda: [job]))
+    for spelling in ("twoA", " twoA "):
+        with pytest.raises(lab.LabError, match="in use by a bench job"):
+            lab.delete(spelling)
+    with pytest.raises(lab.LabError, match="no run named"):
+        lab.delete("twoA/")
+    assert (runs_dir / "twoA").is_dir()
+
+
 def test_an_old_run_shows_its_recipe_and_the_settings_that_were_removed(runs_dir):
     import torch
 
