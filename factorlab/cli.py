@@ -351,6 +351,8 @@ def add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     p.add_argument("--data-dir", default=None, help="a folder with one sub-folder per task "
                    "(a saved dataset or .jsonl files with the Hub's field names)")
+    p.add_argument("--split", default=None, help="the split to score, e.g. test (default: each task's own, "
+                   "validation for most; with --data-dir, the split its files hold)")
     p.add_argument("--batch-size", type=int, default=16, help="documents per forward")
     p.add_argument("--dense-only", action="store_true", help="score the dense model alone (no run)")
     p.add_argument("--model", default=None, help="with --dense-only: the model to score (default: 'default')")
@@ -421,7 +423,8 @@ def cmd_eval(args) -> int:
             raise CliError("--dense-only scores the dense model alone: drop the run name")
         loaded = load_model(args.model or "default")
         sweep = run_sweep(loaded.model, loaded.tokenizer, None, tasks, [], limit=args.limit, seed=args.seed,
-                          data_dir=args.data_dir, batch_size=args.batch_size, progress=sys.stderr.isatty())
+                          data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
+                          progress=sys.stderr.isatty())
         sweep["model"], sweep["run"] = args.model or "default", None
     elif not args.name:
         raise CliError("give a run NAME, or --dense-only to score the dense model alone")
@@ -431,8 +434,8 @@ def cmd_eval(args) -> int:
         recipe = load_run(args.name, args.runs_dir).recipe
         ks = _parse_ks(args.k, recipe.top_k, recipe.num_experts)
         sweep = evaluate_run(args.name, tasks, ks, limit=args.limit, seed=args.seed, data_dir=args.data_dir,
-                             batch_size=args.batch_size, runs_dir=args.runs_dir, store=not args.no_store,
-                             progress=sys.stderr.isatty())
+                             split=args.split, batch_size=args.batch_size, runs_dir=args.runs_dir,
+                             store=not args.no_store, progress=sys.stderr.isatty())
     if args.json:
         _emit_json(args, sweep)
     else:

@@ -379,8 +379,8 @@ def summarize(tasks: dict[str, dict]) -> dict:
 
 def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: str | Sequence[str] = "all",
               ks: Sequence[int] = (), *, limit: int | None = None, seed: int = 0,
-              data_dir: str | Path | None = None, batch_size: int = 16, progress: bool = True, callback: Callback | None = None,
-              dense_cache: dict | None = None) -> dict:
+              data_dir: str | Path | None = None, split: str | None = None, batch_size: int = 16,
+              progress: bool = True, callback: Callback | None = None, dense_cache: dict | None = None) -> dict:
     """Score the dense model once per task and the factorized model at each K, on the same items.
 
     Returns {"tasks": {task: {"dense": {...}, "k": {"K": {..., "relative", "above_chance"}}, ...}},
@@ -392,7 +392,7 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
     if moe is not None and not ks:
         raise ValueError("give at least one K to score the factorized model at (e.g. ks=[1, 2])")
     cache = {} if dense_cache is None else dense_cache
-    prepared = {n: prepare(tokenizer, load_task(n, data_dir, limit, seed), max_length(dense)) for n in names}
+    prepared = {n: prepare(tokenizer, load_task(n, data_dir, limit, seed, split), max_length(dense)) for n in names}
     keys = {n: (n, limit, seed, p.task.split, p.task.source) for n, p in prepared.items()}
     total = sum(p.num_batches(batch_size) * (len(ks) + (keys[n] not in cache)) for n, p in prepared.items())
     done = 0
@@ -438,7 +438,8 @@ def run_sweep(dense: nn.Module, tokenizer, moe: nn.Module | None = None, tasks: 
         if original_k:
             set_top_k(moe, original_k)
     return {"tasks": out, "summary": summarize(out),
-            "settings": {"limit": limit, "seed": seed, "batch_size": batch_size, "tasks": names, "ks": ks}}
+            "settings": {"limit": limit, "seed": seed, "split": split, "batch_size": batch_size, "tasks": names,
+                         "ks": ks}}
 
 
 # ---- held-out text: perplexity, agreement and KL against the dense model ----

