@@ -67,15 +67,19 @@ def cmd_info(args) -> int:
 
 
 # ---- the recipe on the command line ----
-def _add_recipe(p: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
-    """--preset, --set KEY=VALUE and the everyday flags of these Recipe sections (None: all), generated
-    from the fields' metadata. Flags default to None: only what the user typed changes the preset."""
+def _add_preset_and_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="the recipe to start from (default: default, the measured recipe); "
                         "`python -m factorlab recipe --preset P` shows one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
                    help="any recipe field, e.g. --set router_steps=300 (repeatable; `python -m factorlab recipe` "
                         "lists them)")
+
+
+def _add_recipe(p: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    """--preset, --set KEY=VALUE and the everyday flags of these Recipe sections (None: all), generated
+    from the fields' metadata. Flags default to None: only what the user typed changes the preset."""
+    _add_preset_and_set(p)
     defaults = Recipe()
     for f in recipe_fields(everyday=True):
         if sections and f.metadata["section"] not in sections and f.name not in ("seed", "data"):
@@ -105,9 +109,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def add_recipe(sub) -> None:
     p = sub.add_parser("recipe", help="print a recipe: every setting, its value and what it does")
-    p.add_argument("--preset", default="default", choices=list(PRESETS), help="the preset to show (default: default)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
-                   help="show the preset with these fields changed")
+    _add_preset_and_set(p)
     _add_json(p)
     p.set_defaults(func=cmd_recipe)
 

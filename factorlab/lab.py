@@ -31,7 +31,7 @@ from .flops import flops_per_token, mean_k_plan
 from .jobs import JobCancelled, JobInfo, get_manager
 from .models import HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
 from .moe import chosen_lists, factorized_layers, record_routing, set_top_k
-from .recipe import Recipe, field_type, recipe_fields
+from .recipe import Recipe, field_type, layers_text, recipe_fields
 from .runs import Run, RunError, list_runs, load_moe, runs_root, sanitize_name
 from .runs import load_run as load_run_or_folder
 
@@ -173,7 +173,7 @@ def _run_row(run: Run) -> dict:
     held = sorted(((int(k), v) for k, v in (m.get("heldout") or {}).items() if v))
     mean = (((m.get("eval") or {}).get("summary") or {}).get("k") or {}).get(str(recipe.top_k)) or {}
     return {"run": run.name, "recipe": recipe.preset_name() or "custom", "model": recipe.model,
-            "N": recipe.num_experts, "K": recipe.top_k, "split": recipe.split, "layers": _layers_text(run.layers),
+            "N": recipe.num_experts, "K": recipe.top_k, "split": recipe.split, "layers": layers_text(run.layers),
             "training": recipe.mode, "dense ppl": f"{held[0][1]['dense_perplexity']:.2f}" if held else None,
             "held-out by K: perplexity (agreement)":
                 " · ".join(f"K={k}: {v['perplexity']:.1f} ({_pct(v['agreement'])})" for k, v in held) or None,
@@ -250,17 +250,6 @@ def check_writable() -> None:
             pass
     except OSError as exc:
         raise LabError(readonly_hint(exc)) from exc
-
-
-def _layers_text(layers: list[int]) -> str:
-    if not layers:
-        return ""
-    parts, start = [], layers[0]
-    for a, b in zip(layers, layers[1:] + [None]):
-        if b != a + 1:
-            parts.append(f"{start}" if start == a else f"{start}-{a}")
-            start = b
-    return ",".join(parts)
 
 
 def _pct(x: float | None) -> str | None:

@@ -280,6 +280,18 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return sorted(chosen)
 
 
+def layers_text(layers: list[int]) -> str:
+    """The inverse of parse_layers for display: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' ('' for none)."""
+    if not layers:
+        return ""
+    parts, start = [], layers[0]
+    for a, b in zip(layers, list(layers[1:]) + [None]):
+        if b != a + 1:
+            parts.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(parts)
+
+
 def _by_name(name: str) -> dataclasses.Field:
     for f in fields(Recipe):
         if f.name == name:

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from .factorize import Partition, build_moe
 from .moe import factorized_layers
-from .recipe import Recipe
+from .recipe import Recipe, layers_text
 
 EXPERT_TENSORS = ("gate_up", "down", "shared_gate_up", "shared_down")
 CONFIG, TENSORS, METRICS, LOG = "config.json", "tensors.safetensors", "metrics.json", "train_log.jsonl"
@@ -87,17 +88,21 @@ class Run:
     def tensors(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / TENSORS))
 
+    @cached_property
+    def _settings(self) -> tuple[Recipe, dict]:
+        if "recipe" in self.config:
+            return Recipe.from_dict(self.config["recipe"]), {}
+        return legacy_recipe(self.config)
+
     @property
     def recipe(self) -> Recipe:
         """The settings the run was made with (runs saved before the Recipe are converted: legacy_recipe)."""
-        if "recipe" in self.config:
-            return Recipe.from_dict(self.config["recipe"])
-        return legacy_recipe(self.config)[0]
+        return self._settings[0]
 
     @property
     def removed_settings(self) -> dict:
         """Settings of an old run that factorlab no longer has, with their values ({} for most runs)."""
-        return {} if "recipe" in self.config else legacy_recipe(self.config)[1]
+        return self._settings[1]
 
     @property
     def layers(self) -> list[int]:
@@ -135,7 +140,7 @@ def legacy_recipe(config: dict) -> tuple[Recipe, dict]:
         removed["split"], split = "coverage", "cluster"
     values = {"model": config.get("model", "default"), "num_experts": int(config.get("num_experts", part.get("num_experts"))),
               "top_k": int(config.get("top_k", 1)), "split": split,
-              "layers": spec.get("layers") or _layers_text(config.get("layers") or part.get("layers") or []),
+              "layers": spec.get("layers") or (layers_text(config.get("layers") or part.get("layers") or []) or "all"),
               "shared_size": int(config.get("shared_size", part.get("shared_size", 0))),
               "output_mode": config.get("output_mode", "scaled"), "mode": config.get("mode") or "none",
               "seed": int(config.get("seed", part.get("seed", 0)))}
@@ -160,17 +165,6 @@ def legacy_recipe(config: dict) -> tuple[Recipe, dict]:
         if key in old and old[key] != default and not (key == "shared_choice" and not values["shared_size"]):
             removed[key] = old[key]
     return Recipe(**values), removed
-
-
-def _layers_text(layers: list[int]) -> str:
-    """[1, 2, 3, 7] -> '1-3,7'."""
-    parts, start = [], None
-    for a, b in zip(layers, list(layers[1:]) + [None]):
-        start = a if start is None else start
-        if b != a + 1:
-            parts.append(f"{start}" if start == a else f"{start}-{a}")
-            start = None
-    return ",".join(parts) or "all"
 
 
 def run_path(name: str, root: str | Path | None = None) -> Path:

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from factorlab import lab
-from factorlab.recipe import PRESETS, Recipe, preset
+from factorlab.recipe import PRESETS, Recipe, layers_text, preset
 from factorlab.runs import save_run
 
 
@@ -24,7 +24,7 @@ def test_whole_numbers_and_layer_ranges():
     for bad in ("four", 2.5, math.inf, None):
         with pytest.raises(lab.LabError, match="whole number"):
             lab._int(bad, "N")
-    assert lab._layers_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert layers_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
 def test_the_page_shows_every_recipe_and_reads_it_back():
