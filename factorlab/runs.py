@@ -49,9 +49,29 @@ def sanitize_name(name: str) -> str:
     return clean[:80]
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# Temporaries are hidden (a leading '.') and carry their writer's process id: `clean_leftovers` removes
+# those whose process is gone (a crash or kill -9 mid-save), never those of a live writer.
+_LEFTOVER_RE = re.compile(r"^\..*\.(?:tmp|old|deleted)(\d+)(?:\.|$)")
+_OLD_RE = re.compile(r"^\.(.+)\.old\d+$")  # a run moved aside while its overwrite is renamed into place
+LEFTOVER_MAX_AGE_S = 24 * 3600  # a temporary older than this is removed even if its process id is alive again
+
+
+def _temp_tag(kind: str) -> str:
+    return f".{kind}{os.getpid()}."
+
+
+def _atomic_write(path: Path, write, *, in_run: bool = False) -> None:
+    """Write a file through a temporary renamed into place. in_run: the file belongs in an existing run
+    folder, which is never created here (a run deleted meanwhile stays deleted)."""
+    if in_run:
+        _require_run(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_temp_tag('tmp')}", suffix=".tmp", dir=path.parent)
+    except FileNotFoundError:
+        _require_run(path.parent)
+        raise
     os.close(fd)
     try:
         write(tmp)
@@ -61,8 +81,14 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True)))
+def _require_run(folder: Path) -> None:
+    if not (folder / CONFIG).is_file():
+        raise RunError(f"run {folder.name!r} no longer exists (deleted while a job used it): nothing was stored")
+
+
+def atomic_write_json(path: Path, obj, *, in_run: bool = False) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True)),
+                  in_run=in_run)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -201,7 +227,8 @@ def save_run(name: str, config: dict, tensors: dict[str, torch.Tensor], metrics:
         raise RunError(f"a run named {target.name!r} already exists in {target.parent}: "
                        "pick another name or delete it first.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    clean_leftovers(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_temp_tag('tmp')}", dir=target.parent))
     try:
         config = {**config, "name": target.name, "created": config.get("created") or time.time(),
                   "versions": versions()}
@@ -209,7 +236,7 @@ def save_run(name: str, config: dict, tensors: dict[str, torch.Tensor], metrics:
         atomic_save_tensors(tmp / TENSORS, tensors)
         atomic_write_json(tmp / METRICS, metrics or {})
         if target.exists():
-            old = target.with_name(f".{target.name}.old{os.getpid()}")
+            old = target.with_name(f".{target.name}.old{os.getpid()}")  # matches _LEFTOVER_RE
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -281,6 +308,14 @@ def load_moe(run: Run | str, dense: nn.Module, root: str | Path | None = None, t
     except Exception as exc:  # noqa: BLE001 - a damaged file becomes a clear message
         raise RunError(f"run {run.name!r} has unreadable tensors ({exc}); delete it and create it again.") from exc
     recipe = run.recipe
+    try:
+        return _rebuild(run, recipe, tensors, dense, trained)
+    except Exception as exc:  # noqa: BLE001 - tensors that do not fit the recipe or the model: a clear message
+        raise RunError(f"run {run.name!r} does not fit its recipe or model ({type(exc).__name__}: "
+                       f"{str(exc)[:200]}); delete it and create it again.") from exc
+
+
+def _rebuild(run: Run, recipe: Recipe, tensors: dict, dense: nn.Module, trained: bool) -> nn.Module:
     partition = Partition.from_tensors(tensors, recipe.num_experts, recipe.split, recipe.shared_size, recipe.seed)
     moe = build_moe(dense, partition, recipe.top_k, recipe.output_mode, router_seed=recipe.seed)
     if trained:
@@ -302,16 +337,17 @@ def update_metrics(name: str | Path, updates: dict, root: str | Path | None = No
     """Merge `updates` into a run's metrics.json (top-level keys replaced), atomically."""
     path = run_path(str(name), root)
     with _metrics_lock:
+        _require_run(path)  # deleted meanwhile: never recreate a folder holding only metrics
         current = json.loads((path / METRICS).read_text()) if (path / METRICS).exists() else {}
         current.update(updates)
-        atomic_write_json(path / METRICS, current)
+        atomic_write_json(path / METRICS, current, in_run=True)
     return current
 
 
 def write_log(name: str | Path, records: list[dict], root: str | Path | None = None) -> None:
     """Replace a run's train_log.jsonl with these records (one JSON object a line)."""
     path = run_path(str(name), root) / LOG
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)), in_run=True)
 
 
 def read_log(name: str | Path, root: str | Path | None = None) -> list[dict]:
@@ -355,10 +391,55 @@ def _created(config: dict) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
+def clean_leftovers(root: str | Path | None = None) -> list[str]:
+    """Remove what crashed writers left in the runs folder: hidden temporary run folders and files whose
+    process is gone (or older than a day), and stale write checks. Returns the removed names."""
+    base = runs_root(root)
+    if not base.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    candidates = [p for p in base.iterdir() if p.name.startswith(".")]
+    candidates += [p for run in base.iterdir() if run.is_dir() and not run.name.startswith(".")
+                   for p in run.iterdir() if p.name.startswith(".")]
+    for path in candidates:
+        try:
+            age = now - path.lstat().st_mtime
+        except OSError:
+            continue
+        match = _LEFTOVER_RE.match(path.name)
+        stale = (match and (not _alive(int(match.group(1))) or age > LEFTOVER_MAX_AGE_S)) or \
+            (path.name.startswith(".write-check.") and age > 60)
+        old = _OLD_RE.match(path.name) if stale and path.parent == base else None
+        if old and not (base / old.group(1)).exists():  # killed between the two renames of an overwrite:
+            os.replace(path, base / old.group(1))  # the old run is the only copy, so it comes back
+            removed.append(f"{path.name} (restored as {old.group(1)})")
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else \
+                path.unlink(missing_ok=True)
+            removed.append(str(path.relative_to(base)))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (this process counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def delete_run(name: str, root: str | Path | None = None) -> None:
     path = runs_root(root) / sanitize_name(name)
     if not path.is_dir():
         raise RunError(f"no run named {name!r} in {path.parent}")
     trash = path.with_name(f".{path.name}.deleted{os.getpid()}")
-    os.replace(path, trash)  # atomic: the run disappears from listings at once
+    with _metrics_lock:  # not between a metrics update's check and its write (in this process)
+        os.replace(path, trash)  # atomic: the run disappears from listings at once
     shutil.rmtree(trash, ignore_errors=True)
