@@ -23,6 +23,7 @@ from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_
 from factorlab.jobs import get_manager
 from factorlab.models import hub_reachable
 from factorlab.recipe import PRESETS, Recipe, field_type, preset, recipe_fields
+from factorlab.runs import clean_leftovers
 from factorlab.tasks import TASK_NAMES
 from factorlab.workflows import FLOPS_SEQ_LEN
 
@@ -690,7 +691,7 @@ def launch(**kwargs):
     """Serve the lab (theme and CSS go to launch() in Gradio 6); kwargs override the defaults. First remove
     what crashed saves left in the runs folder."""
     lab.limits()  # a malformed quota variable stops the start, naming the variable
-    removed = lab.clean_leftovers()
+    removed = clean_leftovers()
     if removed:
         logging.getLogger(__name__).info("removed leftovers of interrupted saves: %s", ", ".join(removed))
     options = {"server_name": os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

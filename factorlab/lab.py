@@ -34,7 +34,7 @@ from .limits import QuotaError, check_recipe, limits
 from .models import DEFAULT_HUB_ID, HUB_MODELS, ModelLoadError, hub_reachable, load_model, model_info
 from .moe import chosen_lists, factorized_layers, record_routing, set_top_k
 from .recipe import Recipe, field_type, layers_text, recipe_fields
-from .runs import Run, RunError, clean_leftovers, list_runs, load_moe, runs_root, sanitize_name
+from .runs import Run, RunError, list_runs, load_moe, runs_root, sanitize_name
 from .runs import load_run as load_run_or_folder
 
 MODEL_CHOICES = ("default", *HUB_MODELS)

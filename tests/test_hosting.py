@@ -173,7 +173,7 @@ def test_a_run_whose_tensors_do_not_fit_its_recipe_is_a_clear_error(runs_dir):
 
 
 def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(runs_dir):
-    from factorlab.runs import clean_leftovers, list_runs, save_run
+    from factorlab.runs import clean_leftovers, list_runs
 
     _tiny_run("kept")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
