@@ -283,11 +283,13 @@ def start_bench(run, prefill, decode, repeats, request: gr.Request = None):
 
 
 # ---------------------------------------------------------------- handlers: chat
-def _stats(label: str, step, ffn: float, dense_ffn: float) -> str:
+def _stats(label: str, step, ffn: float, dense_ffn: float, heldout: dict | None = None) -> str:
     rate = f"{step.tokens_per_s:.1f} tokens/s" if step.tokens_per_s else "… tokens/s"
     share = f" ({ffn / dense_ffn:.0%} of dense)" if ffn != dense_ffn else ""
+    fidelity = (f" · held-out text: top-1 agreement with dense <b>{heldout['agreement']:.0%}</b>, perplexity "
+                f"{heldout['perplexity']:.1f} (dense {heldout['dense_perplexity']:.1f})" if heldout else "")
     return (f"<div class='fl-stats'><b>{label}</b> · {step.new_tokens} tokens · {rate} · prefill "
-            f"{step.prefill_s:.2f} s · active FFN <b>{ffn:.3f}</b> GFLOPs/token{share}</div>")
+            f"{step.prefill_s:.2f} s · active FFN <b>{ffn:.3f}</b> GFLOPs/token{share}{fidelity}</div>")
 
 
 def _stream(dense_history, moe_history, message, settings: dict):
@@ -313,6 +315,7 @@ def _stream(dense_history, moe_history, message, settings: dict):
     if shape:
         k = max(1, min(int(k), shape["num_experts"]))
         moe_ffn = lab.ffn_gflops(run, k)[1]
+        heldout = lab.heldout_at(run, k)  # measured when the run was saved, at this K
         right = stream_reply(lab.run_handle(run), to_messages(moe_history[:-1]), sampling, top_k=k,
                              trace=bool(colour))
     else:
@@ -323,7 +326,7 @@ def _stream(dense_history, moe_history, message, settings: dict):
         stats_moe, tokens = "", ""
         if shape:
             moe_history[-1]["content"] = shown_text(m)
-            stats_moe = _stats(f"factorized K={k} of {shape['num_experts']}", m, moe_ffn, dense_ffn)
+            stats_moe = _stats(f"factorized K={k} of {shape['num_experts']}", m, moe_ffn, dense_ffn, heldout)
             if colour and layer is not None:
                 tokens = viz.tokens_html(m.pieces, m.experts, int(layer), shape["num_experts"])
         yield "", dense_history, moe_history, _stats("dense", d, dense_ffn, dense_ffn), stats_moe, tokens

@@ -209,7 +209,7 @@ def add_train(sub) -> None:
                                    "recipe` lists them all with what they do).")
     p.add_argument("name", help="run name (saved under the runs folder)")
     _add_recipe(p)
-    p.add_argument("--eval-k", default=None, help="K values for held-out metrics, e.g. 1,2,3 (default: 1, K and K+1)")
+    p.add_argument("--eval-k", default=None, help="K values for held-out metrics, e.g. 1,2,3 (default: every K in 1..N)")
     p.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
     _runs_dir(p)

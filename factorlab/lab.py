@@ -178,6 +178,12 @@ def _run_flops(info: dict, shape: dict, k: int, seq_len: int) -> dict:
                            top_k_per_layer=mean_k_plan(shape["per_token_k"], k))
 
 
+def heldout_at(name: str, k: int) -> dict | None:
+    """The run's held-out metrics at K (perplexity, agreement, KL against dense), if measured."""
+    value = (load_run(name).metrics.get("heldout") or {}).get(str(k))
+    return value or None
+
+
 def dense_ffn_gflops(spec: str, seq_len: int = 512) -> float:
     """Active FFN GFLOPs per token of the dense model."""
     return flops_per_token(dense_info(spec), seq_len)["ffn"] / 1e9

@@ -79,6 +79,16 @@ class FactorizedMLP(nn.Module):
         self.shared_gate_up = nn.Parameter(torch.cat([g[:shared_size], u[:shared_size]], dim=0))  # (2S, H)
         self.shared_down = nn.Parameter(d_t[:shared_size].contiguous())  # (S, H)
         self.register_buffer("permutation", perm.clone(), persistent=False)
+        # The dense FFN's own weights (views of the dense model's tensors: no copy, not saved). Once the experts
+        # are tuned for some K, K = N runs these, so K = N stays the dense model exactly (every expert, the
+        # original weights), whatever tuning the smaller K got; `gated` K = N is the dense FFN as well.
+        self.register_buffer("dense_gate", gate.detach(), persistent=False)
+        self.register_buffer("dense_up", up.detach(), persistent=False)
+        self.register_buffer("dense_down", down.detach(), persistent=False)
+        self.tuned = False  # experts refitted (refit_down, a run's tuned tensors): K = N uses the dense weights
+        # K -> that K's own refitted (down, shared_down); set_top_k(K) switches to them. Empty: one set for all K.
+        self.weights_by_k: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.trained_k: int | None = None  # the K whose weights are `down` as trained (with weights_by_k)
         self.router = TopKRouter(hidden, num_experts, top_k).to(device=gate.device, dtype=gate.dtype)
         # Per-token K (adaptive routing): expert e runs for a token when sigmoid(router logit e) >=
         # thresholds[K-1] (the best expert runs anyway unless min_experts is 0). thresholds[K-1] was tuned
@@ -97,9 +107,27 @@ class FactorizedMLP(nn.Module):
         return self.router.top_k
 
     def set_top_k(self, top_k: int) -> None:
+        """Run K experts per token (per-token K: K on average), with K's own refitted weights if it has them."""
         if not 1 <= top_k <= self.num_experts:
             raise ValueError(f"top_k must be in 1..{self.num_experts}, got {top_k}")
         self.router.top_k = top_k
+        weights = self.weights_by_k.get(top_k)
+        if weights is not None:  # a pointer swap, no copy
+            self.down.data, self.shared_down.data = weights
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to() / .half() / .cuda() convert every K's own weights too (they are not parameters)."""
+        super()._apply(fn, recurse)
+        current = self.weights_by_k.get(self.top_k)
+        self.weights_by_k = {k: (fn(d), fn(s)) for k, (d, s) in self.weights_by_k.items()}
+        if current is not None:  # the parameters hold the current K's weights: keep them one tensor
+            self.down.data, self.shared_down.data = self.weights_by_k[self.top_k]
+        return self
+
+    @property
+    def dense_at_n(self) -> bool:
+        """Whether this K is N and runs the dense FFN's own weights (see __init__)."""
+        return self.top_k == self.num_experts and (self.tuned or self.output_mode == "gated")
 
     @property
     def adaptive(self) -> bool:
@@ -135,6 +163,8 @@ class FactorizedMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)  # (T, H)
         logits, _, top_k_probs, top_k_index = self.router(x)  # every token, so routing traces stay per token
+        if self.dense_at_n:  # every expert with the original weights: the dense FFN, exactly
+            return self._dense_ffn(x).view(hidden_states.shape)
         if self.thresholds is not None:  # per-token K: the index lists all N experts, unselected ones weigh 0
             top_k_index, weights = self.adaptive_selection(logits)  # (T, N) each
         else:
@@ -275,6 +305,10 @@ class FactorizedMLP(nn.Module):
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return self.expert_activation(x, e) @ self.down[e]  # (c, H)
 
+    def _dense_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(F.linear(x, self.dense_gate)) * F.linear(x, self.dense_up)  # (T, I)
+        return F.linear(h, self.dense_down)  # (T, H)
+
     def _shared_ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared_activations(x) @ self.shared_down  # (T, H)
 
@@ -298,6 +332,8 @@ class FactorizedMLP(nn.Module):
     def forward_reference(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Compute every expert and mask: the slow reference that dispatch must equal."""
         x = hidden_states.reshape(-1, self.hidden_size)
+        if self.dense_at_n:
+            return self._dense_ffn(x).view(hidden_states.shape)
         dense_w = self.routing_weights(x)  # (T, N), zero for unselected experts
         out = torch.einsum("tn,tnh->th", dense_w, self.expert_outputs(x)) + self._shared(x)
         return out.view(hidden_states.shape)

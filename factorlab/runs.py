@@ -213,9 +213,18 @@ def moe_tensors(moe: nn.Module, partition: Partition, tuned: tuple[str, ...] | b
         if mlp.adaptive:  # per-token K: the thresholds per K and the mean K each gave in training
             tensors[f"thresholds.{i}"], tensors[f"expected_k.{i}"] = mlp.thresholds, mlp.expected_k
             tensors[f"min_experts.{i}"] = torch.tensor([mlp.min_experts])
+        own = mlp.weights_by_k  # K -> (down, shared_down) when every K has its own refit (refit_each_k)
         for pname in names:
-            if getattr(mlp, pname).numel():
-                tensors[f"{pname}.{i}"] = getattr(mlp, pname)
+            value = getattr(mlp, pname)
+            if own and pname in ("down", "shared_down"):  # the trained K's, whatever K the model runs now
+                value = own[mlp.trained_k][0 if pname == "down" else 1]
+            if value.numel():
+                tensors[f"{pname}.{i}"] = value
+        for k, (down, shared_down) in own.items():
+            if k != mlp.trained_k and names:
+                tensors[f"down.k{k}.{i}"] = down
+                if shared_down.numel():
+                    tensors[f"shared_down.k{k}.{i}"] = shared_down
     return tensors
 
 
@@ -329,6 +338,13 @@ def _rebuild(run: Run, recipe: Recipe, tensors: dict, dense: nn.Module, trained:
                 for pname in EXPERT_TENSORS:
                     if f"{pname}.{i}" in tensors:
                         getattr(mlp, pname).copy_(tensors[f"{pname}.{i}"])
+                        mlp.tuned = True  # K = N is the dense FFN (FactorizedMLP.dense_at_n)
+                own = {k: (tensors[f"down.k{k}.{i}"], tensors.get(f"shared_down.k{k}.{i}", mlp.shared_down.detach()))
+                       for k in range(1, mlp.num_experts) if f"down.k{k}.{i}" in tensors}
+                if own:  # every K with its own refit: the trained K's are the ones just loaded
+                    mlp.weights_by_k = {**own, recipe.top_k: (mlp.down.detach(), mlp.shared_down.detach())}
+                    mlp.trained_k = recipe.top_k
+                    mlp.set_top_k(recipe.top_k)
     moe.factorlab_run = run
     return moe
 

@@ -159,8 +159,9 @@ def tuned_params(recipe: Recipe) -> tuple[str, ...]:
 
 
 def default_eval_ks(recipe: Recipe) -> list[int]:
-    """The K values held-out metrics are measured at by default: 1, the recipe's K and the next one."""
-    return sorted({1, recipe.top_k, min(recipe.num_experts, recipe.top_k + 1)})
+    """The K values held-out metrics are measured at by default: every K in 1..N (each its own model: its own
+    refit, and K = N the dense model again), so the K slider shows a measured value everywhere."""
+    return list(range(1, recipe.num_experts + 1))
 
 
 def train_model(recipe: Recipe, *, loaded=None, progress: Progress | None = None,

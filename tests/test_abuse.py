@@ -100,7 +100,9 @@ def table():
         lines = ["| endpoint | input | value | outcome (message) | app serving | runs intact |", "|---|---|---|---|---|---|"]
         for r in rows:
             lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |")
-        Path(target).write_text("\n".join(lines) + "\n")
+        broken = [f"- {one_line(b)}" for b in ALL_BROKEN] or ["none"]
+        Path(target).write_text("\n".join(lines) + f"\n\nBroken promises ({len(ALL_BROKEN)}):\n\n"
+                                + "\n".join(broken) + "\n")
 
 
 def shown_value(value) -> str:
@@ -120,6 +122,7 @@ def settle() -> None:
 
 
 BROKEN: list[str] = []  # the promises a test's probes broke (all values are tried, so the table is complete)
+ALL_BROKEN: list[str] = []  # every test's, for the table's file
 
 
 @pytest.fixture(autouse=True)
@@ -178,6 +181,7 @@ def probe(setup, table, client, api_name: str, base: dict, name: str | None, val
     if not listed or listed[0][0] != "victim":
         failures.append(f"{api_name} {name}: the run victim is no longer listed")
     BROKEN.extend(failures)
+    ALL_BROKEN.extend(failures)
 
 
 def one_line(message: str) -> str:
@@ -269,4 +273,27 @@ def test_chat_inputs(setup, table, client):
     base = {k: v for k, v in CHAT.items() if k != "message"}
     probe(setup, table, client, "/chat_regenerate", base, "dense_history",
           HISTORIES + [[said("user", "Hi"), said("assistant", "Hello")]])
+    promises_kept()
+
+
+def test_the_other_endpoints(setup, table, client):
+    """Endpoints that share a handler with one probed above, or take no input, get the table too."""
+    outside = setup[3]
+    strings = hostile_strings(outside)
+    probe(setup, table, client, "/recipe_preset", {"name": "quick", "model": "default"}, "name", strings)
+    probe(setup, table, client, "/recipe_preset", {"name": "quick", "model": "default"}, "model", strings)
+    probe(setup, table, client, "/routing_example", {"label": "Prose"}, "label", strings)
+    probe(setup, table, client, "/data_source_toggle", {"kind": "local"}, "kind", strings)
+    trade = dict(task="held-out agreement with dense", k=2, seq_len=512)
+    for api in ("/tradeoffs_seq", "/tradeoffs_task", "/run_changed_tradeoffs", "/results_changed_tradeoffs"):
+        probe(setup, table, client, api, trade, "seq_len", NUMBERS)
+    probe(setup, table, client, "/routing_expert", {"colour": "top-1 expert", "expert": 0}, "colour", strings)
+    probe(setup, table, client, "/routing_last_turn_route",
+          dict(text="The cat sat.", k=2, colour="top-1 expert", expert=0), "k", NUMBERS)
+    probe(setup, table, client, "/chat_send", CHAT, "message", strings[:8])
+    for api in ("/page_load", "/run_changed", "/results_changed", "/job_poll", "/runs_refresh", "/chat_clear",
+                "/job_cancel"):
+        probe(setup, table, client, api, {}, None, [None])
+    named = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(named) <= {row[0] for row in table}, set(named) - {row[0] for row in table}  # every endpoint
     promises_kept()

@@ -31,6 +31,24 @@ def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, r
         solution = torch.linalg.solve(gram, cross + lam * w0)
         mlp.shared_down.copy_(solution[:s].to(mlp.shared_down.dtype))
         mlp.down.copy_(solution[s:].reshape(n, d, -1).to(mlp.down.dtype))
+    mlp.tuned = True
+
+
+def refit_each_k(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, ridge: float, chunk: int) -> None:
+    """Give every K in 1..N-1 its own down projections, refitted under that K's routing (per-token K: its
+    own threshold), starting from the trained K's; K = N is the dense FFN itself (FactorizedMLP.dense_at_n).
+    Costs one refit per K and layer, and (N*D + S) * H weights per extra K."""
+    trained = mlp.top_k
+    base = (mlp.down.detach().clone(), mlp.shared_down.detach().clone())
+    mlp.weights_by_k, mlp.trained_k = {trained: base}, trained
+    for k in range(1, mlp.num_experts):
+        if k == trained:
+            continue
+        mlp.set_top_k(k)
+        mlp.down.data, mlp.shared_down.data = base[0].clone(), base[1].clone()
+        refit_down(mlp, inputs, target, ridge, chunk)
+        mlp.weights_by_k[k] = (mlp.down.data, mlp.shared_down.data)
+    mlp.set_top_k(trained)
 
 
 def normal_equations(mlp: FactorizedMLP, x: torch.Tensor, t: torch.Tensor, gram: torch.Tensor,

@@ -21,7 +21,7 @@ from ..moe import factorized_layers, set_top_k
 from ..recipe import Recipe
 from .labels import layer_labels, router_kl_loss
 from .per_token import per_token_rounds
-from .refit import refit_down
+from .refit import refit_down, refit_each_k
 from .router import GRAD_CLIP, WARMUP_FRAC, lr_at, train_router
 
 CHUNK_TOKENS = 4096  # tokens processed at once when streaming a layer (bounds memory, not results)
@@ -37,6 +37,7 @@ class TrainResult:
     layer_mse: dict[int, float] = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    every_k_seconds: float = 0.0  # of `seconds`: the refits that give every other K < N its own weights
 
     def summary(self) -> dict:
         acc = list(self.router_label_accuracy.values())
@@ -193,6 +194,10 @@ def _train_layerwise(dense, moe, train_ids, recipe, layers, result, check, repor
         if recipe.per_token_rounds:
             stats = per_token_rounds(mlp, ffn_in, target, recipe, check, deadline, CHUNK_TOKENS)
             result.router_label_accuracy[i] = stats.get("label_accuracy", result.router_label_accuracy[i])
+        check()
+        started = time.monotonic()
+        refit_each_k(mlp, ffn_in, target, recipe.ridge, CHUNK_TOKENS)  # every other K < N its own refit
+        result.every_k_seconds += time.monotonic() - started
         with torch.no_grad():
             out = _apply_mlp(mlp, ffn_in)  # (T, H)
             mse = F.mse_loss(out, target).item()
