@@ -202,7 +202,7 @@ class Recipe:
 # ---------------------------------------------------------------- presets
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("the measured default recipe: 4 experts + 256 shared neurons in layers 1-29, per-token K "
-                "with mean 2, 32k tokens of everyday text (~8 min on 2 CPU cores)", {}),
+                "with mean 2, 32k tokens of everyday text (8-14 min on 2 CPU cores)", {}),
     "quick": ("a model to look at in 1.5 minutes of training on 2 CPU cores (demos, teaching): the default's shape, "
               "less text and fewer steps",
               {"train_tokens": 8192, "heldout_tokens": 2048, "calibration_tokens": 2048, "router_steps": 150,
