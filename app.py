@@ -295,14 +295,8 @@ def _stats(label: str, step, ffn: float, dense_ffn: float, heldout: dict | None 
 def _stream(dense_history, moe_history, message, settings: dict):
     """Stream both replies; settings: the chat controls by name (CHAT_SETTINGS), seed already chosen."""
     run, k, colour, layer = settings["run"], settings["k"], settings["colour"], settings["layer"]
-    quota = lab.limits()
-    quota.check("chat_chars", len(message), "the message's length in characters")
-    said = max(sum(len(m["content"]) for m in to_messages(side)) for side in (dense_history, moe_history))
-    if quota.chat_chars and said > 10 * quota.chat_chars:
-        raise lab.LabError(f"the conversation holds {said:,} characters, more than this server keeps "
-                           f"(10 x FACTORLAB_MAX_CHAT_CHARS = {10 * quota.chat_chars:,}): press Clear")
     max_new = lab._int(settings["max_new"], "max new tokens")
-    quota.check("new_tokens", max_new, "max new tokens")
+    lab.check_chat(message, [to_messages(dense_history), to_messages(moe_history)], max_new)
     sampling = Sampling(lab._float(settings["temperature"], "temperature"), lab._float(settings["top_p"], "top-p"),
                         max_new, lab._int(settings["seed"], "seed"))
     user = {"role": "user", "content": message}

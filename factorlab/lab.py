@@ -178,6 +178,18 @@ def _run_flops(info: dict, shape: dict, k: int, seq_len: int) -> dict:
                            top_k_per_layer=mean_k_plan(shape["per_token_k"], k))
 
 
+def check_chat(message: str, conversations: list[list[dict]], max_new: int) -> None:
+    """Refuse a chat turn beyond the host's quotas: the message, each side's conversation (ten messages'
+    worth) and the reply's length."""
+    quota = limits()
+    quota.check("chat_chars", len(message), "the message's length in characters")
+    said = max(sum(len(m["content"]) for m in side) for side in conversations)
+    if quota.chat_chars and said > 10 * quota.chat_chars:
+        raise LabError(f"the conversation holds {said:,} characters, more than this server keeps "
+                       f"(10 x FACTORLAB_MAX_CHAT_CHARS = {10 * quota.chat_chars:,}): press Clear")
+    quota.check("new_tokens", max_new, "max new tokens")
+
+
 def heldout_at(name: str, k: int) -> dict | None:
     """The run's held-out metrics at K (perplexity, agreement, KL against dense), if measured."""
     value = (load_run(name).metrics.get("heldout") or {}).get(str(k))

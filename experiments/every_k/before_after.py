@@ -5,27 +5,17 @@ refitted experts run at K = N (before).
 Usage: PYTHONPATH=. python experiments/every_k/before_after.py RUN [--json OUT.json]   (THREADS, default 2)
 """
 import json
-import os
-import sys
 
 import torch
+from shared import as_before, open_run
 
 from factorlab.evaluate import heldout_metrics
-from factorlab.models import load_model
-from factorlab.moe import factorized_layers, set_top_k
-from factorlab.runs import load_moe, load_run
+from factorlab.moe import set_top_k
 from factorlab.workflows import load_data
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    if not args:
-        raise SystemExit(__doc__)
-    out = args[args.index("--json") + 1] if "--json" in args else None
-    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    run = load_run(args[0])
-    loaded = load_model(run.recipe.model)
-    moe = load_moe(run, loaded.model)
+    run, loaded, moe, out = open_run(__doc__)
     _, heldout_ids = load_data(loaded, run.recipe)
     n = run.recipe.num_experts
     result = {"run": run.name, "tokens": int(heldout_ids.numel()), "now": {}, "before": {}}
@@ -38,13 +28,7 @@ def main() -> None:
         set_top_k(moe, k)
         result["now"][k] = heldout_metrics(loaded.model, moe, heldout_ids)
         print("now", k, result["now"][k], flush=True)
-    trained = run.recipe.top_k
-    for mlp in factorized_layers(moe).values():  # as before issue 34: one set of weights for every K
-        set_top_k_weights = mlp.weights_by_k.get(trained)
-        mlp.weights_by_k = {}
-        if set_top_k_weights is not None:
-            mlp.down.data, mlp.shared_down.data = set_top_k_weights
-        mlp.tuned = False
+    as_before(moe, run.recipe.top_k)
     for k in range(1, n + 1):
         set_top_k(moe, k)
         result["before"][k] = heldout_metrics(loaded.model, moe, heldout_ids)

@@ -8,30 +8,20 @@ trained K's weights at every K, the refitted experts at K = N), on the same run.
 Usage: PYTHONPATH=. python experiments/every_k/chat_agreement.py RUN [--json OUT.json]   (THREADS, default 2)
 """
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
+from shared import as_before, open_run
 
 from factorlab.chat import prompt_ids
-from factorlab.models import load_model
-from factorlab.moe import factorized_layers, set_top_k
-from factorlab.runs import load_moe, load_run
+from factorlab.moe import set_top_k
 
 PROMPTS = Path(__file__).resolve().parents[2] / "factorlab" / "prompts" / "prompts.jsonl"
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    if not args:
-        raise SystemExit(__doc__)
-    out = args[args.index("--json") + 1] if "--json" in args else None
-    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    run = load_run(args[0])
-    loaded = load_model(run.recipe.model)
+    run, loaded, moe, out = open_run(__doc__)
     dense, tok = loaded.model, loaded.tokenizer
-    moe = load_moe(run, dense)
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()][::13]
     rows = []  # (ids (1, T), first reply position)
     with torch.no_grad():
@@ -54,12 +44,7 @@ def main() -> None:
 
     for label in ("now", "before"):
         if label == "before":
-            for mlp in factorized_layers(moe).values():
-                trained = mlp.weights_by_k.get(run.recipe.top_k)
-                mlp.weights_by_k = {}
-                if trained is not None:
-                    mlp.down.data, mlp.shared_down.data = trained
-                mlp.tuned = False
+            as_before(moe, run.recipe.top_k)
         result[label] = {}
         for k in range(1, n + 1):
             set_top_k(moe, k)
