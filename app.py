@@ -243,14 +243,15 @@ def last_turn(moe_history, dense_history):
 
 
 # ---------------------------------------------------------------- handlers: trade-offs
-def tradeoffs(run, task, k, seq_len):
+def tradeoffs(run, task, k, seq_len, axis):
     """Redraw from stored results only (no model runs here)."""
     start = time.perf_counter()
     if not run:
         empty = viz.empty_figure("load a run first")
         return empty, gr.Dataframe(value=[]), empty, "", gr.Dataframe(value=[]), ""
-    view = lab.tradeoff_view(run, task, int(k), int(seq_len))
-    plot = viz.tradeoff_figure(view["points"], int(k), view["metric"], f"{task or 'no results yet'}")
+    view = lab.tradeoff_view(run, task, int(k), int(seq_len), axis or "flops")
+    plot = viz.tradeoff_figure(view["points"], int(k), view["metric"], f"{task or 'no results yet'}",
+                               view["x_title"])
     flops = viz.flops_figure(view["flops"], int(seq_len))
     if view["bench"] is None:
         bench_md = "**No benchmark yet: run one** (button below) to measure prefill and decode speed on this machine."
@@ -260,8 +261,9 @@ def tradeoffs(run, task, k, seq_len):
                     f"bound); {view['bench_note']}. Few repeats on a busy machine are noisy.")
         bench = gr.Dataframe(value=view["bench"], headers=lab.BENCH_COLUMNS)
     ms = 1000 * (time.perf_counter() - start)
+    axis_note = f"Plot: {view['axis_note']}. " if view["axis_note"] else ""
     return (plot, gr.Dataframe(value=view["rows"], headers=view["headers"]), flops, bench_md, bench,
-            f"Redrawn from stored results in {ms:.0f} ms (server side).")
+            f"{axis_note}Redrawn from stored results in {ms:.0f} ms (server side).")
 
 
 def tradeoff_choices(run):
@@ -564,6 +566,8 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
                 trade_k = gr.Slider(1, 8, value=2, step=1, label="K (highlighted)", elem_id="trade-k")
                 task = gr.Dropdown([], label="Task", allow_custom_value=True)
                 trade_seq = gr.Slider(16, 4096, value=512, step=16, label="Sequence length (FLOPs)")
+                trade_axis = gr.Radio([(label, key) for key, label in lab.COMPUTE_AXES.items()], value="flops",
+                                      label="Compute axis", elem_id="trade-axis")
             with gr.Row():
                 trade_plot = gr.Plot(label="Accuracy vs compute", elem_id="trade-plot")
                 flops_plot = gr.Plot(label="FLOPs by component")
@@ -624,7 +628,7 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
 
     # ---------------------------------------------------------------- wiring
     run_outputs = [current_md, route_k, expert, trade_k, colour_layer, chat_k, task, loss_plot]
-    trade_inputs = [run_state, task, trade_k, trade_seq]
+    trade_inputs = [run_state, task, trade_k, trade_seq, trade_axis]
     trade_outputs = [trade_plot, trade_df, flops_plot, bench_md, bench_df, timing_md]
     chat_settings = {"run": run_state, "temperature": temperature, "top_p": top_p, "max_new": max_new,
                      "seed": chat_seed, "k": chat_k, "colour": colour_tokens, "layer": colour_layer}
@@ -671,6 +675,7 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
     trade_k.release(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_k", queue=False)
     trade_seq.release(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_seq", queue=False)
     task.input(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_task", queue=False)
+    trade_axis.input(shown(tradeoffs), trade_inputs, trade_outputs, api_name="tradeoffs_axis", queue=False)
     eval_btn.click(shown(start_eval), [run_state, eval_tasks, eval_limit], trade_status, api_name="eval_start")
     bench_btn.click(shown(start_bench), [run_state, bench_prefill, bench_decode, bench_repeats], trade_status,
                     api_name="bench_start")

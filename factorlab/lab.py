@@ -779,8 +779,18 @@ def tradeoff_tasks(name: str | None) -> list[str]:
     return ([HELDOUT_TASK] if any(m.get("heldout") or {}) else []) + ([MEAN_TASK] if tasks else []) + tasks
 
 
-def tradeoff_view(name: str, task: str, top_k: int, seq_len: int) -> dict:
-    """From stored results only: plot points, a table, FLOPs per component, measured speed."""
+# The x axis of the trade-off plot: analytic compute, or the run's stored benchmark (this machine's wall clock).
+COMPUTE_AXES = {"flops": "GFLOPs per token (analytic)", "prefill": "prefill ms per prompt token (measured)",
+                "decode": "decode ms per generated token (measured)"}
+
+
+def tradeoff_view(name: str, task: str, top_k: int, seq_len: int, axis: str = "flops") -> dict:
+    """From stored results only: plot points (x on `axis`), a table, FLOPs per component, measured speed.
+
+    A measured axis places dense and each K at the run's benchmarked ms per token; each K also gets its
+    limit (dense ms / the FLOPs bound on its speed-up) and K's without a measurement are left out."""
+    if axis not in COMPUTE_AXES:
+        raise LabError(f"unknown compute axis {axis!r}: use one of {', '.join(COMPUTE_AXES)}")
     run = load_run(name)
     m, shape = run.metrics, run_shape(name)
     info = dense_info(shape["model"])
@@ -790,9 +800,45 @@ def tradeoff_view(name: str, task: str, top_k: int, seq_len: int) -> dict:
     points, headers, rows, metric = _task_points(m, task, gflops)
     for row, point in zip(rows, points):
         row.insert(1, "◀ current" if point["k"] == top_k else "")
+    axis_note = None
+    if axis == "flops":
+        for p in points:
+            p["x"] = p["gflops"]
+    else:
+        measured = measured_ms(m, axis)
+        if measured is None:
+            axis_note = f"no stored benchmark with {axis} yet: run the benchmark (button below) to plot measured time"
+        else:
+            axis_note = measured["note"]
+        points = [p for p in points if measured and p["k"] in measured["ms"]]
+        for p in points:
+            p["x"] = measured["ms"][p["k"]]
+            if p["k"] is not None and p["k"] in measured["limit"]:
+                p["limit"] = measured["limit"][p["k"]]
     return {"points": points, "metric": metric, "headers": [headers[0], ""] + headers[1:], "rows": rows,
             "flops": {"dense": dense_flops, f"K={top_k}": flops_k[top_k]}, "bench": bench_rows(m, top_k),
-            "bench_note": bench_note(m)}
+            "bench_note": bench_note(m), "x_title": COMPUTE_AXES[axis], "axis_note": axis_note}
+
+
+def measured_ms(m: dict, phase: str) -> dict | None:
+    """The stored benchmark's median ms per token for `phase` (prefill: per prompt token; decode: per
+    generated token), dense (key None) and each K, with each K's limit; None without such a measurement."""
+    bench = m.get("bench") or {}
+    raw, settings = (bench.get("raw") or {}).get(phase), bench.get("settings") or {}
+    tokens = settings.get("prefill") if phase == "prefill" else settings.get("decode")
+    if not raw or "dense" not in raw or not tokens:
+        return None
+    ms = {None if k == "dense" else int(k): 1000 * v["median_s"] / tokens for k, v in raw.items()}
+    limits = bench.get("limits") or {}
+    limit = {int(k): ms[None] / lim[phase] for k, lim in limits.items() if lim.get(phase) and int(k) in ms}
+    machine = bench.get("machine") or {}
+    what = (f"{tokens}-token prefill, last position's logits" if phase == "prefill"
+            else f"{tokens} greedy tokens after a {settings.get('decode_prompt', '?')}-token prompt, batch 1")
+    note = (f"x = median wall-clock ms per token of the run's stored benchmark ({what}; {settings.get('repeats')} "
+            f"alternating repeats, {machine.get('threads')} threads, {settings.get('dtype', 'float32')}, on "
+            f"{machine.get('cpu') or machine.get('device')}); open markers = each K's limit, dense time / the "
+            "FLOPs bound on its speed-up")
+    return {"ms": ms, "limit": limit, "note": note}
 
 
 def _task_points(m: dict, task: str, gflops: dict) -> tuple[list[dict], list[str], list[list], str]:

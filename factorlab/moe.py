@@ -25,9 +25,13 @@ class TopKRouter(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's scores (T, N)."""
         # W @ x^T rather than x @ W^T: with N tiny, the (N, T) product is ~3x faster on CPU BLAS.
-        router_logits = (self.linear.weight @ x.t()).t().contiguous()  # (T, N)
+        return (self.linear.weight @ x.t()).t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = self.logits(x)  # (T, N)
         probs = router_logits.float().softmax(dim=-1)  # fp32 softmax for stable probabilities
         top_k_probs, top_k_index = probs.topk(self.top_k, dim=-1)  # (T, K)
         return router_logits, probs, top_k_probs, top_k_index
@@ -98,6 +102,10 @@ class FactorizedMLP(nn.Module):
         self.expected_k: torch.Tensor | None = None  # (N,)
         self.min_experts = 1  # per-token K: 0 lets a token run no routed expert (the shared block only)
         self.active_count: list[int] | None = None  # [tokens, (token, expert) pairs] while counted
+        # record_routing's callback, given (this layer, router logits (T, N)) at every forward; None = off
+        self.on_route: Callable[[FactorizedMLP, torch.Tensor], None] | None = None
+        self._act = getattr(self.act_fn, "forward", self.act_fn)  # skip nn.Module.__call__ in the hot path
+        self._inplace_act = isinstance(self.act_fn, nn.SiLU) or getattr(self.act_fn, "__name__", "") == "silu"
         self.set_output_mode(output_mode)
         self.set_top_k(top_k)
 
@@ -111,6 +119,7 @@ class FactorizedMLP(nn.Module):
         if not 1 <= top_k <= self.num_experts:
             raise ValueError(f"top_k must be in 1..{self.num_experts}, got {top_k}")
         self.router.top_k = top_k
+        self._threshold = float(self.thresholds[top_k - 1]) if self.thresholds is not None else None
         weights = self.weights_by_k.get(top_k)
         if weights is not None:  # a pointer swap, no copy
             self.down.data, self.shared_down.data = weights
@@ -150,6 +159,7 @@ class FactorizedMLP(nn.Module):
                           else torch.as_tensor(expected_k, dtype=torch.float32).flatten().clone())
         self.thresholds = thresholds
         self.expected_k = expected_k if thresholds is not None else None
+        self._threshold = float(thresholds[self.top_k - 1]) if thresholds is not None else None
 
     def set_output_mode(self, output_mode: str) -> None:
         if output_mode not in COMBINE:
@@ -162,15 +172,70 @@ class FactorizedMLP(nn.Module):
     # ---- forward ----
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)  # (T, H)
-        logits, _, top_k_probs, top_k_index = self.router(x)  # every token, so routing traces stay per token
-        if self.dense_at_n:  # every expert with the original weights: the dense FFN, exactly
+        if self.dense_at_n and self.on_route is None:  # every expert with the original weights: the dense FFN
             return self._dense_ffn(x).view(hidden_states.shape)
-        if self.thresholds is not None:  # per-token K: the index lists all N experts, unselected ones weigh 0
-            top_k_index, weights = self.adaptive_selection(logits)  # (T, N) each
-        else:
-            weights = self._combine(top_k_probs, self.num_experts).to(x.dtype)  # (T, K)
-        out = self._add_shared(self.dispatch(x, top_k_index, weights), x)
+        logits = self.router.logits(x)  # (T, N)
+        if self.on_route is not None:  # a routing trace: every token, also when K = N runs the dense FFN
+            self.on_route(self, logits)
+        if self.dense_at_n:
+            return self._dense_ffn(x).view(hidden_states.shape)
+        if x.shape[0] == 1 and x.device.type == "cpu" and not self._needs_grad(x):
+            return self._decode_one(x, logits).view(hidden_states.shape)  # decode: Python-side routing
+        top_k_index, weights = self.selection(logits)
+        out = self._add_shared(self.dispatch(x, top_k_index, weights.to(x.dtype)), x)
         return out.view(hidden_states.shape)
+
+    def selection(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts each token runs and their weights: top-K (T, K) each, or per-token K (T, N) each
+        (every expert best first, weight 0 where it does not run)."""
+        if self.thresholds is not None:
+            return self.adaptive_selection(router_logits)
+        top_k_probs, top_k_index = router_logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
+        return top_k_index, self._combine(top_k_probs, self.num_experts)
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        """Training: something here requires grad, so the ops must be ones autograd can follow."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.gate_up.requires_grad or self.down.requires_grad
+                                            or self.router.linear.weight.requires_grad)
+
+    def _decode_one(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """One token on the CPU: the routing decided in Python on N floats (no sort, mask or index kernels),
+        then a matrix-vector pair per running block on views of its weights, accumulated in one buffer."""
+        n, k = self.num_experts, self.top_k
+        if self.thresholds is not None:  # per-token K, as adaptive_selection
+            scores = logits.float().sigmoid().view(-1).tolist()
+            order = sorted(range(n), key=scores.__getitem__, reverse=True)
+            threshold = self._threshold
+            chosen = [e for rank, e in enumerate(order) if scores[e] >= threshold or (rank == 0 and self.min_experts)]
+            if self.output_mode == "scaled":
+                weights = [n / k] * len(chosen)
+            else:
+                total = max(sum(scores[e] for e in chosen), 1e-12)
+                weights = [scores[e] / total for e in chosen]
+            if self.active_count is not None:
+                self.active_count[0] += 1
+                self.active_count[1] += len(chosen)
+        else:  # top-K, as TopKRouter + the combine rule
+            probs = logits.float().softmax(dim=-1).view(-1).tolist()
+            chosen = sorted(range(n), key=probs.__getitem__, reverse=True)[:k]
+            if self.output_mode == "scaled":
+                weights = [n / k] * k
+            else:
+                total = sum(probs[e] for e in chosen)
+                weights = [probs[e] / total for e in chosen]
+        out = None
+        if self.shared_size:
+            out = torch.mm(self._activation(F.linear(x, self.shared_gate_up), self.shared_size), self.shared_down)
+        d = self.expert_size
+        for e, w in zip(chosen, weights):
+            a = self._activation(F.linear(x, self.gate_up[e]), d)  # (1, D)
+            out = torch.mm(a, self.down[e]).mul_(w) if out is None else out.addmm_(a, self.down[e], alpha=w)
+        return x.new_zeros(x.shape) if out is None else out  # (1, H); per-token K may run nothing at all
+
+    def _activation(self, h: torch.Tensor, width: int) -> torch.Tensor:
+        """act(gate) * up from the fused (rows, 2 * width) product, in place (inference only)."""
+        gate, up = h.split(width, dim=1)
+        return (F.silu(gate, inplace=True) if self._inplace_act else self._act(gate)).mul_(up)
 
     def adaptive_selection(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token K: every expert, best first (T, N), and its weight (T, N), 0 where it does not run.
@@ -193,28 +258,17 @@ class FactorizedMLP(nn.Module):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Each token's weight on each expert under the current routing, 0 where it does not run: (T, N)."""
-        logits, _, top_k_probs, top_k_index = self.router(x)
-        if self.thresholds is not None:
-            top_k_index, weights = self.adaptive_selection(logits)
-        else:
-            weights = self._combine(top_k_probs, self.num_experts)
+        top_k_index, weights = self.selection(self.router.logits(x))
         dense_w = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
         return dense_w.scatter_(1, top_k_index, weights.to(x.dtype))
 
     def dispatch(self, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Run only the selected experts: sum_k weights[t,k] * E_{index[t,k]}(x_t), (T, H) -> (T, H)."""
-        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or self.gate_up.requires_grad
-                                        or self.down.requires_grad):  # training: ops autograd can follow
+        """Run only the selected experts: sum_k weights[t,k] * E_{index[t,k]}(x_t), (T, H) -> (T, H).
+
+        (A single token on the CPU does not come here from forward: _decode_one routes it in Python.)"""
+        if self._needs_grad(x) or weights.requires_grad:  # training: ops autograd can follow
             return self._dispatch_sorted(x, top_k_index, weights, self._experts_autograd)
-        if top_k_index.shape[0] == 1 and x.device.type == "cpu":  # decode: only the selected experts' weights
-            if self.thresholds is not None:  # per-token K: the experts that run (weight > 0), maybe none
-                run = weights[0] > 0
-                if self.active_count is not None:
-                    self.active_count[0] += 1
-                    self.active_count[1] += int(run.sum())
-                top_k_index, weights = top_k_index[:, run], weights[:, run]
-            return self._dispatch_one_token(x, top_k_index, weights)  # indexing by Python ints: no device sync
-        if top_k_index.shape[0] == 1 and self.thresholds is None:
+        if top_k_index.shape[0] == 1 and self.thresholds is None:  # decode on an accelerator: no host sync
             return self._dispatch_gather_weights(x, top_k_index, weights)
         return self._dispatch_sorted(x, top_k_index, weights, self._experts_inplace)
 
@@ -271,17 +325,6 @@ class FactorizedMLP(nn.Module):
                 parts.append(self._expert(xs[start:end], e) * ws[start:end])  # (c, H)
                 start = end
         return torch.cat(parts)
-
-    def _dispatch_one_token(self, x: torch.Tensor, top_k_index: torch.Tensor,
-                            weights: torch.Tensor) -> torch.Tensor:
-        """One token (decode): K matrix-vector products on views of the selected experts, no weight copy."""
-        d = self.expert_size
-        out = None
-        for e, w in zip(top_k_index.tolist()[0], weights.tolist()[0]):  # K Python ints and floats
-            h = F.linear(x, self.gate_up[e])  # (1, 2D)
-            a = self.act_fn(h[:, :d]).mul_(h[:, d:])  # (1, D)
-            out = torch.mm(a, self.down[e]).mul_(w) if out is None else out.addmm_(a, self.down[e], alpha=w)
-        return x.new_zeros(x.shape) if out is None else out  # (1, H); per-token K may run no expert
 
     def _dispatch_gather_weights(self, x: torch.Tensor, top_k_index: torch.Tensor,
                                  weights: torch.Tensor) -> torch.Tensor:
@@ -414,26 +457,34 @@ class RoutingTrace:
 
 @contextmanager
 def record_routing(model: nn.Module) -> Iterator[RoutingTrace]:
-    """Record routing decisions while active (forward hooks: nothing is added when off)."""
+    """Record routing decisions while active (a callback per layer: nothing is added when off)."""
     trace = RoutingTrace()
-    handles = []
-    for i, mlp in factorized_layers(model).items():
+    layers = factorized_layers(model)
+
+    def record(mlp: FactorizedMLP, logits: torch.Tensor, i: int) -> None:
+        probs = logits.float().softmax(dim=-1)
+        if mlp.adaptive:  # per-token K: every expert best first, -1 where it does not run
+            index, weights = mlp.adaptive_selection(logits)
+            top_k_index = index.masked_fill(weights == 0, -1)
+        else:
+            top_k_index = probs.topk(mlp.top_k, dim=-1)[1]
+        trace.top_k_index[i].append(top_k_index.detach().cpu())
+        trace.probs[i].append(probs.detach().cpu())
+
+    before = {i: mlp.on_route for i, mlp in layers.items()}  # an enclosing recording goes on as well
+    for i, mlp in layers.items():
         trace.top_k_index[i], trace.probs[i] = [], []
 
-        def hook(_module, _inputs, output, i=i, mlp=mlp):
-            logits, probs, _, top_k_index = output
-            if mlp.adaptive:  # per-token K: every expert best first, -1 where it does not run
-                index, weights = mlp.adaptive_selection(logits)
-                top_k_index = index.masked_fill(weights == 0, -1)
-            trace.top_k_index[i].append(top_k_index.detach().cpu())
-            trace.probs[i].append(probs.detach().cpu())
-
-        handles.append(mlp.router.register_forward_hook(hook))
+        def on_route(m: FactorizedMLP, logits: torch.Tensor, i: int = i) -> None:
+            if before[i] is not None:
+                before[i](m, logits)
+            record(m, logits, i)
+        mlp.on_route = on_route
     try:
         yield trace
     finally:
-        for h in handles:
-            h.remove()
+        for i, mlp in layers.items():
+            mlp.on_route = before[i]
 
 
 __all__ = ["FactorizedMLP", "TopKRouter", "OUTPUT_MODES", "factorized_layers", "set_top_k", "count_active_experts",

@@ -156,30 +156,46 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
-def tradeoff_figure(points: Sequence[dict], current_k: int | None, metric: str, title: str = "") -> go.Figure:
-    """Score vs GFLOPs per token: dense, every measured K, the Pareto line, the current K highlighted.
+def tradeoff_figure(points: Sequence[dict], current_k: int | None, metric: str, title: str = "",
+                    x_title: str = "GFLOPs per token (analytic)") -> go.Figure:
+    """Score vs cost per token: dense, every measured K, the Pareto line, the current K highlighted.
 
-    points: {"label", "k" (None for dense), "gflops", "score", "stderr" (or None)}.
+    points: {"label", "k" (None for dense), "x" (the cost; default "gflops"), "score", "stderr" (or None),
+    optionally "limit" (the lowest cost that K could reach: drawn as an open marker joined to it)}.
     """
     if not points:
         return empty_figure("no stored results for this run and task yet: run the evaluations", 380)
-    front = pareto_front([(p["gflops"], p["score"]) for p in points])
+    cost = [p.get("x", p.get("gflops")) for p in points]
+    front = pareto_front(list(zip(cost, [p["score"] for p in points])))
     fig = go.Figure(go.Scatter(x=[c for c, _ in front], y=[s for _, s in front], mode="lines", name="Pareto front",
                                line=dict(color="#bbb", width=2, dash="dot"), hoverinfo="skip"))
+    limited = [(p, c) for p, c in zip(points, cost) if p.get("limit") is not None]
+    if limited:
+        xs, ys = [], []
+        for p, c in limited:
+            xs += [p["limit"], c, None]
+            ys += [p["score"], p["score"], None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#9ecae1", width=1), hoverinfo="skip",
+                                 showlegend=False))
+        fig.add_trace(go.Scatter(
+            x=[p["limit"] for p, _ in limited], y=[p["score"] for p, _ in limited], mode="markers",
+            marker=dict(color="#4c78a8", symbol="circle-open", size=11), name="limit (FLOPs bound)",
+            text=[p["label"] for p, _ in limited],
+            hovertemplate="%{text} limit: %{x:.3f}<extra></extra>"))
     for group, style in (("dense", dict(color="#333", symbol="diamond", size=13)),
                          ("K", dict(color="#4c78a8", symbol="circle", size=11)),
                          ("current", dict(color="#f58518", symbol="star", size=20, line=dict(color="#333", width=1)))):
-        chosen = [p for p in points if _group(p, current_k) == group]
+        chosen = [(p, c) for p, c in zip(points, cost) if _group(p, current_k) == group]
         if not chosen:
             continue
         fig.add_trace(go.Scatter(
-            x=[p["gflops"] for p in chosen], y=[p["score"] for p in chosen], mode="markers+text", marker=style,
-            text=[p["label"] for p in chosen], textposition="top center",
-            error_y=dict(type="data", array=[p.get("stderr") or 0 for p in chosen], visible=True, thickness=1),
+            x=[c for _, c in chosen], y=[p["score"] for p, _ in chosen], mode="markers+text", marker=style,
+            text=[p["label"] for p, _ in chosen], textposition="top center",
+            error_y=dict(type="data", array=[p.get("stderr") or 0 for p, _ in chosen], visible=True, thickness=1),
             cliponaxis=False,
             name={"dense": "dense", "K": "factorized (K experts)", "current": f"current K={current_k}"}[group],
-            hovertemplate="%{text}<br>%{x:.3f} GFLOPs/token<br>" + metric + ": %{y:.3f}<extra></extra>"))
-    fig.update_xaxes(title="GFLOPs per token (analytic)")
+            hovertemplate="%{text}<br>%{x:.3f} " + x_title + "<br>" + metric + ": %{y:.3f}<extra></extra>"))
+    fig.update_xaxes(title=x_title)
     fig.update_yaxes(title=metric)
     return _layout(fig, title or f"{metric} vs compute", 400, legend=dict(orientation="h", y=-0.25))
 

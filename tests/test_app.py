@@ -334,6 +334,10 @@ def test_eval_and_benchmark_jobs_fill_the_tradeoffs(client, trained):
     plot, table, flops, bench_md, bench, timing = client.predict(task="arc_easy", k=2, seq_len=256, api_name="/tradeoffs_task")
     assert [r[0] for r in table["value"]["data"]] == ["dense", "K=1", "K=2", "K=3", "K=4"]
     assert "Measured speed" in bench_md and len(bench["value"]["data"]) == 4
+    plot, *_, timing = client.predict(task="arc_easy", k=2, seq_len=256, axis="decode", api_name="/tradeoffs_axis")
+    figure = json.loads(plot["plot"])
+    assert "decode ms per generated token (measured)" in json.dumps(figure["layout"]["xaxis"])
+    assert any(t.get("name") == "limit (FLOPs bound)" for t in figure["data"]) and "2 greedy tokens" in timing
     plot, table, *_ = client.predict(task="mean relative maintenance (capped at 100%)", k=2, seq_len=256,
                                      api_name="/run_changed_tradeoffs")
     assert table["value"]["data"][0][0] == "dense"

@@ -138,3 +138,53 @@ def test_cached_decode_matches_full_forward(tiny_model):
                 cache = out.past_key_values
                 steps.append(out.logits[0, -1])
         torch.testing.assert_close(torch.stack(steps), full[3:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shared_size", [0, 32])
+@pytest.mark.parametrize("mode", ["scaled", "gated"])
+@pytest.mark.parametrize("min_experts", [0, 1])
+def test_single_token_decode_equals_reference_per_token_k(shared_size, mode, min_experts):
+    """The decode path routes one token in Python: the same experts, weights and output as the tensor path,
+    at every K, for tokens that run none, some or all experts, and it counts the experts that ran."""
+    from factorlab.moe import count_active_experts
+
+    mlp = make_mlp(shared_size, mode=mode)
+    mlp.set_thresholds(torch.tensor([0.9, 0.6, 0.35, 0.1]), min_experts=min_experts)
+    gen = torch.Generator().manual_seed(2)
+    xs = torch.randn(40, HIDDEN, generator=gen)
+    holder = nn.Module()  # count_active_experts walks model.model.layers[i].mlp
+    holder.model = nn.Module()
+    holder.model.layers = nn.ModuleList([nn.Module()])
+    holder.model.layers[0].mlp = mlp
+    for top_k in range(1, N + 1):
+        mlp.set_top_k(top_k)
+        with torch.inference_mode():
+            expected_pairs = int((mlp.routing_weights(xs) > 0).sum())
+            with count_active_experts(holder) as mean_k:
+                outs = [mlp(x.view(1, 1, HIDDEN)).view(1, HIDDEN) for x in xs]
+            torch.testing.assert_close(torch.cat(outs), mlp.forward_reference(xs), rtol=1e-5, atol=1e-5,
+                                       msg=f"K={top_k}")
+        if not mlp.dense_at_n:  # gated K = N is the dense FFN: no routed expert counted
+            assert mean_k[0] == pytest.approx(expected_pairs / len(xs))
+
+
+def test_decode_routing_trace_equals_the_batch_trace(tiny_model):
+    """record_routing sees one-token forwards (the chat's coloured replies) as it sees a whole prompt."""
+    from factorlab.moe import record_routing
+
+    moe = build_moe(tiny_model, make_partition(tiny_model, N, "random", seed=3), top_k=2, output_mode="scaled")
+    for mlp in factorized_layers(moe).values():
+        nn.init.normal_(mlp.router.linear.weight, std=0.5)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with record_routing(moe) as whole:
+            moe(ids)
+        with record_routing(moe) as steps:
+            out = moe(ids[:, :1], use_cache=True)
+            for t in range(1, 10):
+                out = moe(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+    (whole_index, whole_probs), (step_index, step_probs) = whole.stacked(), steps.stacked()
+    for i in whole_index:
+        assert torch.equal(whole_index[i], step_index[i])
+        torch.testing.assert_close(whole_probs[i], step_probs[i], rtol=1e-4, atol=1e-5)
+    assert all(m.on_route is None for m in factorized_layers(moe).values())  # nothing left behind

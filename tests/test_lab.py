@@ -245,6 +245,34 @@ def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
     json.dumps(view["rows"])  # plain values, ready for a Dataframe
 
 
+def test_tradeoff_view_on_measured_time(runs_dir, monkeypatch):
+    """The measured axes place dense and each benchmarked K at ms per token, each K with its limit."""
+    info = {"hidden_size": 8, "intermediate_size": 8, "num_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "head_dim": 4, "vocab_size": 16}
+    monkeypatch.setattr(lab, "dense_info", lambda spec: info)
+    raw = {"prefill": {"dense": {"median_s": 0.512}, "1": {"median_s": 0.256}, "2": {"median_s": 0.384}},
+           "decode": {"dense": {"median_s": 3.2, "tokens_per_s": 20.0}, "1": {"median_s": 2.0, "tokens_per_s": 32.0},
+                      "2": {"median_s": 2.4, "tokens_per_s": 26.7}}}
+    bench = {"k": {"1": {}, "2": {}}, "raw": raw, "settings": {"prefill": 512, "decode": 64, "repeats": 5},
+             "limits": {"1": {"prefill": 2.0, "decode": 1.6}, "2": {"prefill": 1.6, "decode": 1.25}},
+             "machine": {"threads": 2, "cpu": "test cpu"}}
+    fake_run(runs_dir, {"heldout": HELDOUT, "bench": bench})
+    view = lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128, axis="decode")
+    assert [p["k"] for p in view["points"]] == [None, 1, 2]  # K=4 was not benchmarked: left out
+    assert [p["x"] for p in view["points"]] == pytest.approx([50.0, 31.25, 37.5])  # ms per generated token
+    assert [p.get("limit") for p in view["points"]] == pytest.approx([None, 31.25, 40.0])
+    assert "measured" in view["x_title"] and "2 threads" in view["axis_note"]
+    prefill = lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128, axis="prefill")
+    assert [p["x"] for p in prefill["points"]] == pytest.approx([1.0, 0.5, 0.75])
+    flops = lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128)
+    assert [p["x"] for p in flops["points"]] == [p["gflops"] for p in flops["points"]] and flops["axis_note"] is None
+    fake_run(runs_dir, {"heldout": HELDOUT}, name="bare")
+    bare = lab.tradeoff_view("bare", lab.HELDOUT_TASK, 2, 128, axis="decode")
+    assert bare["points"] == [] and "run the benchmark" in bare["axis_note"]
+    with pytest.raises(lab.LabError, match="compute axis"):
+        lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128, axis="seconds")
+
+
 def test_bench_rows_from_stored_benchmark():
     bench = {"k": {"1": {"prefill_speedup": 1.5, "decode_speedup": 1.2, "ffn_speedup": 2.5},
                    "2": {"prefill_speedup": 1.2, "decode_speedup": 1.1, "ffn_speedup": 1.8}},
