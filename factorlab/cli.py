@@ -36,7 +36,8 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 
 
 def _runs_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs-dir", default=None, help="runs folder (default: $FACTORLAB_RUNS or ./runs)")
+    p.add_argument("--runs-dir", default=None,
+                   help="runs folder (default: $FACTORLAB_RUNS, else /data/runs where /data is writable, else ./runs)")
 
 
 def _fmt_flops(x: float) -> str:

@@ -35,9 +35,19 @@ class RunError(RuntimeError):
     """A run cannot be found, read or written; the message says which and why."""
 
 
+# A Hugging Face Space with persistent storage mounts it here; its runs then survive restarts.
+PERSISTENT_STORAGE = Path("/data")
+
+
 def runs_root(root: str | Path | None = None) -> Path:
-    """The runs folder: explicit argument, else $FACTORLAB_RUNS, else ./runs."""
-    return Path(root or os.environ.get("FACTORLAB_RUNS") or "runs").expanduser()
+    """The runs folder: explicit argument, else $FACTORLAB_RUNS, else /data/runs when /data exists and is
+    writable (persistent storage on a Space), else ./runs."""
+    chosen = root or os.environ.get("FACTORLAB_RUNS")
+    if chosen:
+        return Path(chosen).expanduser()
+    if PERSISTENT_STORAGE.is_dir() and os.access(PERSISTENT_STORAGE, os.W_OK | os.X_OK):
+        return PERSISTENT_STORAGE / "runs"
+    return Path("runs")
 
 
 def sanitize_name(name: str) -> str:
