@@ -56,6 +56,7 @@ class LabError(ValueError):
 
 
 _start_lock = threading.Lock()  # a name is checked free and its job queued (or a run deleted) at once
+WARM_START_OWNER = "factorlab:warm-start"  # the owner of the jobs the app queues by itself (factorlab.warmstart)
 
 
 def one_line(message: str, limit: int = 400) -> str:
@@ -254,7 +255,7 @@ def recipe_summary(recipe: Recipe) -> str:
 def describe_run(name: str | None) -> str:
     """Markdown: the run's recipe and headline metrics."""
     if not name:
-        return "**No run loaded.** Train one (or load one from the list) in *Factorize & train*."
+        return f"**{no_run_note()}**"
     run = load_run(name)
     r, m = run.recipe, run.metrics
     shared = f" + {r.shared_size} shared neurons" if r.shared_size else ""
@@ -272,6 +273,15 @@ def describe_run(name: str | None) -> str:
             lines.append(f"- held-out at K={k}: perplexity {h['perplexity']:.2f} (dense {h['dense_perplexity']:.2f}), "
                          f"top-1 agreement with dense {_pct(h['agreement'])}, KL {h['kl']:.3f} nats/token")
     return "\n".join(lines)
+
+
+def no_run_note() -> str:
+    """What a page with no run says: the warm start's first model is coming, or how to get a run."""
+    warming = [j for j in get_manager().jobs() if j.owner == WARM_START_OWNER and not j.is_finished]
+    if warming:
+        return (f"No run yet: the lab is training its first model (`{warming[-1].name}`, see the bar); it becomes "
+                "current here when done. Meanwhile the dense side of Chat answers.")
+    return "No run loaded. Train one (or load one from the list) in Factorize & train."
 
 
 def delete(name: str) -> None:
@@ -648,6 +658,9 @@ def cancel_job(owner: str | None) -> JobInfo:
     waiting = [j for j in manager.jobs() if not j.is_finished]
     mine = [j for j in waiting if j.owner is None or j.owner == owner]
     if not mine:
+        if waiting and waiting[0].owner == WARM_START_OWNER:
+            raise LabError(f"the training job `{waiting[0].id}` is the lab's warm start (FACTORLAB_WARM_START): it "
+                           "gives every visitor a first run, so only the host can stop it")
         if waiting:
             raise LabError(f"the {waiting[0].kind} job `{waiting[0].id}` was started by another visitor: only they "
                            "can cancel it")
@@ -684,7 +697,15 @@ def job_view(job: JobInfo | None) -> dict | None:
             "step_text": f"{p['step']}/{p['total']}" if p.get("step") is not None and p.get("total") else None,
             "rate_text": f"{p['tokens_per_s']:,.0f}" if p.get("tokens_per_s") else None,
             "elapsed_text": _duration(p.get("elapsed_s")), "eta_text": _duration(p.get("eta_s")) if
-            job.state == "running" else None, "history": job.history, "result": job.result}
+            job.state == "running" else None, "history": job.history, "result": job.result, "note": _job_note(job)}
+
+
+def _job_note(job: JobInfo) -> str | None:
+    """What the banner says under a queued or running training job: what it is and what to do meanwhile."""
+    if job.is_finished or job.kind != "train":
+        return None
+    return job.params.get("note") or ("Meanwhile every tab keeps working on the current run; the new run becomes "
+                                      "current on the page that started it.")
 
 
 def loss_records(run: str | None) -> tuple[str, list[dict]]:

@@ -3,7 +3,8 @@
 The lab is meant to be shared (a Hugging Face Space, a classroom server: one process, one runs
 folder, two cores), so every request the page accepts is bounded. Each quota is one environment
 variable; 0 lifts it. The defaults suit a public Space on two cores and let every preset run. The
-command line is not limited: whoever runs it owns the machine.
+command line is not limited: whoever runs it owns the machine. The host's other choice read here:
+what the app trains by itself when it starts with no run (`warm_start`, FACTORLAB_WARM_START).
 
 Pure Python: importing this module imports neither torch nor gradio.
 """
@@ -26,6 +27,16 @@ QUOTAS: dict[str, tuple[int, str]] = {
     "FACTORLAB_MAX_CHAT_CHARS": (4000, "characters of one chat message or routed text (a conversation: ten "
                                        "times as many)"),
     "FACTORLAB_MAX_NEW_TOKENS": (512, "new tokens of one chat reply"),
+}
+
+# What the app trains by itself at start when the runs folder holds no usable run (factorlab.warmstart);
+# README "Hosting" lists the same choices (tests check it).
+WARM_START_VAR = "FACTORLAB_WARM_START"
+WARM_START_DEFAULT = "quick"
+WARM_START_MODES: dict[str, str] = {
+    "off": "nothing: a visitor trains or loads a run first",
+    "quick": "the quick preset (a model to look at in about 1.5 minutes on 2 cores), then the default recipe",
+    "default": "the default recipe only (8-14 minutes on 2 cores before the first model)",
 }
 
 # Bounds no host needs to change: beyond them a value is a typo or an attack, not a setting.
@@ -87,3 +98,14 @@ def check_recipe(recipe) -> None:
     for name, cap in SANE.items():
         if getattr(recipe, name) > cap:
             raise QuotaError(f"{name}={getattr(recipe, name):,} is above the most factorlab accepts ({cap:,})")
+
+
+def warm_start() -> str:
+    """FACTORLAB_WARM_START as one of WARM_START_MODES (unset or empty: `quick`); anything else is an error
+    naming the variable and the choices."""
+    text = os.environ.get(WARM_START_VAR, "").strip()
+    mode = text.lower() or WARM_START_DEFAULT
+    if mode not in WARM_START_MODES:
+        choices = "; ".join(f"{name}: {what}" for name, what in WARM_START_MODES.items())
+        raise ValueError(f"{WARM_START_VAR}={text!r} is not one of {', '.join(WARM_START_MODES)} ({choices})")
+    return mode

@@ -238,12 +238,13 @@ def progress_html(view: dict | None) -> str:
     numbers = " · ".join(f"{label} <b>{html.escape(str(value))}</b>" for label, value in cells)
     message = html.escape(view.get("message") or "")
     error = f"<div class='fl-error'>{html.escape(view['error'])}</div>" if view.get("error") else ""
+    note = f"<div class='fl-note'>{html.escape(view['note'])}</div>" if view.get("note") else ""
     return (f"<div class='fl-job fl-{view['state']}'>"
             f"<div class='fl-job-head'><b>{html.escape(view['kind'])}</b> “{html.escape(view['name'])}” — "
             f"<span class='fl-state'>{view['state']}</span>"
             f"{' · ' + html.escape(view['phase']) if view.get('phase') else ''}</div>"
             f"<div class='fl-bar'><div class='fl-fill' style='width:{width:.1f}%'></div></div>"
-            f"<div class='fl-numbers'>{numbers}</div><div class='fl-message'>{message}</div>{error}</div>")
+            f"<div class='fl-numbers'>{numbers}</div><div class='fl-message'>{message}</div>{note}{error}</div>")
 
 
 def tokens_html(pieces: Sequence[str], experts: Sequence[dict[int, list[int]]], layer: int | None,

@@ -5,6 +5,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see factorlab/__init__.py
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# An app launched by a test never trains by itself (tests of the warm start turn it on where they need it).
+os.environ["FACTORLAB_WARM_START"] = "off"
 
 import socket
 from contextlib import contextmanager
