@@ -20,6 +20,7 @@ import gradio as gr
 
 from factorlab import lab, viz
 from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
+from factorlab.headline import headline_markdown
 from factorlab.jobs import get_manager
 from factorlab.models import hub_reachable
 from factorlab.recipe import PRESETS, Recipe, field_type, preset, recipe_fields
@@ -371,9 +372,18 @@ weight, adds a small **router** that sends each token to only **K** of them, and
 (prior-approximate routing): the original FFN acts as the teacher and says which experts' outputs come closest
 to its own. With K < N each token uses K/N of the FFN's compute. By default the lab's training also lets K vary
 **per token** (some tokens run no routed expert, some all of them) while K stays the average: measured on the
-embedded model, this keeps far more of the dense model's answers than giving every token the same K.
+embedded model, this keeps far more of the dense model's answers than giving every token the same K. It also keeps a
+**shared block** of neurons always on (those carrying the largest share of each FFN's output) beside the routed
+experts, and leaves layer 0 dense. The diagram shows both: the paper's plain top-K (the *paper* preset) and what
+the default recipe runs.
 
 {diagram}
+
+## The default recipe, measured
+On the embedded SmolLM2-135M-Instruct, from the README's *Headline results* (where each number has the command
+that reproduces it):
+
+{headline}
 
 ## The tabs
 1. **Factorize & train.** Every setting is a field of one **recipe**. Start from a **preset** — *default* (the
@@ -618,7 +628,7 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
             intro, rest = ABOUT.split("{diagram}")
             gr.Markdown(intro)
             gr.HTML(f"<div class='fl-diagram'>{(ASSETS / 'diagram.svg').read_text()}</div>")
-            gr.Markdown(rest)
+            gr.Markdown(rest.replace("{headline}", headline_markdown()), elem_id="about-rest")
 
     # every setting of the recipe by the name lab.recipe_from_controls reads: the Recipe's fields, `data` as
     # its three widgets. Events pass them as keyword arguments (inputs_kwargs): no order anywhere.
