@@ -18,10 +18,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from factorlab import lab, viz
+from factorlab import lab, viz, warmstart
 from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
 from factorlab.headline import headline_markdown
 from factorlab.jobs import get_manager
+from factorlab.limits import warm_start
 from factorlab.models import hub_reachable
 from factorlab.recipe import PRESETS, Recipe, field_type, preset, recipe_fields
 from factorlab.runs import clean_leftovers
@@ -89,6 +90,25 @@ def page_load(run):
     names = lab.run_names()
     return run, hub, gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), \
         gr.Dropdown(choices=names, value=run if run in names else None)
+
+
+def current_summary(run):
+    """The header's summary of the page's current run (or what a page without one can do)."""
+    return lab.describe_run(run)
+
+
+def switch_offer(run):
+    """Offer the warm start's default-recipe run to a page still on its quick run (never switched for them)."""
+    text = warmstart.offer_text(run)
+    return gr.Row(visible=bool(text)), text
+
+
+def switch_run(run):
+    """Make the offered run this page's current run."""
+    target = warmstart.offer(run)
+    if target is None:
+        raise lab.LabError("nothing to switch to: the default recipe's run is not ready (or already current)")
+    return target
 
 
 def run_changed(run):
@@ -196,6 +216,8 @@ def poll_jobs(poll, run, version, request: gr.Request = None):
             run = job.result["run"]
             poll["adopted"] = [*poll.get("adopted", []), job.id]
     runs_changed = finished != poll.get("finished")
+    if runs_changed:  # a page without a run adopts the warm start's first model when it is ready
+        run = warmstart.page_run(run)
     poll.update(key=key, finished=finished)
     title, records = lab.loss_records(run)
     loss = viz.loss_figure(records, title)
@@ -317,7 +339,7 @@ def _stream(dense_history, moe_history, message, settings: dict):
                              trace=bool(colour))
     else:
         right = iter(())
-        moe_history[-1]["content"] = "No run loaded: train or load one in *Factorize & train* to compare."
+        moe_history[-1]["content"] = lab.no_run_note()
     for d, m in side_by_side(left, right):
         dense_history[-1]["content"] = shown_text(d)
         stats_moe, tokens = "", ""
@@ -364,6 +386,47 @@ def clear_chat():
     return [], [], "", "", ""
 
 
+# ---------------------------------------------------------------- handlers: the guided first path
+def guide_routing(run):
+    """Step 1: open Routing (the example text is then routed); it needs a run."""
+    if not run:
+        raise lab.LabError(lab.no_run_note())
+    return gr.Tabs(selected="routing")
+
+
+def guide_chat():
+    """Step 2: open Chat with an example question (then sent); the dense side needs no run."""
+    return gr.Tabs(selected="chat"), EXAMPLES["chat"][0]
+
+
+def guide_tradeoffs(run):
+    """Step 3: open Trade-offs, where K is moved; it needs a run."""
+    if not run:
+        raise lab.LabError(lab.no_run_note())
+    return gr.Tabs(selected="tradeoffs")
+
+
+GUIDE = """### Three steps to see what cutting a model's FFNs into experts does
+The header shows the **current run**: the embedded SmolLM2-135M with each feed-forward layer cut into experts and
+a router per layer trained to pick them. On a fresh server the lab trains a first run by itself (the bar above says
+what is training); the chat's dense side works before that."""
+GUIDE_STEPS = (
+    ("1 · Look at the routing", "Route an example", "guide-route",
+     "Which expert does each token go to, at each layer? Every token is coloured by the expert the current run's "
+     "router picks first. *Where the numbers come from:* the run's routers on this text, computed now on this "
+     "server; beside it, the load entropy of the same experts under an untrained router (1 = even, 0 = collapsed)."),
+    ("2 · Chat side by side", "Ask both models", "guide-chat",
+     "One question to the dense model (left) and the factorized one (right), same sampling and seed. *Where the "
+     "numbers come from:* tokens/s measured now on this machine (both share its cores); active FFN GFLOPs per token "
+     "counted from the model's shapes; agreement with dense measured on held-out text when the run was saved."),
+    ("3 · Move K, watch accuracy and FLOPs", "Open the trade-off", "guide-k",
+     "Move the K slider: fewer experts per token cost fewer FLOPs and keep less of the dense model. *Where the "
+     "numbers come from:* held-out agreement and perplexity per K, measured on text never used in training when "
+     "the run was saved; GFLOPs per token analytic, from the real shapes; benchmark accuracy once you run "
+     "evaluations there (scored as lm-evaluation-harness does)."),
+)
+
+
 ABOUT = """
 ## What is this?
 A **language model's feed-forward layers (FFNs) hold most of its weights and compute.** FactorLLM
@@ -386,6 +449,10 @@ that reproduces it):
 {headline}
 
 ## The tabs
+**Start here** walks the shortest path, one button a step: the routing of an example text, one question to both
+models, then K against accuracy and FLOPs. On a fresh server the lab trains its first run by itself
+(`FACTORLAB_WARM_START`: the *quick* preset, then the *default* recipe, offered as a switch when it is ready).
+
 1. **Factorize & train.** Every setting is a field of one **recipe**. Start from a **preset** — *default* (the
    measured recipe: 4 experts + 256 always-on shared neurons in layers 1–29, per-token K with mean 2), *quick* (the
    same shape on less text and fewer steps: a model to look at after 1.5 minutes of training), *paper*
@@ -514,8 +581,25 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
                     "with PAR, and see what it does to routing, accuracy, speed and chat. New here? Read **About**.")
         current_md = gr.Markdown(lab.describe_run(None), elem_id="current-run")
         job_html = gr.HTML(viz.progress_html(None), elem_id="job")
+        with gr.Row(visible=False, elem_id="switch-offer") as offer_row:
+            offer_md = gr.Markdown()
+            switch_btn = gr.Button("Switch to the default recipe", variant="primary", elem_id="switch", scale=0)
 
-    with gr.Tabs():
+    with gr.Tabs(selected="start") as tabs:
+        with gr.Tab("Start here", id="start"):
+            gr.Markdown(GUIDE)
+            guide_buttons = []
+            with gr.Row(equal_height=True):
+                for title, label, elem_id, text in GUIDE_STEPS:
+                    with gr.Column(variant="panel"):
+                        gr.Markdown(f"#### {title}\n{text}")
+                        guide_buttons.append(gr.Button(label, variant="primary", elem_id=elem_id))
+            guide_route_btn, guide_chat_btn, guide_k_btn = guide_buttons
+            with gr.Row():
+                gr.Markdown("Every setting (model, N, K, split, layers, shared neurons, training text, …) and your own "
+                            "training runs: **Factorize & train**.")
+                all_settings_btn = gr.Button("All settings", elem_id="all-settings", scale=0)
+
         with gr.Tab("Factorize & train", id="train"):
             with gr.Row():
                 with gr.Column(scale=2):
@@ -647,7 +731,11 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
     DATA_CONTROLS["data_kind"].change(lambda kind: (gr.File(visible=kind == "upload"), gr.Textbox(visible=kind == "hub")),
                                       DATA_CONTROLS["data_kind"], [DATA_CONTROLS["upload"], DATA_CONTROLS["hub_id"]],
                                       api_name="data_source_toggle")
-    demo.load(shown(page_load), run_state, [run_state, hub_md, runs_df, run_pick], api_name="page_load")
+    demo.load(shown(page_load), run_state, [run_state, hub_md, runs_df, run_pick], api_name="page_load").then(
+        shown(current_summary), run_state, current_md, api_name="page_load_summary")
+    for trigger, name in ((run_state.change, "switch_offer_run"), (runs_version.change, "switch_offer")):
+        trigger(shown(switch_offer), run_state, [offer_row, offer_md], api_name=name, show_progress="hidden")
+    switch_btn.click(shown(switch_run), run_state, run_state, api_name="switch_run")
     run_state.change(shown(run_changed), run_state, run_outputs, api_name="run_changed").then(
         shown(tradeoffs), trade_inputs, trade_outputs, api_name="run_changed_tradeoffs")
     runs_version.change(shown(tradeoff_choices), run_state, task, api_name="results_changed").then(
@@ -690,6 +778,16 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
     bench_btn.click(shown(start_bench), [run_state, bench_prefill, bench_decode, bench_repeats], trade_status,
                     api_name="bench_start")
 
+    guide_route_btn.click(shown(guide_routing), run_state, tabs, api_name="guide_routing").success(
+        shown(route), [run_state, route_text, route_k, colour, expert],
+        [routing_state, heatmap_plot, load_plot, entropy_plot, route_md], api_name="guide_routing_route",
+        concurrency_limit=CHAT_CONCURRENCY)
+    guide_chat_btn.click(guide_chat, None, [tabs, message], api_name="guide_chat").then(
+        shown(chat), [message, chat_dense, chat_moe], chat_outputs, inputs_kwargs=chat_settings,
+        api_name="guide_chat_send", concurrency_limit=CHAT_CONCURRENCY, concurrency_id="chat")
+    guide_k_btn.click(shown(guide_tradeoffs), run_state, tabs, api_name="guide_tradeoffs")
+    all_settings_btn.click(lambda: gr.Tabs(selected="train"), None, tabs, api_name="guide_all_settings")
+
     for trigger, name in ((message.submit, "chat"), (send_btn.click, "chat_send")):
         trigger(shown(chat), [message, chat_dense, chat_moe], chat_outputs, inputs_kwargs=chat_settings, api_name=name,
                 concurrency_limit=CHAT_CONCURRENCY, concurrency_id="chat")
@@ -701,11 +799,13 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
 
 def launch(**kwargs):
     """Serve the lab (theme and CSS go to launch() in Gradio 6); kwargs override the defaults. First remove
-    what crashed saves left in the runs folder."""
+    what crashed saves left in the runs folder, then start the warm start (factorlab.warmstart)."""
     lab.limits()  # a malformed quota variable stops the start, naming the variable
+    warm_start()  # so does a malformed FACTORLAB_WARM_START
     removed = clean_leftovers()
     if removed:
         logging.getLogger(__name__).info("removed leftovers of interrupted saves: %s", ", ".join(removed))
+    warmstart.start()  # no usable run: train a first one in the background (FACTORLAB_WARM_START)
     options = {"server_name": os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                "server_port": int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                "theme": THEME, "css": CSS, "max_file_size": "50mb",

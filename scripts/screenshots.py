@@ -96,6 +96,7 @@ def capture(url: str, out: Path, chromium: str) -> list[Path]:
             shrink(path)
             shots.append(path)
 
+        page.get_by_role("tab", name="Factorize & train").click()  # the landing tab is Start here
         page.locator("#split").get_by_text("random", exact=True).click()
         page.locator("#factorize").click()
         page.wait_for_selector("#train-status:has-text('exactness check')")

@@ -291,6 +291,12 @@ def test_the_other_endpoints(setup, table, client):
     probe(setup, table, client, "/routing_last_turn_route",
           dict(text="The cat sat.", k=2, colour="top-1 expert", expert=0), "k", NUMBERS)
     probe(setup, table, client, "/chat_send", CHAT, "message", strings[:8])
+    probe(setup, table, client, "/guide_chat_send", CHAT, "message", strings[:8])  # the guided path's step 2
+    probe(setup, table, client, "/guide_routing_route",
+          dict(text="The cat sat.", k=2, colour="top-1 expert", expert=0), "k", NUMBERS)
+    for api in ("/guide_routing", "/guide_chat", "/guide_tradeoffs", "/guide_all_settings", "/page_load_summary",
+                "/switch_offer", "/switch_offer_run", "/switch_run"):
+        probe(setup, table, client, api, {}, None, [None])
     for api in ("/page_load", "/run_changed", "/results_changed", "/job_poll", "/runs_refresh", "/chat_clear",
                 "/job_cancel"):
         probe(setup, table, client, api, {}, None, [None])

@@ -343,6 +343,28 @@ def test_eval_and_benchmark_jobs_fill_the_tradeoffs(client, trained):
     assert table["value"]["data"][0][0] == "dense"
 
 
+def test_the_dense_side_answers_from_the_first_second_without_a_run(served):
+    """Issue 29: a page with no run (a fresh Space before its first model is trained) chats with the dense model;
+    the factorized side says why it is empty, naming the warm start's job while it trains."""
+    from factorlab import lab
+    from factorlab.jobs import JobManager
+
+    fresh = new_client(served)  # a new session: no current run
+    _, dense, moe, stats_dense, stats_moe, _ = fresh.predict(message="What is the capital of France?", max_new=4,
+                                                             **GREEDY, api_name="/chat")
+    assert dense[-1]["role"] == "assistant" and dense[-1]["content"][0]["text"].strip()
+    assert "tokens/s" in stats_dense and stats_moe == ""
+    assert "No run loaded" in moe[-1]["content"][0]["text"]
+    manager, gate = JobManager(), threading.Event()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lab, "get_manager", lambda: manager)
+        manager.submit("train", "warm-quick", lambda ctx: gate.wait(10) and {}, owner=lab.WARM_START_OWNER)
+        _, dense, moe, *_ = fresh.predict(message="Hi", max_new=2, **GREEDY, api_name="/chat")
+        gate.set()
+    assert dense[-1]["content"][0]["text"].strip()
+    assert "training its first model (`warm-quick`" in moe[-1]["content"][0]["text"]
+
+
 def test_chat_streams_both_sides_and_regenerates(client, trained):
     # K=4 of 4: the tiny run's greedy reply has tokens to colour (at K=2 it now ends its turn at once)
     job = client.submit(message="What is the capital of France?", max_new=8, k=4, colour=True, **GREEDY,

@@ -1,4 +1,6 @@
-"""One headless-Chromium walk: preset -> factorize -> short training -> heatmap -> trade-off slider -> chat turn.
+"""Two headless-Chromium walks on one page: a fresh lab's warm start (at a test's budget) and the guided first
+path of the landing tab (routing -> chat side by side -> move K); then preset -> factorize -> short training ->
+heatmap -> trade-off slider -> chat turn.
 
 Screenshots of each step go to test-artifacts/screenshots/ (gitignored). Skipped, with the reason,
 when Debian's chromium (/usr/bin/chromium) or Playwright's Python package is missing.
@@ -64,7 +66,87 @@ def choose_preset(page, name: str) -> None:
     page.get_by_role("option", name=f"{name}:").click()
 
 
+def tiny_stage(run: str, label: str, seed: int):
+    """A warm start stage at a test's budget: the quick preset on 2 layers, 512 tokens of local prose."""
+    from factorlab.recipe import preset
+    from factorlab.warmstart import Stage
+
+    return Stage(run, preset("quick", split="random", layers="0-1", shared_size=0, data="local", train_tokens=512,
+                             router_steps=5, per_token_router_steps=2, heldout_tokens=256, seq_len=128, seed=seed),
+                 label)
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_warm_start_then_the_guided_first_path(page):
+    """A fresh lab (no run) trains a first run by itself: the page shows what trains and that the dense chat
+    answers meanwhile, adopts the run when it is done, then offers the second one. Then the three steps."""
+    from factorlab import warmstart
+
+    started = time.perf_counter()
+    ws = warmstart.start("quick", stages=[tiny_stage(warmstart.QUICK_RUN, "quick", 0),
+                                          tiny_stage(warmstart.DEFAULT_RUN, "default", 1)])
+    assert ws is not None
+    page.reload()  # a visitor arriving while the first model trains (the app starts it before serving)
+    page.wait_for_selector("#current-run:has-text('the lab is training its first model')")
+    open_tab(page, "Chat")  # short greedy replies for this test (step 2 uses the chat's settings)
+    fill(page, "max-new", 8)
+    fill(page, "temperature", 0)
+    open_tab(page, "Start here")
+    page.wait_for_selector("#job:has-text('training its first model by itself')")
+    page.wait_for_selector("#job:has-text('meanwhile the dense side of Chat answers at once')")
+    page.screenshot(path=str(SHOTS / "0-start-warming.png"), full_page=True)
+
+    page.locator("#guide-chat").click()  # step 2 before any run: the dense side answers
+    page.wait_for_selector("#chat-moe:has-text('training its first model')")
+    wait_until_stable(page, "#chat-moe")
+    assert page.locator("#chat-moe .bot").count() >= 1
+
+    page.wait_for_selector(f"#current-run:has-text('{warmstart.QUICK_RUN}')")  # adopted without a reload
+    first = time.perf_counter() - started
+    open_tab(page, "Start here")
+    page.screenshot(path=str(SHOTS / "0-start-first-run.png"), full_page=True)
+    page.wait_for_selector("#switch-offer:has-text('default recipe is trained')")
+    assert warmstart.QUICK_RUN in page.inner_text("#current-run")  # offered, not switched
+    second = time.perf_counter() - started
+    page.screenshot(path=str(SHOTS / "0-start-offer.png"), full_page=True)
+    page.locator("#switch").click()
+    page.wait_for_selector(f"#current-run:has-text('{warmstart.DEFAULT_RUN}')")
+    page.wait_for_selector("#switch-offer", state="hidden")
+    assert ws.join(30) and ws.state == "done"
+    print(f"warm start (test budgets): first run current on the page {first:.1f} s after the start, the second "
+          f"offered at {second:.1f} s")
+    page.screenshot(path=str(SHOTS / "0-start-default-run.png"), full_page=True)
+
+    page.locator("#guide-route").click()  # step 1: routing, on the Routing tab
+    page.wait_for_selector("#heatmap .js-plotly-plot .heatmaplayer")
+    assert page.locator("#heatmap .legendtext").count() == 4
+    page.screenshot(path=str(SHOTS / "0-guide-1-routing.png"), full_page=True)
+
+    open_tab(page, "Start here")
+    page.locator("#guide-chat").click()  # step 2: both sides now
+    page.wait_for_selector("#stats-moe:has-text('tokens/s')")
+    wait_until_stable(page, "#chat-moe")
+    assert "GFLOPs/token" in page.inner_text("#stats-moe")
+    page.screenshot(path=str(SHOTS / "0-guide-2-chat.png"), full_page=True)
+
+    open_tab(page, "Start here")
+    page.locator("#guide-k").click()  # step 3: move K on Trade-offs
+    page.wait_for_selector("#trade-table")
+    current = "k => document.querySelector('#trade-table').innerText.replace(/\\s+/g, ' ').includes(`K=${k} ◀ current`)"
+    page.wait_for_function(current, arg=2)
+    fill(page, "trade-k", 1)
+    page.wait_for_function(current, arg=1)
+    page.screenshot(path=str(SHOTS / "0-guide-3-tradeoffs.png"), full_page=True)
+    open_tab(page, "Start here")
+    page.locator("#all-settings").click()  # the full controls, one click away
+    page.wait_for_selector("#preset input", state="visible")
+
+
 def test_factorize_train_route_chat(page):
+    open_tab(page, "Factorize & train")
     choose_preset(page, "quick")
     page.wait_for_function("document.querySelector('#train-tokens input').value === '8192'")  # the preset's budget
     # then the budget of a test: 2 layers, no shared neurons, a random split (no calibration pass)
