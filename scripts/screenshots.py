@@ -138,6 +138,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ["FACTORLAB_RUNS"] = args.runs_dir or tempfile.mkdtemp(prefix="factorlab-shots-")
+    os.environ["FACTORLAB_WARM_START"] = "off"  # the demo run below is what the pages show
     sys.path.insert(0, str(ROOT))
     import app
 
