@@ -228,8 +228,8 @@ def moe_tensors(moe: nn.Module, partition: Partition, tuned: tuple[str, ...] | b
             value = getattr(mlp, pname)
             if own and pname in ("down", "shared_down"):  # the trained K's, whatever K the model runs now
                 value = own[mlp.trained_k][0 if pname == "down" else 1]
-            if value.numel():
-                tensors[f"{pname}.{i}"] = value
+            if value.numel():  # contiguous: gate/up weights are views of one packed matrix (moe._pack_gate_up)
+                tensors[f"{pname}.{i}"] = value.contiguous()
         for k, (down, shared_down) in own.items():
             if k != mlp.trained_k and names:
                 tensors[f"down.k{k}.{i}"] = down

@@ -250,8 +250,9 @@ def test_routing_trade_offs_and_jobs(setup, table, client):
     probe(setup, table, client, "/routing_colour", {"colour": "top-1 expert", "expert": 0}, "expert", NUMBERS)
     probe(setup, table, client, "/routing_last_turn", {"moe_history": [], "dense_history": []}, "moe_history",
           HISTORIES)
-    trade = dict(task="held-out agreement with dense", k=2, seq_len=512)
-    for name, values in (("task", hostile_strings(outside)), ("k", NUMBERS), ("seq_len", NUMBERS)):
+    trade = dict(task="held-out agreement with dense", k=2, seq_len=512, axis="flops")
+    for name, values in (("task", hostile_strings(outside)), ("k", NUMBERS), ("seq_len", NUMBERS),
+                         ("axis", hostile_strings(outside) + ["decode", "prefill"])):
         probe(setup, table, client, "/tradeoffs_k", trade, name, values)
     probe(setup, table, client, "/eval_start", {"tasks": ["arc_easy"], "limit": 5}, "tasks",
           [[], ["../x"], ["nope"], ["arc_easy"] * 50, "arc_easy", ["hellaswag"], None])
@@ -284,8 +285,9 @@ def test_the_other_endpoints(setup, table, client):
     probe(setup, table, client, "/recipe_preset", {"name": "quick", "model": "default"}, "model", strings)
     probe(setup, table, client, "/routing_example", {"label": "Prose"}, "label", strings)
     probe(setup, table, client, "/data_source_toggle", {"kind": "local"}, "kind", strings)
-    trade = dict(task="held-out agreement with dense", k=2, seq_len=512)
-    for api in ("/tradeoffs_seq", "/tradeoffs_task", "/run_changed_tradeoffs", "/results_changed_tradeoffs"):
+    trade = dict(task="held-out agreement with dense", k=2, seq_len=512, axis="flops")
+    for api in ("/tradeoffs_seq", "/tradeoffs_task", "/tradeoffs_axis", "/run_changed_tradeoffs",
+                "/results_changed_tradeoffs"):
         probe(setup, table, client, api, trade, "seq_len", NUMBERS)
     probe(setup, table, client, "/routing_expert", {"colour": "top-1 expert", "expert": 0}, "colour", strings)
     probe(setup, table, client, "/routing_last_turn_route",

@@ -188,3 +188,60 @@ def test_decode_routing_trace_equals_the_batch_trace(tiny_model):
         assert torch.equal(whole_index[i], step_index[i])
         torch.testing.assert_close(whole_probs[i], step_probs[i], rtol=1e-4, atol=1e-5)
     assert all(m.on_route is None for m in factorized_layers(moe).values())  # nothing left behind
+
+
+@pytest.mark.parametrize("shared_size", [0, 32])
+def test_gate_up_weights_stay_views_of_the_packed_matrix(shared_size):
+    """Decode reads gate/up through the packed (H, 2I) matrix: conversions, in-place updates and copies
+    into the parameters must all be seen there, and stored tensors come out contiguous."""
+    import copy
+
+    from factorlab.runs import moe_tensors
+
+    mlp = make_mlp(shared_size, top_k=2, mode="gated")
+    x = torch.randn(1, HIDDEN)
+
+    def shares_storage(m):
+        ptr = m._gate_up_t.untyped_storage().data_ptr()
+        return all(p.untyped_storage().data_ptr() == ptr for p in (m.gate_up, m.shared_gate_up) if p.numel())
+
+    with torch.no_grad():
+        mlp.gate_up.mul_(1.5)  # in place, as training's optimiser does
+        mlp.gate_up[1].copy_(torch.randn(2 * mlp.expert_size, HIDDEN))  # as loading a run does
+        torch.testing.assert_close(mlp(x), mlp.forward_reference(x), rtol=1e-5, atol=1e-5)
+        for dtype in (torch.float64, torch.bfloat16, torch.float32):
+            mlp.to(dtype)
+            assert shares_storage(mlp) and mlp._gate_up_t.dtype == dtype
+            xd = x.to(dtype)
+            tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mlp(xd), mlp.forward_reference(xd), **tol)
+        twin = copy.deepcopy(mlp)  # parameters cloned one by one: decode packs them again
+        torch.testing.assert_close(twin(x), mlp(x))
+        assert shares_storage(twin) and twin._gate_up_t.data_ptr() != mlp._gate_up_t.data_ptr()
+        twin.gate_up.mul_(2.0)
+        torch.testing.assert_close(twin(x), twin.forward_reference(x), rtol=1e-5, atol=1e-5)
+    holder = nn.Module()
+    holder.model = nn.Module()
+    holder.model.layers = nn.ModuleList([nn.Module()])
+    holder.model.layers[0].mlp = mlp
+    part = type("P", (), {"to_tensors": lambda self: {}})()
+    stored = moe_tensors(holder, part, tuned=True)
+    assert stored["gate_up.0"].is_contiguous() and torch.equal(stored["gate_up.0"], mlp.gate_up)
+
+
+@pytest.mark.parametrize("shared_size", [0, 32])
+@pytest.mark.parametrize("mode", ["scaled", "gated"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_grouped_gemm_path_equals_reference(shared_size, mode, per_token):
+    """The accelerators' prefill path (torch._grouped_mm, no per-expert loop) computes the same function;
+    checked here on the CPU, where the kernel also runs (no GPU in CI)."""
+    mlp = make_mlp(shared_size, mode=mode)
+    if per_token:
+        mlp.set_thresholds(torch.tensor([0.9, 0.6, 0.35, 0.1]), min_experts=0)
+    x = torch.randn(37, HIDDEN, generator=torch.Generator().manual_seed(4))
+    for top_k in range(1, N):
+        mlp.set_top_k(top_k)
+        with torch.inference_mode():
+            top_k_index, weights = mlp.selection(mlp.router.logits(x))
+            out = mlp._dispatch_grouped(x, top_k_index, weights, into=mlp.shared_output(x).expand_as(x).clone())
+            torch.testing.assert_close(out, mlp.forward_reference(x), rtol=1e-5, atol=1e-5, msg=f"K={top_k}")

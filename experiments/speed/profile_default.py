@@ -1,6 +1,7 @@
 """Where the time of the default recipe's forward goes, op by op, against the dense model (issue 28).
 
 Usage: PYTHONPATH=. .venv/bin/python experiments/speed/profile_default.py RUN [--k 2] [--out FILE.md]
+(REPEATS=5 by default; ONLY=decode or ONLY=prefill keeps the workloads whose name contains it)
 
 For 1 and 2 threads and three workloads (prefill of 512 tokens, batch-1 decode with a KV cache,
 batched prefill 8 x 512), profiles the dense model and the run's factorized model at K with
@@ -82,6 +83,8 @@ def main() -> None:
         torch.set_num_threads(threads)
         with torch.inference_mode():
             for name, fn in workloads(dense.config.vocab_size).items():
+                if os.environ.get("ONLY") and os.environ["ONLY"] not in name:  # e.g. ONLY=decode
+                    continue
                 for model in models.values():
                     fn(model)  # warm-up
                 times = {m: [] for m in models}
