@@ -17,6 +17,7 @@ ROWS = {
     "perplexity": "held-out perplexity, factorized / dense",
     "every_k": "every K a real model",
     "compute": "compute per token",
+    "speed": "measured speed of the default recipe",
     "par": "PAR vs the untrained router at K=2",
     "exactness": "exactness: max",
 }

@@ -1,0 +1,59 @@
+"""Screenshot of the Trade-offs tab on measured time (issue 28), made the way a visitor would make it.
+
+Usage: FACTORLAB_RUNS=runs PYTHONPATH=. .venv/bin/python experiments/speed/tradeoffs_shot.py OUT.png [PORT]
+
+Serves app.py (warm start off) on the runs folder, opens the newest run, starts the Trade-offs tab's
+benchmark (prefill 256, decode 32, 3 repeats: every K against dense, in the background worker), waits
+for it, switches the compute axis to measured decode ms per token and saves a screenshot of the tab.
+Run it alone: the benchmark it starts is timed on this machine.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+CHROMIUM = os.environ.get("FACTORLAB_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    out, port = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "7861"
+    env = {**os.environ, "FACTORLAB_WARM_START": "off", "GRADIO_SERVER_PORT": port, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "app.py"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(600_000)
+            page.goto(url)
+            page.get_by_role("tab", name="Trade-offs").click()
+            page.wait_for_selector("#trade-plot .js-plotly-plot")
+            page.get_by_role("button", name="Run benchmark (background)").click()
+            page.wait_for_selector(".fl-job.fl-done:has-text('bench')")
+            page.get_by_label("decode ms per generated token (measured)").check()
+            page.wait_for_selector("#trade-plot:has-text('limit (FLOPs bound)')")
+            page.wait_for_timeout(1500)
+            page.locator("#tradeoffs").screenshot(path=out)
+            browser.close()
+        print(f"wrote {out}")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
