@@ -83,7 +83,8 @@ def main() -> int:
         mark("first dense token (guided step 2)")
 
         first = QUICK_RUN if args.mode == "quick" else DEFAULT_RUN
-        page.wait_for_selector(f"#current-run:has-text('{first}')")
+        # the header names the run as current ("No run yet: ... training `warm-quick`" names it too)
+        page.wait_for_selector(f"#current-run:has-text('Current run: {first}')")
         mark(f"first run current on the page ({first})")
         page.get_by_role("tab", name="Start here").click()
         page.screenshot(path=str(shots / "2-landing-first-run.png"), full_page=True)
@@ -92,7 +93,7 @@ def main() -> int:
             mark("default recipe offered")
             page.screenshot(path=str(shots / "3-landing-offer.png"), full_page=True)
             page.locator("#switch").click()
-            page.wait_for_selector(f"#current-run:has-text('{DEFAULT_RUN}')")
+            page.wait_for_selector(f"#current-run:has-text('Current run: {DEFAULT_RUN}')")
             mark(f"default recipe current on the page ({DEFAULT_RUN})")
             page.screenshot(path=str(shots / "4-landing-default.png"), full_page=True)
         browser.close()
