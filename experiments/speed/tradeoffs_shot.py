@@ -1,6 +1,6 @@
 """Screenshot of the Trade-offs tab on measured time (issue 28), made the way a visitor would make it.
 
-Usage: FACTORLAB_RUNS=runs PYTHONPATH=. .venv/bin/python experiments/speed/tradeoffs_shot.py OUT.png [PORT]
+Usage: FACTORLAB_RUNS=runs PYTHONPATH=. .venv/bin/python experiments/speed/tradeoffs_shot.py OUT.png [PORT] [--stored]
 
 Serves app.py (warm start off) on the runs folder, opens the newest run, starts the Trade-offs tab's
 benchmark (prefill 256, decode 32, 3 repeats: every K against dense, in the background worker), waits
@@ -20,9 +20,10 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
+    if len([a for a in sys.argv[1:] if a != "--stored"]) < 1:
         raise SystemExit(__doc__)
-    out, port = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "7861"
+    args = [a for a in sys.argv[1:] if a != "--stored"]
+    out, port = args[0], args[1] if len(args) > 1 else "7861"
     env = {**os.environ, "FACTORLAB_WARM_START": "off", "GRADIO_SERVER_PORT": port, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen([sys.executable, "app.py"], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -42,8 +43,9 @@ def main() -> None:
             page.goto(url)
             page.get_by_role("tab", name="Trade-offs").click()
             page.wait_for_selector("#trade-plot .js-plotly-plot")
-            page.get_by_role("button", name="Run benchmark (background)").click()
-            page.wait_for_selector(".fl-job.fl-done:has-text('bench')")
+            if "--stored" not in sys.argv:  # else: the run's stored benchmark is plotted as it is
+                page.get_by_role("button", name="Run benchmark (background)").click()
+                page.wait_for_selector("#job:has-text('bench'):has-text('done')")
             page.get_by_label("decode ms per generated token (measured)").check()
             page.wait_for_selector("#trade-plot:has-text('limit (FLOPs bound)')")
             page.wait_for_timeout(1500)
