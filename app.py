@@ -20,6 +20,7 @@ import gradio as gr
 
 from factorlab import lab, viz, warmstart
 from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
+from factorlab.export import FORMATS as EXPORT_FORMATS
 from factorlab.headline import headline_markdown
 from factorlab.jobs import get_manager
 from factorlab.limits import warm_start
@@ -146,6 +147,17 @@ def delete_run(name, run):
     current = None if run == name else run
     return (gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=names, value=None),
             current, f"Deleted `{name}`.")
+
+
+def start_export(name, fmt, request: gr.Request = None):
+    """Queue an export of the chosen run as a standard transformers MoE checkpoint (a background job)."""
+    job_id = lab.start_export(name, fmt, owner=_session(request))
+    return f"Queued export job `{job_id}` of `{name}`: press *Get the export* when the jobs table says done."
+
+
+def get_export(name):
+    """The chosen run's finished export as a zip to download, and what it is."""
+    return lab.export_file(name)
 
 
 def refresh_runs():
@@ -633,6 +645,13 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
                 load_btn = gr.Button("Load (make current)", variant="primary", scale=1)
                 delete_btn = gr.Button("Delete", variant="stop", scale=1)
                 refresh_btn = gr.Button("Refresh", scale=1)
+            with gr.Row():
+                export_fmt = gr.Dropdown(list(EXPORT_FORMATS), value=EXPORT_FORMATS[0], label="Export format", scale=2,
+                                         info="a transformers MoE class that loads the run without custom code "
+                                              "(qwen2_moe keeps dense layers dense)")
+                export_btn = gr.Button("Export the run (background)", scale=1, elem_id="export")
+                export_get_btn = gr.Button("Get the export (zip)", scale=1, elem_id="export-get")
+            export_file = gr.File(label="Export (zip: config, safetensors, tokenizer, README card)", interactive=False)
             runs_md = gr.Markdown()
 
         with gr.Tab("Routing", id="routing"):
@@ -757,6 +776,8 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
     delete_btn.click(shown(delete_run), [run_pick, run_state], [runs_df, run_pick, run_state, runs_md],
                      api_name="run_delete")
     refresh_btn.click(shown(refresh_runs), None, [runs_df, run_pick], api_name="runs_refresh")
+    export_btn.click(shown(start_export), [run_pick, export_fmt], runs_md, api_name="export_start")
+    export_get_btn.click(shown(get_export), run_pick, [export_file, runs_md], api_name="export_download")
 
     example.change(lambda label: ROUTING_EXAMPLES.get(label, gr.skip()), example, route_text,
                    api_name="routing_example")

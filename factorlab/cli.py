@@ -507,7 +507,67 @@ def cmd_bench(args) -> int:
     return 0
 
 
-PARSERS = [add_info, add_recipe, add_factorize, add_flops, add_train, add_experiment, add_runs, add_eval, add_bench]
+# ---- export ----
+def add_export(sub) -> None:
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="write a run as a standard transformers MoE checkpoint (loads without custom "
+                                      "code), checked against the run")
+    p.add_argument("name", help="run name")
+    p.add_argument("out_dir", help="the folder to write (config, safetensors, tokenizer + chat template, README card)")
+    p.add_argument("--format", default=FORMATS[0], choices=FORMATS, dest="fmt",
+                   help="the transformers class: qwen2_moe (dense layers stay dense; default) or granitemoeshared")
+    p.add_argument("--k", type=int, default=None,
+                   help="the K to export (default: the run's K; per-token K runs: the nearest fixed K, approximate)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    p.add_argument("--no-store", action="store_true", help="do not record the export in the run's metrics.json")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload the folder to this Hub repo "
+                                                                       "(owner/name; needs the Hub and a token)")
+    _runs_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export import check_repo_id, push_to_hub
+    from .workflows import export_run
+
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)  # a typo fails before the export, not after it
+    command = " ".join(["python -m factorlab export", args.name, args.out_dir, "--format", args.fmt] +
+                       (["--k", str(args.k)] if args.k else []))
+    s = export_run(args.name, args.out_dir, fmt=args.fmt, top_k=args.k, runs_dir=args.runs_dir,
+                   store=not args.no_store, overwrite=args.overwrite, command=command)
+    if args.json:
+        _emit_json(args, s)
+    else:
+        plan, check, size = s["plan"], s["check"], s["size"]
+        print(f"exported {s['run']} to {s['folder']} as {s['class']} at K={plan['top_k']}: "
+              f"{'EXACT' if plan['exact'] else 'APPROXIMATE'}")
+        print(f"  routing: {plan['routing']}")
+        for note in plan["notes"]:
+            print(f"  note: {note}")
+        print(f"  loaded back as {check['loaded_class']} (plain transformers, no remote code): max |logit diff| vs the "
+              f"factorlab model at K={plan['top_k']} = {check['max_abs_logit_diff']:.2e} on {check['tokens']} tokens; "
+              f"greedy reply {'identical' if check['greedy_same'] else 'DIFFERENT'}")
+        a = s["approximation"]
+        if a:
+            print(f"  vs the run (per-token K) on {a['tokens']} held-out tokens: perplexity {a['run']['perplexity']:.2f}"
+                  f" -> {a['export']['perplexity']:.2f} (dense {a['dense_perplexity']:.2f}), agreement with dense "
+                  f"{a['run']['agreement']:.3f} -> {a['export']['agreement']:.3f}, same top-1 as the run on "
+                  f"{100 * a['vs_run']['agreement']:.1f}% of tokens")
+        elif not plan["exact"]:
+            print("  the run has no held-out text (heldout_tokens 0): the approximation was not measured")
+        print(f"  parameters {size['export_parameters']:,} (dense {size['dense_parameters']:,}); safetensors "
+              f"{size['export_bytes'] / 2**20:,.1f} MiB (dense fp32 tensors {size['dense_bytes'] / 2**20:,.1f} MiB); "
+              f"{s['flops']['export']['total'] / 1e9:.3f} GFLOPs/token (dense {s['flops']['dense']['total'] / 1e9:.3f})")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(s['folder'], args.push_to_hub)}")
+    return 0
+
+
+PARSERS = [add_info, add_recipe, add_factorize, add_flops, add_train, add_experiment, add_runs, add_eval, add_bench,
+           add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -686,6 +686,69 @@ def _bench_job(ctx) -> dict:
     return {"run": p["run"]}
 
 
+# ---------------------------------------------------------------- export
+def exports_root() -> Path:
+    """Where the lab writes exports: the system temp folder (Gradio serves downloads from there), one zip per run
+    and format; gone after a restart, like the jobs that made them."""
+    return Path(tempfile.gettempdir()) / "factorlab-exports"
+
+
+def start_export(name: str, fmt: str, *, owner: str | None = None) -> str:
+    """Queue a job writing a run as a standard transformers MoE checkpoint (factorlab.export), zipped for download."""
+    from .export import FORMATS
+
+    if not name:
+        raise LabError("choose a run in the list first")
+    name = load_run(name).name
+    if fmt not in FORMATS:
+        raise LabError(f"format {str(fmt)[:40]!r} is not one of {', '.join(FORMATS)}")
+    check_writable()
+    with _start_lock:
+        load_run(name)  # not deleted meanwhile
+        return _submit("export", name, _export_job, {"run": name, "format": fmt}, owner)
+
+
+def _export_job(ctx) -> dict:
+    from .export import zip_folder
+    from .workflows import export_run
+
+    p = ctx.params
+    folder = exports_root() / f"{p['run']}-{p['format']}"
+
+    def progress(rec: dict) -> None:
+        ctx.check_cancel()
+        ctx.report(message=rec.get("message"), phase="export")
+
+    with _storing():
+        s = export_run(p["run"], folder, fmt=p["format"], overwrite=True, progress=progress)
+    progress({"message": "zipping the folder"})
+    target = zip_folder(folder, exports_root() / f"{p['run']}-{p['format']}-k{s['plan']['top_k']}.zip")
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"run": p["run"], "zip": str(target), "class": s["class"], "top_k": s["plan"]["top_k"],
+            "exact": s["plan"]["exact"], "max_abs_logit_diff": s["check"]["max_abs_logit_diff"],
+            "greedy_same": s["check"]["greedy_same"], "approximation": s["approximation"]}
+
+
+def export_file(name: str) -> tuple[str, str]:
+    """(the zip of the run's newest finished export in this process, a line saying what it is)."""
+    if not name:
+        raise LabError("choose a run in the list first")
+    name = checked_run_name(name)
+    jobs = [j for j in get_manager().jobs() if j.kind == "export" and j.params.get("run") == name]
+    if any(not j.is_finished for j in jobs):
+        raise LabError(f"the export of {name!r} is still running (see the jobs table): get it when it is done")
+    done = [j for j in jobs if j.state == "done" and Path(j.result["zip"]).is_file()]
+    if not done:
+        raise LabError(f"no export of {name!r} yet: press Export first (a background job)")
+    r = done[0].result
+    a = r["approximation"]
+    how = (f"exact (max |logit diff| {r['max_abs_logit_diff']:.1e}, greedy reply "
+           f"{'identical' if r['greedy_same'] else 'different'})" if r["exact"] else
+           f"approximate: per-token K exported as top-{r['top_k']}" +
+           (f", held-out perplexity {a['run']['perplexity']:.1f} -> {a['export']['perplexity']:.1f}" if a else ""))
+    return r["zip"], f"`{Path(r['zip']).name}`: {r['class']} at K={r['top_k']}, {how}. The README inside says more."
+
+
 # ---------------------------------------------------------------- job views
 def job_view(job: JobInfo | None) -> dict | None:
     """A job's state with its numbers formatted for the page; None when there is no job."""

@@ -210,6 +210,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper": ("FactorLLM's setting, 1R4E1K: contiguous split of every layer, no shared neurons, plain top-1, "
               "scaled output, PAR router + expert refit",
               {"split": "contiguous", "layers": "all", "shared_size": 0, "top_k": 1, "per_token_rounds": 0}),
+    "portable": ("the default's shape with plain top-2 and gated output: its runs export exactly to a standard "
+                 "transformers MoE (Qwen2-MoE) of the dense model's size (`python -m factorlab export`)",
+                 {"output_mode": "gated", "per_token_rounds": 0}),
     "no-par": ("the default with an untrained router (its random init, plain top-K) and the same split, shared "
                "neurons and expert refit: the baseline PAR is measured against",
                {"router_steps": 0, "per_token_rounds": 0}),

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -13,7 +16,7 @@ from torch import nn
 
 from .factorize import Partition, build_moe, calibration_inputs, make_partition
 from .flops import flops_table
-from .models import load_model, model_info
+from .models import DEFAULT_HUB_ID, load_model, model_info
 from .moe import factorized_layers, set_top_k
 from .recipe import Recipe
 from .runs import load_moe, load_run, moe_tensors, run_path, sanitize_name, save_run, update_metrics, write_log
@@ -290,3 +293,120 @@ def bench_run(name: str, ks: list[int] | None = None, *, prefill: int = 512, dec
         update_metrics(run.name, {"bench": result}, runs_dir)
     return result
 
+
+# ---------------------------------------------------------------- export a run
+CHAT_CHECK = "What is the capital of France? Answer in one sentence."  # the greedy-generation check's prompt
+
+
+def export_run(name: str, out_dir, *, fmt: str = "qwen2_moe", top_k: int | None = None, runs_dir=None,
+               store: bool = True, overwrite: bool = False, command: str | None = None,
+               progress: Progress | None = None) -> dict:
+    """Write a run as a standard transformers MoE checkpoint in out_dir (factorlab.export), load it back with plain
+    transformers and compare it with the run; for per-token K runs (exported at a fixed K) measure the difference
+    on the run's held-out text. The summary goes into the model card and (store) the run's metrics["export"]."""
+    from . import export as ex
+    from .evaluate import heldout_metrics
+    from .runs import versions
+
+    def emit(message: str) -> None:
+        log.info(message)
+        if progress:
+            progress({"phase": "export", "message": message})
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: give a folder for the export")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} already exists and is not empty: choose a new folder or pass overwrite")
+    emit(f"loading run {name}")
+    run, loaded, moe = open_run(name, runs_dir)
+    plan = ex.plan_export(moe, fmt, top_k)
+    ex.check_source(loaded.model)
+    approximation = None
+    if not plan.exact:  # per-token K: the run itself against the fixed K that the export computes
+        emit(f"measuring the fixed K={plan.top_k} against the run's per-token K on held-out text")
+        heldout_ids = load_data(loaded, run.recipe)[1]
+        if heldout_ids.numel():
+            fixed = ex.fix_k(load_moe(run, loaded.model), plan.top_k)
+            with torch.no_grad():
+                of_run, of_export = (heldout_metrics(loaded.model, m, heldout_ids) for m in (moe, fixed))
+                vs_run = heldout_metrics(moe, fixed, heldout_ids)
+            approximation = {"tokens": of_run["tokens"], "dense_perplexity": of_run["dense_perplexity"],
+                             "run": of_run, "export": of_export, "vs_run": vs_run,
+                             "perplexity_change": of_export["perplexity"] - of_run["perplexity"],
+                             "agreement_change": of_export["agreement"] - of_run["agreement"]}
+    ex.fix_k(moe, plan.top_k)
+    emit(f"building {ex.CLASSES[fmt]} ({plan.routing})")
+    hf = ex.build_export(moe, plan)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        del hf
+        emit("loading the export back with plain transformers and comparing it with the run")
+        check, back = ex.verify_export(moe, tmp, loaded.tokenizer, CHECK_TEXT, CHAT_CHECK)
+        info = model_info(loaded.model)
+        summary = {
+            "run": run.name, "model": run.recipe.model, "model_source": loaded.source, "format": fmt,
+            "class": ex.CLASSES[fmt], "plan": plan.to_dict(), "check": check, "approximation": approximation,
+            "size": {"export_parameters": ex.parameter_count(back), "dense_parameters": ex.parameter_count(loaded.model),
+                     "export_bytes": ex.folder_bytes(tmp), "dense_bytes": ex.tensor_bytes(loaded.model)},
+            "flops": {"seq_len": FLOPS_SEQ_LEN, "dense": flops_table(info, FLOPS_SEQ_LEN, 1, [1])["dense"],
+                      "export": ex.export_flops(info, plan, FLOPS_SEQ_LEN),
+                      "run": flops_table(info, FLOPS_SEQ_LEN, run.recipe.num_experts, [plan.top_k], run.layers,
+                                         run.recipe.shared_size, run.per_token_k)["k"][str(plan.top_k)]},
+            "recipe": run.recipe.to_dict(), "preset": run.recipe.preset_name(), "metrics": run.metrics,
+            "base_model": DEFAULT_HUB_ID if run.recipe.model == "default" else
+            (run.recipe.model if not Path(run.recipe.model).exists() else None),
+            "versions": versions(), "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": command or f"python -m factorlab export {run.name} OUT_DIR --format {fmt} --k {plan.top_k}"}
+        del back
+        (tmp / "README.md").write_text(ex.model_card(summary))
+        ex.check_folder(tmp)
+        ex.replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary.pop("metrics")
+    summary["folder"] = str(out)
+    if store:
+        stored = dict(load_run(run.name, runs_dir).metrics.get("export") or {})
+        stored[f"{fmt} K={plan.top_k}"] = summary
+        update_metrics(run.name, {"export": stored}, runs_dir)
+    return summary
+
+
+# ---------------------------------------------------------------- the expert atlas
+def atlas_run(name: str, *, runs_dir=None, upload: str | None = None, settings=None, domains: dict | None = None,
+              store: bool = True, progress: Progress | None = None,
+              should_stop: Callable[[], bool] | None = None) -> dict:
+    """The expert atlas of a saved run (factorlab.atlas) on the default corpus (or `domains`: label -> source)
+    plus an uploaded text, stored in the run's folder as atlas.json (atomically; a cancelled job stores nothing)."""
+    from .atlas import ATLAS_FILE, AtlasSettings, build_corpus, compute_atlas
+    from .runs import atomic_write_json
+
+    settings = settings or AtlasSettings()
+    started = time.perf_counter()
+    run, loaded, moe = open_run(name, runs_dir)
+    untrained = {i: m.router.linear.weight.detach().clone()
+                 for i, m in factorized_layers(load_moe(run, loaded.model, trained=False)).items()}
+    corpus = build_corpus(loaded, settings, upload=upload, domains=domains, progress=progress, should_stop=should_stop)
+    setup = time.perf_counter() - started
+    atlas = compute_atlas(moe, loaded.model, loaded.tokenizer, untrained, corpus, settings, progress=progress,
+                          should_stop=should_stop)
+    atlas["run"], atlas["model"] = run.name, run.recipe.model
+    atlas["timing"]["setup_seconds"] = setup  # loading the run and the corpus (a first selfgen generates text)
+    if store:
+        atomic_write_json(run_path(run.name, runs_dir) / ATLAS_FILE, atlas, in_run=True)
+    return atlas
+
+
+def stored_atlas(name: str, runs_dir=None) -> dict | None:
+    """The atlas stored with a run, or None if it has none yet."""
+    import json
+
+    from .atlas import ATLAS_FILE
+
+    path = run_path(load_run(name, runs_dir).name, runs_dir) / ATLAS_FILE
+    return json.loads(path.read_text()) if path.exists() else None

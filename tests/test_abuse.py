@@ -277,6 +277,17 @@ def test_chat_inputs(setup, table, client):
     promises_kept()
 
 
+def test_export_endpoints(setup, table, client):
+    """Export (a background job writing only to the temp folder; cancelled here before it stores anything) and
+    the download of its zip: run names as elsewhere, formats that are not one."""
+    names = hostile_strings(setup[3]) + ["victim\n", ".victim", "VICTIM"]
+    base = {"name": "victim", "fmt": "qwen2_moe"}
+    probe(setup, table, client, "/export_start", base, "name", names)
+    probe(setup, table, client, "/export_start", base, "fmt", hostile_strings(setup[3]) + ["mixtral", "QWEN2_MOE"])
+    probe(setup, table, client, "/export_download", {"name": "victim"}, "name", names + ["victim"])
+    promises_kept()
+
+
 def test_the_other_endpoints(setup, table, client):
     """Endpoints that share a handler with one probed above, or take no input, get the table too."""
     outside = setup[3]
