@@ -110,16 +110,23 @@ def domain_rows(source: str, loaded, settings: AtlasSettings, progress=None) -> 
 
 
 def build_corpus(loaded, settings: AtlasSettings, upload: str | None = None,
-                 domains: dict[str, str] | None = None, progress: Progress | None = None) -> list[Domain]:
+                 domains: dict[str, str] | None = None, progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[Domain]:
     """The labelled corpus: each domain's held-out rows (and an uploaded text's rows, if given)."""
     chosen = dict(DOMAINS if domains is None else domains)
     if upload:
         chosen[UPLOAD_DOMAIN] = upload
+
+    def check(*_args) -> None:  # also called while selfgen writes text: a cancel drops that batch
+        if should_stop and should_stop():
+            raise AtlasCancelled("atlas cancelled")
+
     out = []
     for name, source in chosen.items():
+        check()
         if progress:
             progress({"phase": "corpus", "message": f"text of the {name} domain"})
-        out.append(Domain(name, source, domain_rows(source, loaded, settings)))
+        out.append(Domain(name, source, domain_rows(source, loaded, settings, check)))
     return out
 
 
@@ -381,7 +388,7 @@ def compute_atlas(moe: nn.Module, dense: nn.Module, tokenizer, untrained: dict[i
     """The atlas of a factorized model on a labelled corpus (see the module docstring); a JSON-able dict.
 
     untrained: layer -> the untrained router's weight (N, H) of the same partition (FactorLLM's Ex0)."""
-    started, phases = time.perf_counter(), {}
+    started, cpu_started, phases = time.perf_counter(), time.process_time(), {}
     load_before = os.getloadavg()
 
     def check(step: int, total: int, message: str) -> None:
@@ -472,7 +479,8 @@ def compute_atlas(moe: nn.Module, dense: nn.Module, tokenizer, untrained: dict[i
         "domains": [{"name": d.name, "source": d.source, "tokens": int(d.ids.numel()),
                      "ablation_tokens": min(s.ablation_rows, d.ids.shape[0]) * (s.ablation_len - 1)} for d in corpus],
         "baseline_loss": baseline, "layers_data": out_layers, "ranking": ranking, "specialisation": spec,
-        "timing": {"seconds": time.perf_counter() - started, "phases": phases, "threads": torch.get_num_threads(),
+        "timing": {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+                   "phases": phases, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                    "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
                    "ablation_forwards": len(ranking)},
         "caveats": {"lens": LENS_CAVEAT,

@@ -5,13 +5,14 @@ drawing. Domains get one categorical colour each; experts keep the lab's expert 
 """
 from __future__ import annotations
 
+import functools
 import html
 
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.colors import qualitative
-from plotly.subplots import make_subplots
 
-from .viz import _layout, empty_figure, expert_colors
+from .viz import FONT, empty_figure, expert_colors
 
 VOCAB_COLUMNS = ["token", "lift", "routed here", "in corpus"]
 LENS_COLUMNS = ["rank", "promotes", "logit", "promotes more than the layer's other experts", "logit − layer mean"]
@@ -38,6 +39,19 @@ def _delta(a: dict | None) -> float:
     return a["all"]["delta"] if a else 0.0
 
 
+def _figure(data: list[dict], title: str, height: int, **layout) -> go.Figure:
+    """A figure from plain trace and layout dicts, not validated by plotly (validation costs 100-250 ms a
+    figure on a busy 2-core machine; these dicts are written for plotly.js directly)."""
+    base = {"title": {"text": title, "x": 0.01, "font": {"size": 14}}, "height": height, "font": FONT,
+            "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "template": _template()}
+    return go.Figure({"data": data, "layout": {**base, **layout}}, _validate=False)
+
+
+@functools.cache
+def _template() -> dict:
+    return pio.templates["plotly_white"].to_plotly_json()
+
+
 def overview_figure(atlas: dict) -> go.Figure:
     """Every expert (and shared block) of every layer: colour = its most over-represented domain, size =
     the loss increase when it is removed."""
@@ -57,24 +71,24 @@ def overview_figure(atlas: dict) -> go.Figure:
                           f"layer {layer}, shared block ({data['shared']['size']} neurons, every token)<br>"
                           f"Δ loss when removed: {_delta(data['shared']['ablation']):+.4f} nats/token"))
     top = max([abs(c[3]) for c in cells if c[1] < n] or [1e-9]) or 1e-9
-    fig = go.Figure()
+    traces = []
     for name in [*colors, None]:
         group = [c for c in cells if c[2] == name]
-        if not group:
-            continue
-        fig.add_trace(go.Scatter(
-            x=[c[1] for c in group], y=[c[0] for c in group], mode="markers", name=name or "shared block",
-            marker=dict(color=colors.get(name, "#999"), size=[6 + 30 * min(1.0, max(c[3], 0) / top) for c in group],
-                        line=dict(color="#333", width=0.5), symbol="circle" if name else "square"),
-            customdata=[[c[0], c[1]] for c in group], text=[c[4] for c in group],
-            hovertemplate="%{text}<extra></extra>"))
-    fig.update_xaxes(tickmode="array", tickvals=list(range(n + 1)), ticktext=[*map(str, range(n)), "shared"],
-                     title="expert", range=[-0.6, n + 0.6])
-    fig.update_yaxes(autorange="reversed", title="layer", dtick=1)
-    return _layout(fig, "layer overview: colour = most over-represented domain, size = Δ loss when removed "
-                        "(experts scaled to the largest expert; shared blocks capped at that size)",
-                   max(420, 120 + 17 * len(atlas["layers"])), legend=dict(orientation="h", y=1.02, yanchor="bottom",
-                                                                        x=1, xanchor="right"))
+        if group:
+            traces.append({
+                "type": "scatter", "x": [c[1] for c in group], "y": [c[0] for c in group], "mode": "markers",
+                "name": name or "shared block", "text": [c[4] for c in group],
+                "hovertemplate": "%{text}<extra></extra>",
+                "marker": {"color": colors.get(name, "#999"), "symbol": "circle" if name else "square",
+                           "size": [6 + 30 * min(1.0, max(c[3], 0) / top) for c in group],
+                           "line": {"color": "#333", "width": 0.5}}})
+    return _figure(traces, "layer overview: colour = most over-represented domain, size = Δ loss when removed "
+                           "(experts scaled to the costliest expert; shared blocks capped at that size)",
+                   max(420, 120 + 17 * len(atlas["layers"])),
+                   xaxis={"tickmode": "array", "tickvals": list(range(n + 1)), "range": [-0.6, n + 0.6],
+                          "ticktext": [*map(str, range(n)), "shared"], "title": {"text": "expert"}},
+                   yaxis={"autorange": "reversed", "title": {"text": "layer"}, "dtick": 1},
+                   legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
 
 
 def domain_figure(atlas: dict, layer: int, expert: int) -> go.Figure:
@@ -82,15 +96,17 @@ def domain_figure(atlas: dict, layer: int, expert: int) -> go.Figure:
     e = expert_entry(atlas, layer, expert)
     colors = domain_colors(atlas)
     names = list(e["domains"])
-    fig = go.Figure(go.Bar(x=names, y=[e["domains"][d] for d in names], marker_color=[colors[d] for d in names],
-                           text=[f"×{e['over'][d]:.2f}" if e["over"][d] is not None else "" for d in names],
-                           textposition="outside", hovertemplate="%{x}: %{y:.1%} of its tokens<extra></extra>",
-                           name="share of the domain's tokens"))
-    fig.add_hline(y=e["share"], line=dict(color="#333", dash="dash"),
-                  annotation_text=f"all tokens: {e['share']:.1%}", annotation_position="top left")
-    fig.update_yaxes(tickformat=".0%", title="tokens that run this expert", range=[0, 1.08])
-    return _layout(fig, f"layer {layer}, expert {expert}: domains (label = over-representation)", 330,
-                   showlegend=False)
+    bar = {"type": "bar", "x": names, "y": [e["domains"][d] for d in names],
+           "marker": {"color": [colors[d] for d in names]}, "textposition": "outside",
+           "text": [f"×{e['over'][d]:.2f}" if e["over"][d] is not None else "" for d in names],
+           "hovertemplate": "%{x}: %{y:.1%} of its tokens<extra></extra>"}
+    return _figure([bar], f"layer {layer}, expert {expert}: domains (label = over-representation)", 330,
+                   showlegend=False, yaxis={"tickformat": ".0%", "range": [0, 1.08],
+                                            "title": {"text": "tokens that run this expert"}},
+                   shapes=[{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": e["share"], "y1": e["share"],
+                            "line": {"color": "#333", "dash": "dash"}}],
+                   annotations=[{"text": f"all tokens: {e['share']:.1%}", "xref": "paper", "x": 0, "y": e["share"],
+                                 "yanchor": "bottom", "xanchor": "left", "showarrow": False}])
 
 
 def ablation_figure(atlas: dict, layer: int) -> go.Figure:
@@ -98,19 +114,16 @@ def ablation_figure(atlas: dict, layer: int) -> go.Figure:
     data = atlas["layers_data"].get(str(layer))
     if data is None:
         return empty_figure(f"layer {layer} is not factorized in this run")
-    colors = domain_colors(atlas)
     targets = [(f"expert {e['expert']}", e["ablation"]) for e in data["experts"]]
     if data["shared"]["ablation"]:
         targets.append(("shared block", data["shared"]["ablation"]))
-    fig = go.Figure([go.Bar(x=[t for t, _ in targets], y=[a[d]["delta"] for _, a in targets], name=d,
-                            marker_color=colors[d],
-                            error_y=dict(type="data", array=[a[d]["stderr"] or 0 for _, a in targets], thickness=1),
-                            hovertemplate=f"{d}<br>%{{x}}: %{{y:+.4f}} nats/token<extra></extra>")
-                     for d in colors])
-    fig.update_layout(barmode="group")
-    fig.update_yaxes(title="Δ next-token loss (nats/token)")
-    return _layout(fig, f"layer {layer}: what the model loses without each expert (held-out text, ± s.e.)", 360,
-                   legend=dict(orientation="h", y=-0.2))
+    traces = [{"type": "bar", "name": d, "x": [t for t, _ in targets], "y": [a[d]["delta"] for _, a in targets],
+               "marker": {"color": c}, "hovertemplate": f"{d}<br>%{{x}}: %{{y:+.4f}} nats/token<extra></extra>",
+               "error_y": {"type": "data", "array": [a[d]["stderr"] or 0 for _, a in targets], "thickness": 1}}
+              for d, c in domain_colors(atlas).items()]
+    return _figure(traces, f"layer {layer}: what the model loses without each expert (held-out text, ± s.e.)", 360,
+                   barmode="group", yaxis={"title": {"text": "Δ next-token loss (nats/token)"}},
+                   legend={"orientation": "h", "y": -0.2})
 
 
 def pair_figure(atlas: dict, layer: int) -> go.Figure:
@@ -118,55 +131,52 @@ def pair_figure(atlas: dict, layer: int) -> go.Figure:
     data = atlas["layers_data"].get(str(layer))
     if data is None:
         return empty_figure(f"layer {layer} is not factorized in this run")
-    n = len(data["experts"])
-    labels = [f"e{e}" for e in range(n)]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.15,
-                        subplot_titles=("co-activation: P(column runs | row runs)",
-                                        "weight space: output-subspace overlap"))
-    for col, z, scale in ((1, data["coactivation"], "Blues"), (2, data["similarity"], "Purples")):
-        fig.add_trace(go.Heatmap(z=z, x=labels, y=labels, colorscale=scale, zmin=0, zmax=1, showscale=False,
-                                 text=[[f"{v:.2f}" for v in r] for r in z], texttemplate="%{text}",
-                                 hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>"), row=1, col=col)
-    fig.update_yaxes(autorange="reversed")
-    rank_note = ("random 16-dimensional subspaces overlap by about 16/hidden; "
-                 f"{data['mean_active']:.2f} experts run per token on average, {data['none_share']:.1%} of tokens "
-                 "run none")
-    return _layout(fig, f"layer {layer}: which experts run together, and how alike their weights are", 360,
-                   annotations=[*fig.layout.annotations, dict(text=rank_note, x=0.5, y=-0.18, xref="paper",
-                                                              yref="paper", showarrow=False, font=dict(size=11))])
+    labels = [f"e{e}" for e in range(len(data["experts"]))]
+    traces = [{"type": "heatmap", "z": z, "x": labels, "y": labels, "colorscale": scale, "zmin": 0, "zmax": 1,
+               "showscale": False, "text": [[f"{v:.2f}" for v in r] for r in z], "texttemplate": "%{text}",
+               "xaxis": xa, "yaxis": ya, "hovertemplate": "%{y} → %{x}: %{z:.3f}<extra></extra>"}
+              for z, scale, xa, ya in ((data["coactivation"], [[0, "#f7fbff"], [1, "#08519c"]], "x", "y"),
+                                       (data["similarity"], [[0, "#fcfbfd"], [1, "#54278f"]], "x2", "y2"))]
+    note = (f"{data['mean_active']:.2f} experts per token on average, {data['none_share']:.1%} of tokens run none; "
+            "random 16-dim subspaces overlap ~16/hidden")
+    titles = [{"text": t, "x": x, "y": 1.0, "xref": "paper", "yref": "paper", "showarrow": False, "yanchor": "bottom",
+               "font": {"size": 12}} for t, x in (("P(column runs | row runs)", 0.2), ("output-subspace overlap", 0.8))]
+    return _figure(traces, f"layer {layer}: which experts run together, and how alike their weights are", 380,
+                   xaxis={"domain": [0, 0.42]}, xaxis2={"domain": [0.58, 1], "anchor": "y2"},
+                   yaxis={"autorange": "reversed"}, yaxis2={"anchor": "x2", "autorange": "reversed"},
+                   annotations=[*titles, {"text": note, "x": 0.5, "y": -0.2, "xref": "paper", "yref": "paper",
+                                          "showarrow": False, "font": {"size": 11}}])
 
 
 def specialisation_figure(atlas: dict) -> go.Figure:
     """I(domain; top-1 expert) per layer for the run's router and the untrained router of the same partition."""
     spec = atlas["specialisation"]
     routers = [k for k in spec if isinstance(spec[k], dict) and "mi_by_layer" in spec[k]]
-    styles = [dict(color="#f58518", width=3), dict(color="#4c78a8", width=2, dash="dash")]
-    fig = go.Figure([go.Scatter(x=[str(i) for i in atlas["layers"]], y=spec[r]["mi_by_layer"], mode="lines+markers",
-                                name=f"{r}: mean {spec[r]['mi_bits']:.3f} bits (95% CI {spec[r]['mi_ci95'][0]:.3f}–"
-                                     f"{spec[r]['mi_ci95'][1]:.3f})", line=styles[j % 2])
-                     for j, r in enumerate(routers)])
-    fig.update_yaxes(title="I(domain; top-1 expert), bits", rangemode="tozero")
-    fig.update_xaxes(title="layer", type="category")
-    return _layout(fig, f"domain specialisation per layer (at most {spec['max_mi_bits']:.2f} bits)", 340,
-                   legend=dict(orientation="h", y=-0.3))
+    styles = [{"color": "#f58518", "width": 3}, {"color": "#4c78a8", "width": 2, "dash": "dash"}]
+    traces = [{"type": "scatter", "x": [str(i) for i in atlas["layers"]], "y": spec[r]["mi_by_layer"],
+               "mode": "lines+markers", "line": styles[j % 2],
+               "name": f"{r}: mean {spec[r]['mi_bits']:.3f} bits (95% CI {spec[r]['mi_ci95'][0]:.3f}–"
+                       f"{spec[r]['mi_ci95'][1]:.3f})"} for j, r in enumerate(routers)]
+    return _figure(traces, f"domain specialisation per layer (at most {spec['max_mi_bits']:.2f} bits)", 340,
+                   yaxis={"title": {"text": "I(domain; top-1 expert), bits"}, "rangemode": "tozero"},
+                   xaxis={"title": {"text": "layer"}, "type": "category"}, legend={"orientation": "h", "y": -0.3})
 
 
 def share_cost_figure(atlas: dict) -> go.Figure:
     """Routing statistic vs causal cost: each expert's share of tokens against the loss increase without it."""
-    colors = domain_colors(atlas)
-    fig = go.Figure()
-    for d in colors:
+    traces = []
+    for d, c in domain_colors(atlas).items():
         pts = [(e["share"], _delta(e["ablation"]), layer, e["expert"]) for layer in atlas["layers"]
                for e in atlas["layers_data"][str(layer)]["experts"] if e["top_domain"] == d]
         if pts:
-            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=d,
-                                     marker=dict(color=colors[d], size=8, line=dict(color="#333", width=0.5)),
-                                     text=[f"layer {p[2]}, expert {p[3]}" for p in pts],
-                                     hovertemplate="%{text}<br>share %{x:.1%}, Δ loss %{y:+.4f}<extra></extra>"))
-    fig.update_xaxes(title="share of tokens that run the expert", tickformat=".0%")
-    fig.update_yaxes(title="Δ loss when removed (nats/token)")
-    return _layout(fig, "many tokens ≠ much loss: share of tokens vs the cost of removing it (colour: top domain)",
-                   340, legend=dict(orientation="h", y=-0.3))
+            traces.append({"type": "scatter", "mode": "markers", "name": d, "x": [p[0] for p in pts],
+                           "y": [p[1] for p in pts], "text": [f"layer {p[2]}, expert {p[3]}" for p in pts],
+                           "marker": {"color": c, "size": 8, "line": {"color": "#333", "width": 0.5}},
+                           "hovertemplate": "%{text}<br>share %{x:.1%}, Δ loss %{y:+.4f}<extra></extra>"})
+    return _figure(traces, "many tokens ≠ much loss: share of tokens vs the cost of removing it (colour: top domain)",
+                   340, xaxis={"title": {"text": "share of tokens that run the expert"}, "tickformat": ".0%"},
+                   yaxis={"title": {"text": "Δ loss when removed (nats/token)"}},
+                   legend={"orientation": "h", "y": -0.3})
 
 
 # ---------------------------------------------------------------- tables and HTML
@@ -200,10 +210,15 @@ def contexts_html(atlas: dict, layer: int, expert: int) -> str:
     if not e["contexts"]:
         return "<div class='fl-note'>No token of the corpus runs this expert.</div>"
     items = [f"<li><span class='fl-key' style='background:{colors.get(c['domain'], '#999')}'>"
-             f"{html.escape(c['domain'])}</span> …{html.escape(c['left'])}<mark style='background:"
-             f"{expert_colors(atlas['num_experts'])[expert]}55;font-weight:600'>{html.escape(c['token'])}</mark>"
-             f"{html.escape(c['right'])}… <small>(p = {c['p']:.2f})</small></li>" for c in e["contexts"]]
-    return f"<ul class='fl-contexts' style='font-family:monospace;white-space:pre-wrap'>{''.join(items)}</ul>"
+             f"{_text(c['domain'])}</span> …{_text(c['left'])}<mark style='background:"
+             f"{expert_colors(atlas['num_experts'])[expert]}55;font-weight:600'>{_text(c['token'])}</mark>"
+             f"{_text(c['right'])}… <small>(p = {c['p']:.2f})</small></li>" for c in e["contexts"]]
+    return f"<ul class='fl-contexts' style='font-family:monospace'>{''.join(items)}</ul>"
+
+
+def _text(piece: str) -> str:
+    """A snippet of text for one line of HTML: escaped, line breaks shown as ⏎."""
+    return html.escape(piece).replace("\n", "⏎")
 
 
 def expert_markdown(atlas: dict, layer: int, expert: int) -> str:
