@@ -40,6 +40,7 @@ from torch import nn
 
 from .models import decoder_layers, hub_reachable, model_info
 from .moe import FactorizedMLP, factorized_layers
+from .recipe import layers_text
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,12 @@ def plan_export(model: nn.Module, fmt: str = "qwen2_moe", top_k: int | None = No
             top_k = min(n, max(1, round(float(first.expected_k[first.top_k - 1]))))
     if not 1 <= top_k <= n:
         raise ExportError(f"K must be in 1..{n} (the number of experts), got {top_k}")
-    exact = not first.adaptive
-    if first.adaptive:
+    dense_at_n = top_k == n and (any(m.tuned for m in layers.values()) or mode == "gated")  # as FactorizedMLP's
+    exact = not first.adaptive or dense_at_n
+    if not exact:
         notes.append(f"per-token K (each token runs the experts whose router score passes a threshold, {n} at most) "
                      f"cannot be expressed by a router without a bias: exported at the fixed K={top_k}, which is an "
                      "approximation (its measured difference is reported)")
-    dense_at_n = top_k == n and (any(m.tuned for m in layers.values()) or mode == "gated")
     inter = first.dense_gate.shape[0]
     if dense_at_n:
         routing = f"K = N = {n}: the dense FFN (the run's K = N is the original weights)"
@@ -120,16 +121,11 @@ def plan_export(model: nn.Module, fmt: str = "qwen2_moe", top_k: int | None = No
     shared = s
     if fmt == "granitemoeshared" and dense_layers:
         shared = max(s, inter - d_out)
-        notes.append(f"granitemoeshared has no dense layer: layers {_span(dense_layers)} are held by a {shared}-neuron "
+        notes.append(f"granitemoeshared has no dense layer: layers {layers_text(dense_layers)} are held by a {shared}-neuron "
                      f"shared MLP and identical expert copies under a zero router, and the other layers' shared blocks "
                      f"are padded from {s} to {shared} zero neurons (exact, but transformers computes them: qwen2_moe "
                      "has real dense layers)")
     return ExportPlan(fmt, top_k, routing, exact, e, k_out, d_out, shared, moe_layers, dense_layers, notes)
-
-
-def _span(layers: list[int]) -> str:
-    from .recipe import layers_text
-    return layers_text(layers)
 
 
 def fix_k(model: nn.Module, top_k: int) -> nn.Module:
@@ -370,9 +366,10 @@ def model_card(s: dict) -> str:
              plan["fmt"] + "]"] + ([f"base_model: {s['base_model']}"] if s.get("base_model") else []) + ["---", ""]
     exact = ("**Exact**: it computes the factorlab run" if plan["exact"] else
              f"**Approximate**: the run uses per-token K; this is its fixed K={k}")
+    base = s.get("base_model") or s["model"]
     lines = front + [
         f"# {s['run']} ({CLASSES[plan['fmt']]}, K={k})", "",
-        f"A factorized mixture-of-experts version of `{s['model']}` made by factorlab from the run `{s['run']}`. It "
+        f"A factorized mixture-of-experts version of `{base}` made by factorlab from the run `{s['run']}`. It "
         "loads with plain transformers, no custom code:", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(FOLDER_OR_REPO)  # no trust_remote_code",
@@ -381,7 +378,7 @@ def model_card(s: dict) -> str:
         f"* Max |logit difference| against the factorlab model at K={k} on a fixed {check['tokens']}-token sample, "
         f"loaded back by `AutoModelForCausalLM.from_pretrained` (fp32): **{check['max_abs_logit_diff']:.2e}** "
         f"(largest logit {check['max_abs_logit']:.1f}).",
-        f"* Greedy generation ({len(check['export_ids'])} new tokens after a chat prompt): "
+        f"* Greedy generation after a chat prompt ({len(check['export_ids'])} new tokens): "
         f"{'the same text' if check['greedy_same'] else 'DIFFERENT text'} as the factorlab model."]
     lines += [f"* {note[0].upper() + note[1:]}." for note in plan["notes"]]
     if s.get("approximation"):
@@ -399,7 +396,7 @@ def model_card(s: dict) -> str:
     lines += ["", "## Compute and size", "",
               f"Analytic FLOPs per token at {f['seq_len']} tokens of context (matrix products, as transformers computes "
               "this export):", "", "| | GFLOPs / token | FFN GFLOPs / token |", "|---|---|---|",
-              f"| dense `{s['model']}` | {f['dense']['total'] / 1e9:.3f} | {f['dense']['ffn'] / 1e9:.3f} |",
+              f"| dense `{base}` | {f['dense']['total'] / 1e9:.3f} | {f['dense']['ffn'] / 1e9:.3f} |",
               f"| this export | {f['export']['total'] / 1e9:.3f} | {f['export']['ffn'] / 1e9:.3f} |",
               f"| the factorlab run at K={k} | {f['run']['total'] / 1e9:.3f} | {f['run']['ffn'] / 1e9:.3f} |", "",
               f"Parameters: {size['export_parameters']:,} (dense {size['dense_parameters']:,}); safetensors "

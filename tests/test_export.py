@@ -192,3 +192,35 @@ def test_the_embedded_model_exports_exactly_from_the_cli(embedded, tmp_path, cap
     card = (out / "README.md").read_text()
     assert "Exact" in card and "Max |logit difference|" in card and "GFLOPs" in card and "output_mode" in card
     assert s["size"]["export_parameters"] - s["size"]["dense_parameters"] == 2 * 4 * 576 + 2 * 576  # routers, gates
+
+
+@pytest.mark.slow
+def test_the_lab_exports_a_run_as_a_zip(embedded, tmp_path, runs_dir, monkeypatch):
+    """The Export button's job on a run of a tiny local model (the embedded tokenizer): a zip with the checkpoint
+    and its card, offered by export_file with what it is; before it, a clear refusal."""
+    import zipfile
+
+    from factorlab import lab
+    from factorlab.jobs import get_manager
+    from factorlab.models import load_model
+    from factorlab.recipe import Recipe
+    from factorlab.runs import load_run, moe_tensors, save_run
+    from factorlab.workflows import factorize, run_config
+
+    folder = tmp_path / "tiny-model"
+    tiny_llama(vocab=len(embedded.tokenizer)).save_pretrained(folder)
+    embedded.tokenizer.save_pretrained(folder)
+    recipe = Recipe(model=str(folder), split="contiguous", layers="1", shared_size=0, output_mode="gated", mode="none",
+                    per_token_rounds=0)
+    loaded, partition, moe = factorize(recipe, load_model(str(folder)))
+    save_run("tiny", run_config(recipe, partition, loaded, moe), moe_tensors(moe, partition), {}, root=runs_dir)
+    monkeypatch.setattr(lab, "exports_root", lambda: tmp_path / "exports")
+    with pytest.raises(lab.LabError, match="no export of 'tiny' yet: press Export first"):
+        lab.export_file("tiny")
+    job = get_manager().wait(lab.start_export("tiny", "qwen2_moe"), 120)
+    assert job.state == "done", job.error
+    path, text = lab.export_file("tiny")
+    assert "Qwen2MoeForCausalLM at K=2, exact" in text
+    with zipfile.ZipFile(path) as archive:
+        assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(archive.namelist())
+    assert load_run("tiny").metrics["export"]["qwen2_moe K=2"]["check"]["greedy_same"]
