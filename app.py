@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from factorlab import lab, viz, warmstart
+from factorlab import atlas_views, lab, viz, warmstart
 from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
 from factorlab.export import FORMATS as EXPORT_FORMATS
 from factorlab.headline import headline_markdown
@@ -313,20 +313,80 @@ def start_eval(run, tasks, limit, request: gr.Request = None):
     return f"Queued evaluation job `{job_id}`; the plot updates when it finishes."
 
 
+def start_fidelity(run, request: gr.Request = None):
+    """Queue the chat-fidelity measurement of the current run as a background job."""
+    job_id = lab.start_fidelity(run, owner=_session(request))
+    return f"Queued chat-fidelity job `{job_id}`; pick the task '{lab.CHAT_TASK}' when it finishes."
+
+
 def start_bench(run, prefill, decode, repeats, request: gr.Request = None):
     """Queue a speed benchmark of the current run as a background job."""
     job_id = lab.start_bench(run, prefill, decode, repeats, owner=_session(request))
     return f"Queued benchmark job `{job_id}`; the speed table updates when it finishes."
 
 
+# ---------------------------------------------------------------- handlers: experts (the atlas)
+def experts_view(run, layer, expert):
+    """Redraw the Experts tab from the run's stored atlas (no model runs here)."""
+    start = time.perf_counter()
+    layer = None if layer in (None, "") else lab._int(layer, "layer")
+    expert = 0 if expert in (None, "") else lab._int(expert, "expert")
+    atlas = lab.stored_atlas(run) if run else None
+    if atlas is None:
+        note = ("load a run first" if not run else "no atlas for this run yet: press Compute the atlas (a background "
+                "job of about 3 minutes on 2 CPU cores)")
+        empty, table = viz.empty_figure(note), gr.Dataframe(value=[])
+        return (f"**{note}**", empty, "", empty, table, table, "", empty, empty, table, empty, empty, "")
+    layers = atlas["layers"]
+    layer = layers[len(layers) // 2] if layer is None else layer
+    atlas_views.expert_entry(atlas, layer, expert)  # a layer or expert this run lacks: one line naming the choices
+    out = (atlas_views.atlas_markdown(atlas), atlas_views.overview_figure(atlas),
+           atlas_views.expert_markdown(atlas, layer, expert), atlas_views.domain_figure(atlas, layer, expert),
+           gr.Dataframe(value=atlas_views.vocab_rows(atlas, layer, expert), headers=atlas_views.VOCAB_COLUMNS),
+           gr.Dataframe(value=atlas_views.lens_rows(atlas, layer, expert), headers=atlas_views.LENS_COLUMNS),
+           atlas_views.contexts_html(atlas, layer, expert), atlas_views.ablation_figure(atlas, layer),
+           atlas_views.pair_figure(atlas, layer),
+           gr.Dataframe(value=atlas_views.ranking_rows(atlas), headers=atlas_views.RANKING_COLUMNS),
+           atlas_views.specialisation_figure(atlas), atlas_views.share_cost_figure(atlas))
+    ms = 1000 * (time.perf_counter() - start)
+    return (*out, f"{atlas['caveats']['lens']}\n\nRedrawn from the stored atlas in {ms:.0f} ms (server side).")
+
+
+def experts_setup(run):
+    """The layer and expert pickers sized to the current run (Experts tab, and Routing's shortcut to it)."""
+    if not run:
+        return gr.Dropdown(choices=[], value=None), gr.Slider(minimum=0, maximum=1, value=0), \
+            gr.Dropdown(choices=[], value=None)
+    shape = lab.run_shape(run)
+    layers = shape["layers"]
+    middle = layers[len(layers) // 2]
+    return (gr.Dropdown(choices=layers, value=middle),
+            gr.Slider(minimum=0, maximum=max(1, shape["num_experts"] - 1), value=0, step=1),
+            gr.Dropdown(choices=layers, value=middle))
+
+
+def open_in_experts(run, layer, expert):
+    """Routing -> Experts: open the chosen layer and expert (gr.Plot has no click event in Gradio 6)."""
+    if not run:
+        raise lab.LabError("load a run first")
+    return gr.Tabs(selected="experts"), lab._int(layer, "layer"), lab._int(expert, "expert")
+
+
+def start_atlas(run, upload, request: gr.Request = None):
+    """Queue the atlas of the current run as a background job."""
+    job_id = lab.start_atlas(run, upload, owner=_session(request))
+    return f"Queued atlas job `{job_id}`; this tab redraws when it finishes (progress in the bar above)."
+
+
 # ---------------------------------------------------------------- handlers: chat
-def _stats(label: str, step, ffn: float, dense_ffn: float, heldout: dict | None = None) -> str:
+def _stats(label: str, step, ffn: float, dense_ffn: float, heldout: dict | None = None, chat_note: str = "") -> str:
     rate = f"{step.tokens_per_s:.1f} tokens/s" if step.tokens_per_s else "… tokens/s"
     share = f" ({ffn / dense_ffn:.0%} of dense)" if ffn != dense_ffn else ""
     fidelity = (f" · held-out text: top-1 agreement with dense <b>{heldout['agreement']:.0%}</b>, perplexity "
                 f"{heldout['perplexity']:.1f} (dense {heldout['dense_perplexity']:.1f})" if heldout else "")
+    chat_note = f"<br>{chat_note}" if chat_note else ""
     return (f"<div class='fl-stats'><b>{label}</b> · {step.new_tokens} tokens · {rate} · prefill "
-            f"{step.prefill_s:.2f} s · active FFN <b>{ffn:.3f}</b> GFLOPs/token{share}{fidelity}</div>")
+            f"{step.prefill_s:.2f} s · active FFN <b>{ffn:.3f}</b> GFLOPs/token{share}{fidelity}{chat_note}</div>")
 
 
 def _stream(dense_history, moe_history, message, settings: dict):
@@ -347,6 +407,7 @@ def _stream(dense_history, moe_history, message, settings: dict):
         k = max(1, min(int(k), shape["num_experts"]))
         moe_ffn = lab.ffn_gflops(run, k)[1]
         heldout = lab.heldout_at(run, k)  # measured when the run was saved, at this K
+        chat_note = lab.chat_fidelity_text(run, k)
         right = stream_reply(lab.run_handle(run), to_messages(moe_history[:-1]), sampling, top_k=k,
                              trace=bool(colour))
     else:
@@ -357,7 +418,8 @@ def _stream(dense_history, moe_history, message, settings: dict):
         stats_moe, tokens = "", ""
         if shape:
             moe_history[-1]["content"] = shown_text(m)
-            stats_moe = _stats(f"factorized K={k} of {shape['num_experts']}", m, moe_ffn, dense_ffn, heldout)
+            stats_moe = _stats(f"factorized K={k} of {shape['num_experts']}", m, moe_ffn, dense_ffn, heldout,
+                               chat_note)
             if colour and layer is not None:
                 tokens = viz.tokens_html(m.pieces, m.experts, int(layer), shape["num_experts"])
         yield "", dense_history, moe_history, _stats("dense", d, dense_ffn, dense_ffn), stats_moe, tokens
@@ -489,6 +551,14 @@ models, then K against accuracy and FLOPs. On a fresh server the lab trains its 
    share of tokens each expert receives per layer, and the **load entropy** of the PAR router against the same
    partition with an untrained router ("no PAR", FactorLLM's Ex0): 1 means tokens spread evenly, 0 means one
    expert takes everything (collapse).
+   **Experts** goes one step further: the run's *expert atlas* (computed once, a background job, stored with the
+   run) on held-out text of four domains. Per expert: which tokens and domains it receives more often than their
+   base rate (lift, over-representation), example contexts, what its mean output promotes through the
+   unembedding (a logit lens: later layers transform it, so read it as a direction), and, as the causal check,
+   how much the next-token loss rises per domain when it is removed (its output zeroed: tokens keep the rest of
+   their selection, or only the shared block). Routing share alone misleads: an expert can receive many tokens
+   and matter little. Specialisation of the PAR router against the untrained one is mutual information between
+   domain and top-1 expert, with bootstrap intervals.
 3. **Trade-offs.** Accuracy (or relative maintenance = factorized / dense score on the same items) against
    compute. FLOPs are **analytic**, from the real shapes, 2 per multiply-add, per token at the chosen sequence
    length; the stacked bar splits them into attention projections, attention scores (grow with length), FFN,
@@ -663,7 +733,8 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
                     route_k = gr.Slider(1, 8, value=2, step=1, label="K (experts per token)")
                     colour = gr.Radio(["top-1 expert", "router probability of one expert"], value="top-1 expert",
                                       label="Colour by")
-                    expert = gr.Slider(0, 1, value=0, step=1, label="Expert (for the probability view)")
+                    expert = gr.Slider(0, 1, value=0, step=1, label="Expert (for the probability view)",
+                                       elem_id="routing-expert")
                     with gr.Row():
                         route_btn = gr.Button("Route", variant="primary", elem_id="route")
                         chat_turn_btn = gr.Button("Use the last chat turn")
@@ -673,6 +744,44 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
             with gr.Row():
                 load_plot = gr.Plot(label="Expert load")
                 entropy_plot = gr.Plot(label="PAR vs no PAR")
+            with gr.Row():
+                route_atlas_layer = gr.Dropdown([], label="Layer", scale=1, elem_id="routing-atlas-layer",
+                                                info="with the expert above: open it in the Experts tab")
+                open_expert_btn = gr.Button("Open this expert in Experts", scale=1, elem_id="open-expert")
+
+        with gr.Tab("Experts", id="experts"):
+            gr.Markdown("What does expert *e* of layer *l* handle, is that specialisation real, and what does the model "
+                        "lose without it? Every routing statistic here is paired with a causal one (the loss when the "
+                        "expert is removed), all read from the run's stored atlas.")
+            with gr.Row():
+                atlas_layer_pick = gr.Dropdown([], label="Layer", elem_id="atlas-layer")
+                atlas_expert = gr.Slider(0, 1, value=0, step=1, label="Expert", elem_id="atlas-expert")
+                atlas_upload = gr.File(label="Add your own text as a domain (.txt / .jsonl, optional)",
+                                       file_types=[".txt", ".md", ".jsonl"], type="filepath")
+                with gr.Column():
+                    atlas_btn = gr.Button("Compute the atlas (background)", variant="primary", elem_id="atlas-start")
+                    atlas_cancel_btn = gr.Button("Cancel", variant="stop")
+            atlas_status = gr.Markdown()
+            atlas_md = gr.Markdown(elem_id="atlas-summary")
+            overview_plot = gr.Plot(label="Layer overview", elem_id="atlas-overview")
+            with gr.Row():
+                expert_md = gr.Markdown(elem_id="expert-summary")
+                domain_plot = gr.Plot(label="Domains", elem_id="atlas-domains")
+            with gr.Row():
+                vocab_df = gr.Dataframe(label="Vocabulary: tokens routed here, by lift over their base rate",
+                                        interactive=False, elem_id="atlas-vocab")
+                lens_df = gr.Dataframe(label="What it writes (logit lens; see the caveat below)", interactive=False,
+                                       elem_id="atlas-lens")
+            contexts_view = gr.HTML(label="Contexts", elem_id="atlas-contexts")
+            with gr.Row():
+                ablation_plot = gr.Plot(label="Ablation: this layer", elem_id="atlas-ablation")
+                pair_plot = gr.Plot(label="Co-activation and weight similarity", elem_id="atlas-pair")
+            ranking_df = gr.Dataframe(label="Which experts matter: the costliest removals across layers",
+                                      interactive=False, elem_id="atlas-ranking")
+            with gr.Row():
+                spec_plot = gr.Plot(label="PAR router vs untrained router", elem_id="atlas-spec")
+                share_plot = gr.Plot(label="Share of tokens vs cost", elem_id="atlas-share")
+            experts_timing_md = gr.Markdown(elem_id="atlas-timing")
 
         with gr.Tab("Trade-offs", id="tradeoffs"):
             with gr.Row():
@@ -699,6 +808,10 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
                         bench_decode = gr.Number(32, precision=0, label="Decode tokens")
                         bench_repeats = gr.Number(3, precision=0, label="Repeats")
                     bench_btn = gr.Button("Run benchmark (background)")
+                with gr.Column():
+                    gr.Markdown("**Chat fidelity**: does the run answer the shipped chat prompts like the dense model? "
+                                "(greedy replies; ~1 minute per K on 2 cores)")
+                    fidelity_btn = gr.Button("Measure chat fidelity (background)")
             trade_status = gr.Markdown()
 
         with gr.Tab("Chat", id="chat"):
@@ -798,6 +911,23 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
     eval_btn.click(shown(start_eval), [run_state, eval_tasks, eval_limit], trade_status, api_name="eval_start")
     bench_btn.click(shown(start_bench), [run_state, bench_prefill, bench_decode, bench_repeats], trade_status,
                     api_name="bench_start")
+    fidelity_btn.click(shown(start_fidelity), [run_state], trade_status, api_name="fidelity_start")
+
+    experts_inputs = [run_state, atlas_layer_pick, atlas_expert]
+    experts_outputs = [atlas_md, overview_plot, expert_md, domain_plot, vocab_df, lens_df, contexts_view,
+                       ablation_plot, pair_plot, ranking_df, spec_plot, share_plot, experts_timing_md]
+    run_state.change(shown(experts_setup), run_state, [atlas_layer_pick, atlas_expert, route_atlas_layer],
+                     api_name="experts_setup").then(shown(experts_view), experts_inputs, experts_outputs,
+                                                    api_name="experts_run_changed")
+    runs_version.change(shown(experts_view), experts_inputs, experts_outputs, api_name="experts_results_changed",
+                        queue=False)
+    atlas_layer_pick.input(shown(experts_view), experts_inputs, experts_outputs, api_name="experts_layer", queue=False)
+    atlas_expert.release(shown(experts_view), experts_inputs, experts_outputs, api_name="experts_expert", queue=False)
+    atlas_btn.click(shown(start_atlas), [run_state, atlas_upload], atlas_status, api_name="atlas_start")
+    atlas_cancel_btn.click(shown(cancel_job), None, atlas_status, api_name="atlas_cancel", concurrency_limit=None)
+    open_expert_btn.click(shown(open_in_experts), [run_state, route_atlas_layer, expert],
+                          [tabs, atlas_layer_pick, atlas_expert], api_name="routing_open_expert").success(
+        shown(experts_view), experts_inputs, experts_outputs, api_name="routing_open_expert_view")
 
     guide_route_btn.click(shown(guide_routing), run_state, tabs, api_name="guide_routing").success(
         shown(route), [run_state, route_text, route_k, colour, expert],

@@ -47,7 +47,7 @@ class AtlasSettings:
     """How much text the atlas reads: every number here is stored with the result."""
     seq_len: int = 128  # tokens per row of the statistics corpus
     stats_tokens: int = 1024  # held-out tokens per domain for the routing statistics (rows of seq_len)
-    ablation_rows: int = 3  # rows per domain for the ablations (their first ablation_len tokens)
+    ablation_rows: int = 2  # rows per domain for the ablations (their first ablation_len tokens): the atlas's cost
     ablation_len: int = 64
     top_tokens: int = 12  # vocabulary entries per expert
     min_count: int = 3  # a token must be routed to the expert at least this often to be ranked by lift
@@ -261,9 +261,11 @@ def lift_table(token_ids: torch.Tensor, runs: torch.Tensor, top: int, min_count:
             out.append([])
             continue
         lift = torch.where(routed >= min_count, routed / total.clamp_min(1) / base, torch.zeros_like(routed))
-        order = sorted(torch.nonzero(lift).flatten().tolist(), key=lambda t: (-lift[t].item(), -routed[t].item(), t))
-        out.append([{"id": t, "count": int(routed[t]), "total": int(total[t]), "lift": round(lift[t].item(), 3)}
-                    for t in order[:top]])
+        ids = torch.nonzero(lift).flatten().numpy()
+        lifts, counts = lift.numpy()[ids], routed.numpy()[ids]
+        order = ids[np.lexsort((ids, -counts, -lifts))[:top]]  # lift, then count, then id
+        out.append([{"id": int(t), "count": int(routed[t]), "total": int(total[t]), "lift": round(float(lift[t]), 3)}
+                    for t in order])
     return out
 
 
@@ -272,8 +274,9 @@ def diverse_contexts(score: torch.Tensor, runs: torch.Tensor, token_ids: torch.T
     """Positions of `count` tokens routed to an expert, best router score first, taken round-robin over the
     domains with no token or row twice (so the examples are not one frequent token in one document)."""
     chosen, seen_tokens, seen_rows = [], set(), set()
+    token_ids, row = token_ids.tolist(), row.tolist()  # plain lists: the scan below may visit every position
     candidates = {d: [] for d in dict.fromkeys(domain)}
-    for p in torch.nonzero(runs).flatten()[score[runs].argsort(descending=True)].tolist():
+    for p in torch.nonzero(runs).flatten()[score[runs].argsort(descending=True, stable=True)].tolist():
         candidates[domain[p]].append(p)
     cursors = dict.fromkeys(candidates, 0)
     while len(chosen) < count and any(cursors[d] < len(c) for d, c in candidates.items()):
@@ -281,10 +284,10 @@ def diverse_contexts(score: torch.Tensor, runs: torch.Tensor, token_ids: torch.T
             while cursors[d] < len(c):
                 p = c[cursors[d]]
                 cursors[d] += 1
-                if int(token_ids[p]) not in seen_tokens and int(row[p]) not in seen_rows:
+                if token_ids[p] not in seen_tokens and row[p] not in seen_rows:
                     chosen.append(p)
-                    seen_tokens.add(int(token_ids[p]))
-                    seen_rows.add(int(row[p]))
+                    seen_tokens.add(token_ids[p])
+                    seen_rows.add(row[p])
                     break
             if len(chosen) >= count:
                 break

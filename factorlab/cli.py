@@ -212,10 +212,42 @@ def add_train(sub) -> None:
     _add_recipe(p)
     p.add_argument("--eval-k", default=None, help="K values for held-out metrics, e.g. 1,2,3 (default: every K in 1..N)")
     p.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--processes", type=int, default=1, metavar="P", help=PROCESSES_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
     _runs_dir(p)
     _add_json(p)
     p.set_defaults(func=cmd_train)
+
+
+PROCESSES_HELP = ("data-parallel processes (default 1): the same command under `accelerate launch --num_processes P` "
+                  "(gloo on CPUs, NCCL on GPUs, one GPU each). The model loads in float32 where the memory estimate "
+                  "fits, else in bfloat16, else (one process, several GPUs) spread over the GPUs by device_map")
+
+
+def _launch(args) -> int:
+    """`train ... --processes P` outside a launched process: the same command line in P processes through
+    `accelerate launch` (its multi-process launcher runs CPU processes too; factorlab picks gloo there)."""
+    import os
+    import shlex
+    import socket
+    import subprocess
+
+    argv, rest = list(args.argv), []
+    while argv:  # the command line without --processes
+        item = argv.pop(0)
+        if item == "--processes":
+            argv.pop(0)
+        elif not item.startswith("--processes="):
+            rest.append(item)
+    with socket.socket() as s:  # a free port for the processes' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, (os.cpu_count() or 1) // args.processes)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "--num_cpu_threads_per_process", str(threads), "-m", "factorlab", *rest]
+    print(f"launching {args.processes} processes: {shlex.join(cmd)}", file=sys.stderr)
+    return subprocess.call(cmd)
 
 
 def _device(name: str):
@@ -234,14 +266,46 @@ def _device(name: str):
 
 
 def cmd_train(args) -> int:
+    import torch
     from tqdm import tqdm
 
+    from . import parallel
+    from .memory import describe, loading, model_shapes
+    from .models import load_model
     from .workflows import train_run
 
     recipe = recipe_from_args(args)
+    if args.processes < 1:
+        raise CliError(f"--processes must be at least 1, got {args.processes}")
     device = _device(args.device)
+    if device.type == "cuda" and args.processes > torch.cuda.device_count():
+        raise CliError(f"--processes {args.processes} on --device cuda needs {args.processes} GPUs (one each); "
+                       f"{torch.cuda.device_count()} here")
+    if args.processes > 1 and not parallel.launched():
+        return _launch(args)
+    parallel.init(cpu=device.type == "cpu")
+    if parallel.world_size() > 1 and device.type == "cuda":
+        device = parallel.local_device()  # one GPU per process
     eval_ks = _parse_ks(args.eval_k, recipe.top_k, recipe.num_experts) if args.eval_k else None
-    bar = tqdm(total=None, desc="train", unit="step", disable=bool(args.json) and args.json is True)
+    choice = None
+    if parallel.is_main():  # decided once, before any process loads the model
+        try:
+            choice = loading(model_shapes(recipe.model)[0], recipe, processes=parallel.world_size(),
+                             device=str(device))
+        except (ValueError, RuntimeError) as exc:  # what cannot fit (MemoryPlanError) is refused by every process
+            choice = exc
+    choice = parallel.broadcast_value(choice)
+    if isinstance(choice, Exception):
+        raise choice
+    dtype, device_map, plan = choice
+    if parallel.is_main():
+        print("\n".join(describe(plan)) + f"\n  loading the model in {dtype}"
+              + (" spread over the GPUs (device_map auto)" if device_map else ""), file=sys.stderr)
+    loaded = load_model(recipe.model, dtype=getattr(torch, dtype), device_map=device_map)
+    if device_map:
+        device = None  # the layers stay where device_map put them
+    quiet = (bool(args.json) and args.json is True) or not parallel.is_main()
+    bar = tqdm(total=None, desc="train", unit="step", disable=quiet)
 
     def progress(rec: dict) -> None:
         if rec.get("total") and bar.total != rec["total"]:
@@ -253,9 +317,11 @@ def cmd_train(args) -> int:
         bar.refresh()
 
     result = train_run(recipe, args.name, runs_dir=args.runs_dir, progress=progress, overwrite=args.overwrite,
-                       eval_ks=eval_ks, device=device)
+                       eval_ks=eval_ks, device=device, loaded=loaded)
     bar.close()
     result.pop("_moe", None)
+    if not parallel.is_main():
+        return 0
     if args.json:
         _emit_json(args, result)
         return 0
@@ -267,6 +333,61 @@ def cmd_train(args) -> int:
     for k, h in result["heldout_by_k"].items():
         if h:
             print(f"{k:>3s} {h['perplexity']:10.2f} {h['dense_perplexity']:10.2f} {h['agreement']:10.3f} {h['kl']:8.3f}")
+    return 0
+
+
+# ---- memory ----
+def add_memory(sub) -> None:
+    p = sub.add_parser("memory", help="memory a recipe needs per process, from the model's config alone (no weights)",
+                       description="Estimate the memory of training a recipe on MODEL: 'default', a local folder, a Hub "
+                                   "id (online), or a bundled config (offline): " + ", ".join(_bundled()) + ".")
+    p.add_argument("model", help="the model: 'default', a folder, or a Hub id")
+    _add_preset_and_set(p)
+    p.add_argument("--processes", type=int, default=1, metavar="P", help="data-parallel processes (each holds 1/P "
+                                                                         "of the training tokens)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bytes per weight")
+    p.add_argument("--device", default="cpu", help="where it would train: cpu or cuda (compares with what is free "
+                                                    "there, where it exists)")
+    _add_json(p)
+    p.set_defaults(func=cmd_memory)
+
+
+def _bundled() -> list[str]:
+    from .memory import CONFIGS
+
+    return [f.stem.replace("__", "/") for f in sorted(CONFIGS.glob("*.json"))]
+
+
+def cmd_memory(args) -> int:
+    import torch
+
+    from .memory import GIB, describe, estimate, model_shapes, plan
+
+    recipe = preset(args.preset, **{**parse_assignments(args.assignments), "model": args.model})
+    info, source = model_shapes(args.model)
+    dtype_bytes = 2 if args.dtype == "bfloat16" else 4
+    fits, available, where, reason = None, None, "", ""
+    est = estimate(info, recipe, processes=args.processes, dtype_bytes=dtype_bytes)
+    if args.device == "cpu" or torch.cuda.is_available():
+        try:
+            est, available, where = plan(info, recipe, processes=args.processes, dtype_bytes=dtype_bytes,
+                                         device=args.device)
+            fits = True
+        except ValueError as exc:
+            fits, reason = False, str(exc)
+    if args.json:
+        _emit_json(args, {**est.to_dict(), "source": source, "parameters": info["parameters"], "device": args.device,
+                          "available_bytes": available, "fits": fits})
+        return 0
+    print(f"{args.model}: {info['parameters'] / 1e9:.3f} B parameters, {info['num_layers']} layers, hidden "
+          f"{info['hidden_size']}, FFN {info['intermediate_size']}, vocab {info['vocab_size']} ({source})")
+    print("\n".join(describe(est, available, where)))
+    if fits is None:
+        print(f"  no {args.device} here to compare with: the peak above is what each process needs there")
+    elif fits:
+        print(f"  fits here ({args.device})")
+    else:
+        print(f"  does not fit here: {reason}")
     return 0
 
 
@@ -566,8 +687,105 @@ def cmd_export(args) -> int:
     return 0
 
 
-PARSERS = [add_info, add_recipe, add_factorize, add_flops, add_train, add_experiment, add_runs, add_eval, add_bench,
-           add_export]
+# ---- atlas ----
+def add_atlas(sub) -> None:
+    p = sub.add_parser("atlas", help="the expert atlas of a run: what each expert handles and what removing it costs "
+                                     "(stored with the run)")
+    p.add_argument("name", help="run name")
+    p.add_argument("--text", default=None, metavar="FILE", help="a .txt/.jsonl file added to the corpus as a domain")
+    p.add_argument("--stored", action="store_true", help="show the stored atlas instead of computing it again")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-store", action="store_true", help="do not store the atlas in the run's folder")
+    _runs_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_atlas)
+
+
+def cmd_atlas(args) -> int:
+    import torch
+
+    from .workflows import atlas_run, stored_atlas
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stored:
+        atlas = stored_atlas(args.name, args.runs_dir)
+        if atlas is None:
+            raise CliError(f"run {args.name!r} has no stored atlas: run `python -m factorlab atlas {args.name}`")
+    else:
+        def progress(rec: dict) -> None:
+            logging.getLogger(__name__).info("atlas %s", rec.get("message"))
+
+        atlas = atlas_run(args.name, runs_dir=args.runs_dir, upload=args.text, store=not args.no_store,
+                          progress=progress)
+    if args.json:
+        _emit_json(args, atlas)
+        return 0
+    t, spec = atlas["timing"], atlas["specialisation"]
+    print(f"atlas of {atlas['run']}: {len(atlas['layers'])} layers x {atlas['num_experts']} experts, "
+          f"{t['seconds'] + t.get('setup_seconds', 0):.0f} s ({t['ablation_forwards']} ablations, {t['threads']} threads)")
+    print("corpus: " + ", ".join(f"{d['name']} {d['tokens']} tokens ({d['ablation_tokens']} for ablations)"
+                                 for d in atlas["domains"]))
+    for name, v in spec.items():
+        if isinstance(v, dict) and "mi_bits" in v:
+            print(f"I(domain; top-1 expert) {name:>16}: {v['mi_bits']:+.4f} bits (95% CI {v['mi_ci95'][0]:+.4f} "
+                  f"to {v['mi_ci95'][1]:+.4f})")
+    print("costliest removals (delta next-token loss, nats/token):")
+    for r in atlas["ranking"][:10]:
+        what = "shared block" if r["target"] == "shared" else f"expert {r['target']}"
+        print(f"  layer {r['layer']:>2} {what:<13} {r['delta']:+.4f} +- {r['stderr'] or 0:.4f}")
+    return 0
+
+
+# ---- fidelity ----
+def add_fidelity(sub) -> None:
+    p = sub.add_parser("fidelity", help="chat fidelity: does the run answer the shipped chat prompts like the dense "
+                       "model? (agreement, KL, NLL gap, identical replies; per K, with intervals)")
+    p.add_argument("name", help="run name")
+    p.add_argument("--k", default="all", help="K values, e.g. '1,2', or 'all' (default: 1..N)")
+    p.add_argument("--examples", type=int, default=0, metavar="P", help="also print the first P prompts' replies")
+    p.add_argument("--no-store", action="store_true", help="do not store the results in the run's metrics.json")
+    _runs_dir(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_fidelity)
+
+
+def cmd_fidelity(args) -> int:
+    from .runs import load_run
+    from .workflows import fidelity_run
+
+    recipe = load_run(args.name, args.runs_dir).recipe
+    ks = _parse_ks(args.k, recipe.top_k, recipe.num_experts)
+
+    def progress(what: str, fraction: float) -> None:
+        logging.getLogger(__name__).info("fidelity %3.0f%% %s", 100 * fraction, what)
+
+    result = fidelity_run(args.name, ks, runs_dir=args.runs_dir, store=not args.no_store, progress=progress)
+    if args.json:
+        _emit_json(args, result)
+        return 0
+    s = result["settings"]
+    print(f"chat fidelity of {args.name}: {s['prompts']} shipped prompts, greedy replies of up to {s['reply_tokens']} "
+          f"tokens; 95% bootstrap intervals over prompts")
+    print(f"{'K':>3} {'agreement':>22} {'KL nats/token':>22} {'NLL gap':>22}   identical first "
+          + " / ".join(str(p) for p in s["prefixes"]) + " tokens")
+    for k, m in result["by_k"].items():
+        def f(name: str, scale: float = 1.0, fmt: str = ".3f") -> str:
+            lo, hi = m[f"{name}_ci"]
+            return f"{m[name] * scale:{fmt}} [{lo * scale:{fmt}}, {hi * scale:{fmt}}]"
+        same = " / ".join(f"{100 * m['identical'][str(p)]:.0f}%" for p in s["prefixes"])
+        print(f"{k:>3} {f('agreement', 100, '.1f'):>22} {f('kl'):>22} {f('nll_gap'):>22}   {same}")
+    print("agreement, KL: the run read the dense model's own greedy replies (teacher forcing); NLL gap: the dense "
+          "model's NLL/token of the run's greedy replies minus of its own")
+    for i in range(min(args.examples, s["prompts"])):
+        print(f"\n> {result['prompts'][i]['prompt']}\n  dense: {result['dense']['replies'][i]!r}")
+        for k in result["replies"]:
+            print(f"  K={k}: {result['replies'][k][i]!r}")
+    return 0
+
+
+PARSERS = [add_info, add_recipe, add_factorize, add_flops, add_train, add_memory, add_experiment, add_runs, add_eval,
+           add_bench, add_fidelity, add_export, add_atlas]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -585,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runs import RunError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --processes P` relaunches it
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()

@@ -49,6 +49,7 @@ UPLOAD_SUFFIXES = (".txt", ".md", ".jsonl")
 MAX_ROUTE_TOKENS = 160
 MOE_CACHE_SIZE = 3
 HELDOUT_TASK, MEAN_TASK = "held-out agreement with dense", "mean relative maintenance (capped at 100%)"
+CHAT_TASK = "chat fidelity (agreement on the dense model's chat replies)"
 
 
 class LabError(ValueError):
@@ -195,6 +196,25 @@ def heldout_at(name: str, k: int) -> dict | None:
     """The run's held-out metrics at K (perplexity, agreement, KL against dense), if measured."""
     value = (load_run(name).metrics.get("heldout") or {}).get(str(k))
     return value or None
+
+
+def chat_fidelity_at(name: str, k: int) -> dict | None:
+    """The run's chat fidelity at K (fidelity.chat_fidelity: agreement, KL, NLL gap, identical replies), if measured."""
+    stored = load_run(name).metrics.get("chat_fidelity") or {}
+    value = (stored.get("by_k") or {}).get(str(k))
+    return {**value, "prompts": stored["settings"]["prompts"]} if value else None
+
+
+def chat_fidelity_text(name: str, k: int) -> str:
+    """One line for under the factorized chat: the run's measured chat fidelity at K, or how to measure it."""
+    f = chat_fidelity_at(name, k)
+    if f is None:
+        return (f"chat fidelity at K={k} not measured yet: Trade-offs → Measure chat fidelity, or "
+                f"`python -m factorlab fidelity {name}`")
+    lo, hi = f["agreement_ci"]
+    return (f"chat fidelity at K={k} ({f['prompts']} shipped prompts, greedy): top-1 agreement with dense on its "
+            f"replies <b>{f['agreement']:.0%}</b> [{lo:.0%}, {hi:.0%}], replies identical for 16 tokens "
+            f"<b>{f['identical']['16']:.0%}</b> of prompts")
 
 
 def dense_ffn_gflops(spec: str, seq_len: int = 512) -> float:
@@ -651,6 +671,35 @@ def start_bench(name: str, prefill, decode, repeats, *, owner: str | None = None
         return _submit("bench", name, _bench_job, params, owner)
 
 
+def start_fidelity(name: str, *, owner: str | None = None) -> str:
+    """Queue the chat-fidelity measurement of the run at every K not yet measured (stored in metrics)."""
+    if not name:
+        raise LabError("load a run first")
+    run = load_run(name)
+    stored = (run.metrics.get("chat_fidelity") or {}).get("by_k") or {}
+    missing = [k for k in range(1, run.recipe.num_experts + 1) if str(k) not in stored]
+    if not missing:
+        raise LabError(f"chat fidelity is already measured at every K of {run.name}")
+    check_writable()
+    with _start_lock:
+        load_run(name)  # not deleted meanwhile
+        return _submit("fidelity", run.name, _fidelity_job, {"run": run.name, "ks": missing}, owner)
+
+
+def _fidelity_job(ctx) -> dict:
+    from .workflows import fidelity_run
+
+    p = ctx.params
+
+    def progress(what: str, fraction: float) -> None:
+        ctx.check_cancel()
+        ctx.report(step=round(100 * fraction), total=100, message=what, phase="chat fidelity")
+
+    with _storing():
+        fidelity_run(p["run"], p["ks"], progress=progress)
+    return {"run": p["run"], "ks": p["ks"]}
+
+
 def cancel_job(owner: str | None) -> JobInfo:
     """Cancel the newest queued or running job of `owner` (a browser session); returns what was cancelled.
     A job of another visitor is theirs to cancel."""
@@ -747,6 +796,61 @@ def export_file(name: str) -> tuple[str, str]:
            f"approximate: per-token K exported as top-{r['top_k']}" +
            (f", held-out perplexity {a['run']['perplexity']:.1f} -> {a['export']['perplexity']:.1f}" if a else ""))
     return r["zip"], f"`{Path(r['zip']).name}`: {r['class']} at K={r['top_k']}, {how}. The README inside says more."
+
+
+# ---------------------------------------------------------------- the expert atlas
+def start_atlas(name: str, upload: str | None = None, *, owner: str | None = None) -> str:
+    """Queue the atlas of a run (factorlab.atlas: the default corpus, plus an uploaded text if given)."""
+    if not name:
+        raise LabError("load a run first")
+    name = checked_run_name(name)
+    upload = data_source("upload", upload, None) if upload else None
+    check_writable()
+    with _start_lock:
+        load_run(name)  # not deleted meanwhile
+        upload = keep_upload(Recipe(data=upload)).data if upload else None
+        return _submit("atlas", name, _atlas_job, {"run": name, "upload": upload}, owner)
+
+
+def _atlas_job(ctx) -> dict:
+    from .atlas import AtlasCancelled
+    from .workflows import atlas_run
+
+    p = ctx.params
+    ctx.report(message="loading the run (a private copy) and the corpus", phase="load")
+
+    def progress(rec: dict) -> None:
+        ctx.report(step=rec.get("step"), total=rec.get("total"), message=rec.get("message"), phase=rec.get("phase"))
+
+    try:
+        with _storing():
+            atlas = atlas_run(p["run"], upload=p["upload"], progress=progress, should_stop=lambda: ctx.cancelled)
+    except AtlasCancelled as exc:
+        raise JobCancelled(str(exc)) from exc
+    return {"run": p["run"], "seconds": atlas["timing"]["seconds"]}
+
+
+_atlas_cache: dict[str, tuple[tuple, dict]] = {}
+
+
+def stored_atlas(name: str) -> dict | None:
+    """The run's stored atlas (parsed once per file version), or None when it has none yet."""
+    from .atlas import ATLAS_FILE
+
+    run = load_run(name)
+    path = run.path / ATLAS_FILE
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    cached = _atlas_cache.get(run.name)
+    if cached is None or cached[0] != key:
+        from .workflows import stored_atlas as read
+
+        cached = (key, read(run.name))
+        _atlas_cache[run.name] = cached
+    return cached[1]
 
 
 # ---------------------------------------------------------------- job views
@@ -860,7 +964,8 @@ def tradeoff_tasks(name: str | None) -> list[str]:
         return []
     m = load_run(name).metrics
     tasks = sorted(((m.get("eval") or {}).get("tasks") or {}))
-    return ([HELDOUT_TASK] if any(m.get("heldout") or {}) else []) + ([MEAN_TASK] if tasks else []) + tasks
+    chat = [CHAT_TASK] if (m.get("chat_fidelity") or {}).get("by_k") else []
+    return ([HELDOUT_TASK] if any(m.get("heldout") or {}) else []) + chat + ([MEAN_TASK] if tasks else []) + tasks
 
 
 # The x axis of the trade-off plot: analytic compute, or the run's stored benchmark (this machine's wall clock).
@@ -942,6 +1047,8 @@ def _task_points(m: dict, task: str, gflops: dict) -> tuple[list[dict], list[str
             rows.append([f"K={k}", _pct(v["agreement"]), round(v["perplexity"], 3), round(v["kl"], 4), v["tokens"],
                          gflops[k]])
         return points, headers, _round(rows), "top-1 agreement with dense"
+    if task == CHAT_TASK:
+        return _chat_points(m.get("chat_fidelity") or {}, point)
     ev = m.get("eval") or {}
     if task == MEAN_TASK:
         headers = ["model", "relative (capped)", "relative (uncapped)", "above-chance retention", "tasks"]
@@ -972,6 +1079,21 @@ def _task_points(m: dict, task: str, gflops: dict) -> tuple[list[dict], list[str
                      _pct(r.get("relative")), _pct(r.get("above_chance")) or "undefined (dense ≤ chance)", r["n"],
                      gflops[int(k)]])
     return points, headers, _round(rows), f"{task} {metric} (chance {_pct(entry.get('chance'))})"
+
+
+def _chat_points(stored: dict, point) -> tuple[list[dict], list[str], list[list], str]:
+    """Trade-off points and table of the stored chat fidelity: agreement per K, with its other measures."""
+    prefixes = (stored.get("settings") or {}).get("prefixes", [])
+    headers = ["model", "agreement [95% CI]", "KL (nats/token)", "NLL gap (nats/token)",
+               *[f"identical {p} tokens" for p in prefixes], "prompts"]
+    points = [point("dense", None, 1.0)]
+    rows = [["dense", "100%", 0.0, 0.0, *["100%"] * len(prefixes), stored["settings"]["prompts"]]]
+    for k, f in sorted((stored.get("by_k") or {}).items(), key=lambda kv: int(kv[0])):
+        points.append({**point(f"K={k}", int(k), f["agreement"]), "interval": f["agreement_ci"]})
+        rows.append([f"K={k}", f"{_pct(f['agreement'])}{_ci(f['agreement_ci'])}", round(f["kl"], 4),
+                     round(f["nll_gap"], 4), *[_pct(f["identical"][str(p)]) for p in prefixes],
+                     stored["settings"]["prompts"]])
+    return points, headers, rows, "chat: top-1 agreement with dense on its greedy replies"
 
 
 def _round(rows: list[list]) -> list[list]:

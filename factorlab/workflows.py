@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import parallel
 from .factorize import Partition, build_moe, calibration_inputs, make_partition
 from .flops import flops_table
 from .models import DEFAULT_HUB_ID, load_model, model_info
@@ -55,9 +56,14 @@ def factorize(recipe: Recipe, loaded=None) -> tuple:
     inputs = None  # FFN inputs on calibration text, for the cluster split and the shared neurons
     if recipe.split == "cluster" or recipe.shared_size:
         calib = calibration_ids(loaded, recipe).to(next(loaded.model.parameters()).device)
-        inputs = calibration_inputs(loaded.model, calib, layers)
+        # data-parallel: each process passes its block of the calibration rows, and the FFN inputs are gathered
+        # (rank order = the one-process order), so every process computes the one-process split
+        inputs = {i: parallel.gather_rows(x)
+                  for i, x in calibration_inputs(loaded.model, parallel.shard(calib), layers).items()}
     partition = make_partition(loaded.model, recipe.num_experts, recipe.split, layers, seed=recipe.seed,
                                shared_size=recipe.shared_size, inputs=inputs)
+    for permutation in partition.permutations.values():  # the main process's split everywhere (no-op alone)
+        parallel.broadcast_(permutation)
     moe = build_moe(loaded.model, partition, recipe.top_k, recipe.output_mode, router_seed=recipe.seed)
     return loaded, partition, moe
 
@@ -173,9 +179,13 @@ def train_model(recipe: Recipe, *, loaded=None, progress: Progress | None = None
     """Factorize, train with PAR and measure held-out metrics per K, all in memory.
 
     device: where to train (e.g. "cuda"); the model is moved there (in place: a shared copy moves
-    too) after the text is prepared. None: where the model is."""
+    too) after the text is prepared. None: where the model is.
+    Data-parallel (started by `accelerate launch`, see factorlab.parallel): each process trains on its block
+    of the rows and scores its block of the held-out rows; only the main process reports progress."""
     from .evaluate import heldout_metrics
     from .par import TrainingCancelled, train
+
+    progress = progress if parallel.is_main() else None
 
     def emit(rec: dict) -> None:
         if progress:
@@ -187,14 +197,18 @@ def train_model(recipe: Recipe, *, loaded=None, progress: Progress | None = None
 
     loaded = loaded or load_model(recipe.model)
     recipe.validate(model_info(loaded.model))  # before the text is prepared: a bad N fails at once
+    memory = memory_plan(loaded, recipe, device)  # refuses a recipe that cannot fit
+    emit({"phase": "memory", "message": f"peak memory about {memory.peak / 2**30:.2f} GiB per process"})
     emit({"phase": "data", "message": f"preparing {recipe.train_tokens} training tokens from {recipe.data}"})
 
     def data_progress(done: int, wanted: int) -> None:
         check()  # raising here drops the batch being generated cleanly
         emit({"phase": "data", "message": f"generating training text: {done}/{wanted}"})
 
-    train_ids, heldout_ids = load_data(loaded, recipe, data_progress)
+    with parallel.main_first():  # text generated once (the main process caches it), then read by the others
+        train_ids, heldout_ids = load_data(loaded, recipe, data_progress)
     check()
+    train_ids, heldout_ids = _shards(train_ids, heldout_ids)
     if device is not None:
         loaded.model.to(device)
         train_ids, heldout_ids = train_ids.to(device), heldout_ids.to(device)
@@ -202,7 +216,8 @@ def train_model(recipe: Recipe, *, loaded=None, progress: Progress | None = None
     start = time.monotonic()  # the budget (recipe.minutes) and the reported seconds cover the split too
     loaded, partition, moe = factorize(recipe, loaded)
     check()
-    result = train(loaded.model, moe, train_ids, recipe, progress=progress, should_stop=should_stop, started=start)
+    result = train(loaded.model, moe, train_ids, recipe, progress=progress, should_stop=should_stop, started=start,
+                   cache_teacher=memory.cache_teacher)
     seconds = time.monotonic() - start
     heldout = {}
     if heldout_ids.numel():
@@ -210,9 +225,39 @@ def train_model(recipe: Recipe, *, loaded=None, progress: Progress | None = None
             check()
             emit({"phase": "heldout", "message": f"held-out metrics at K={k}"})
             set_top_k(moe, k)
-            heldout[str(k)] = heldout_metrics(loaded.model, moe, heldout_ids)
+            heldout[str(k)] = parallel.reduce_heldout(heldout_metrics(loaded.model, moe, heldout_ids))
         set_top_k(moe, recipe.top_k)
-    return Trained(recipe, loaded, partition, moe, result, seconds, int(train_ids.numel()), heldout)
+    return Trained(recipe, loaded, partition, moe, result, seconds, result.tokens, heldout)
+
+
+def memory_plan(loaded, recipe: Recipe, device=None):
+    """The memory estimate of training `recipe` on this loaded model here (memory.plan), decided by the main
+    process for all; raises MemoryPlanError when what training adds to the weights cannot fit."""
+    from .memory import MemoryPlanError, plan
+
+    param = next(loaded.model.parameters())
+    where = str(device if device is not None else param.device)
+    choice = None
+    if parallel.is_main():
+        try:
+            choice = plan(model_info(loaded.model), recipe, processes=parallel.world_size(),
+                          dtype_bytes=param.element_size(), device=where, weights_loaded=True)[0]
+        except MemoryPlanError as exc:
+            choice = exc
+    choice = parallel.broadcast_value(choice)
+    if isinstance(choice, MemoryPlanError):
+        raise choice
+    return choice
+
+
+def _shards(train_ids: torch.Tensor, heldout_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's blocks of the training and held-out rows (all of them in one process)."""
+    world = parallel.world_size()
+    for what, rows, setting in (("training", train_ids, "train_tokens"), ("held-out", heldout_ids, "heldout_tokens")):
+        if 0 < rows.shape[0] < world:
+            raise ValueError(f"{rows.shape[0]} {what} rows cannot be split over {world} processes: raise "
+                             f"{setting} to at least {world} rows of seq_len tokens, or use fewer processes")
+    return parallel.shard(train_ids), parallel.shard(heldout_ids)
 
 
 def train_run(recipe: Recipe, name: str, *, runs_dir=None, loaded=None, progress: Progress | None = None,
@@ -226,10 +271,15 @@ def train_run(recipe: Recipe, name: str, *, runs_dir=None, loaded=None, progress
                     device=device)
     summary = t.result.summary()
     where = str(next(t.loaded.model.parameters()).device)  # the seconds depend on it
-    metrics = {"train": {**summary, "seconds": t.seconds, "tokens": t.tokens, "device": where}, "heldout": t.heldout}
-    path = save_run(name, run_config(recipe, t.partition, t.loaded, t.moe),
-                    moe_tensors(t.moe, t.partition, tuned_params(recipe)), metrics, root=runs_dir, overwrite=overwrite)
-    write_log(path, t.result.log)
+    metrics = {"train": {**summary, "seconds": t.seconds, "tokens": t.tokens, "device": where,
+                         "processes": parallel.world_size()}, "heldout": t.heldout}
+    path = run_path(name, runs_dir)
+    if parallel.is_main():  # data-parallel: every process holds the same model; one writes it
+        path = save_run(name, run_config(recipe, t.partition, t.loaded, t.moe),
+                        moe_tensors(t.moe, t.partition, tuned_params(recipe)), metrics, root=runs_dir,
+                        overwrite=overwrite)
+        write_log(path, t.result.log)
+    parallel.barrier()
     return {"run": str(path), "name": path.name, "seconds": t.seconds, "tokens": t.tokens,
             "heldout": t.heldout.get(str(recipe.top_k), {}), "heldout_by_k": t.heldout, "train": summary,
             "recipe": recipe.to_dict(), "_moe": t.moe}
@@ -292,6 +342,27 @@ def bench_run(name: str, ks: list[int] | None = None, *, prefill: int = 512, dec
     if store:
         update_metrics(run.name, {"bench": result}, runs_dir)
     return result
+
+
+def fidelity_run(name: str, ks: list[int] | None = None, *, runs_dir=None, store: bool = True,
+                 progress: Callable[[str, float], None] | None = None) -> dict:
+    """Chat fidelity of a run at each K (fidelity.chat_fidelity); stored under metrics["chat_fidelity"], where K
+    values measured before on the same prompts are kept."""
+    from .fidelity import chat_fidelity
+
+    run = load_run(name, runs_dir)
+    loaded = load_model(run.recipe.model)  # the process-wide copy: only read here
+    moe = load_moe(run, loaded.model)
+    result = chat_fidelity(loaded.model, moe, loaded.tokenizer, ks or default_eval_ks(run.recipe), progress=progress)
+    result["model"], result["run"] = run.recipe.model, run.name
+    if store:
+        old = run.metrics.get("chat_fidelity") or {}
+        if old.get("prompts") == result["prompts"] and old.get("settings") == result["settings"]:
+            for part in ("by_k", "per_prompt", "replies"):
+                result[part] = {**old.get(part, {}), **result[part]}
+        update_metrics(run.name, {"chat_fidelity": result}, runs_dir)
+    return result
+
 
 
 # ---------------------------------------------------------------- export a run

@@ -288,6 +288,27 @@ def test_export_endpoints(setup, table, client):
     promises_kept()
 
 
+def test_experts_endpoints(setup, table, client):
+    """The Experts tab: its layer and expert pickers (the run has no atlas yet, so a valid call says how to get
+    one), the atlas job with hostile uploads (a started job is cancelled before it stores anything), and
+    Routing's shortcut to the tab."""
+    from gradio_client import handle_file
+
+    _, _, _, outside, files = setup
+    pick = {"layer": 1, "expert": 0}
+    for name in ("layer", "expert"):
+        probe(setup, table, client, "/experts_layer", pick, name, NUMBERS + hostile_strings(outside))
+        probe(setup, table, client, "/routing_open_expert", pick, name, NUMBERS + hostile_strings(outside)[:8])
+    for api in ("/experts_expert", "/experts_run_changed", "/experts_results_changed", "/routing_open_expert_view"):
+        probe(setup, table, client, api, pick, "expert", NUMBERS)
+    uploads = [handle_file(files / f) for f in ("empty.txt", "binary.txt", "table.csv", "bad.jsonl", "latin1.txt")]
+    uploads += [str(outside / "secret.txt"), "/etc/passwd", {"path": str(outside / "secret.txt")}]
+    probe(setup, table, client, "/atlas_start", {"upload": None}, "upload", uploads)
+    for api in ("/experts_setup", "/atlas_cancel"):
+        probe(setup, table, client, api, {}, None, [None])
+    promises_kept()
+
+
 def test_the_other_endpoints(setup, table, client):
     """Endpoints that share a handler with one probed above, or take no input, get the table too."""
     outside = setup[3]

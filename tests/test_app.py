@@ -318,6 +318,42 @@ def test_tradeoffs_redraw_from_stored_results_is_fast(client, trained):
     assert statistics.median(timings) < 1.0
 
 
+def test_experts_tab_starts_cancels_and_draws_the_stored_atlas(client, trained):
+    """The Experts tab: no atlas yet says how to get one; the atlas job starts and cancels; a (small) atlas
+    stored with the run draws every view from the file, and the Routing tab opens an expert there."""
+    from factorlab.atlas import AtlasSettings
+    from factorlab.jobs import get_manager
+    from factorlab.workflows import atlas_run
+
+    layer, expert, route_layer = client.predict(api_name="/experts_setup")
+    assert [c[1] for c in layer["choices"]] == [0, 1] and expert["maximum"] == 3
+    assert "no atlas for this run yet" in client.predict(layer=1, expert=0, api_name="/experts_layer")[0]
+    assert "Queued atlas job" in client.predict(upload=None, api_name="/atlas_start")
+    assert "Cancel requested for atlas job" in client.predict(api_name="/atlas_cancel")
+    job = next(j for j in get_manager().jobs() if j.kind == "atlas")
+    assert get_manager().wait(job.id, TIMEOUT).state == "cancelled"
+    atlas_run("tiny", settings=AtlasSettings(seq_len=32, stats_tokens=64, ablation_rows=1, ablation_len=16,
+                                             bootstrap=20), domains={"code/docs": "local", "numbers": "numbers"})
+    server = []
+    for e in (0, 1, 2, 3, 0):
+        out = client.predict(layer=1, expert=e, api_name="/experts_expert")
+        server.append(float(out[-1].split(" in ")[-1].split(" ms")[0]))
+    summary, overview, expert_md, domains, vocab, lens, contexts, ablation, pair, ranking, spec, share, timing = \
+        client.predict(layer=1, expert=2, api_name="/experts_layer")
+    assert "Atlas of `tiny`" in summary and "code/docs" in summary and "Layer 1, expert 2" in expert_md
+    names = {t["name"] for t in json.loads(ablation["plot"])["data"]}
+    assert names == {"code/docs", "numbers"}
+    assert len(ranking["value"]["data"]) == 8 and ranking["value"]["headers"][0] == "rank"  # 2 layers x 4 experts
+    assert {t["name"] for t in json.loads(overview["plot"])["data"]} <= {"code/docs", "numbers"}
+    assert "logit lens" in timing and len(json.loads(pair["plot"])["data"]) == 2
+    print(f"Experts tab redraw, handler: median {statistics.median(server):.0f} ms over {len(server)} redraws")
+    assert statistics.median(server) < 200
+    assert "maximum value 3" in user_error(client, "/experts_expert", layer=1, expert=7)  # the slider's own check
+    assert "5" in user_error(client, "/experts_layer", layer=5, expert=0)  # not a factorized layer
+    assert tuple(client.predict(layer=1, expert=3, api_name="/routing_open_expert")[-2:]) == (1, 3)  # (and the tab)
+    assert "Layer 1, expert 3" in client.predict(layer=1, expert=3, api_name="/routing_open_expert_view")[2]
+
+
 def test_eval_and_benchmark_jobs_fill_the_tradeoffs(client, trained):
     from factorlab.jobs import get_manager
 
@@ -341,6 +377,32 @@ def test_eval_and_benchmark_jobs_fill_the_tradeoffs(client, trained):
     plot, table, *_ = client.predict(task="mean relative maintenance (capped at 100%)", k=2, seq_len=256,
                                      api_name="/run_changed_tradeoffs")
     assert table["value"]["data"][0][0] == "dense"
+
+
+def test_chat_fidelity_job_fills_the_chat_and_the_tradeoffs(client, trained, tmp_path, monkeypatch):
+    """Issue 30: the chat-fidelity job measures every K; the chat shows it at the current K, Trade-offs plots it."""
+    from factorlab import fidelity, lab
+    from factorlab.jobs import get_manager
+
+    prompts = tmp_path / "prompts.jsonl"  # a small prompt set and short replies keep the job to seconds
+    prompts.write_text("".join(json.dumps({"category": "question", "prompt": p}) + "\n"
+                               for p in ("What is the capital of France?", "Say hi.", "Name a colour.")))
+    monkeypatch.setattr(fidelity, "CHAT_PROMPTS", prompts)
+    monkeypatch.setattr(fidelity, "REPLY_TOKENS", 4)
+    _, *_, stats_moe, _ = client.predict(message="Hi", max_new=1, k=2, **GREEDY, api_name="/chat")
+    assert "chat fidelity at K=2 not measured yet" in stats_moe
+    assert "Queued chat-fidelity" in client.predict(api_name="/fidelity_start")
+    poll_until(client, lambda h: "fidelity" in h and ("done" in h or "failed" in h))
+    job = next(j for j in get_manager().jobs() if j.kind == "fidelity")
+    assert job.state == "done", job.error
+    assert "already measured at every K" in user_error(client, "/fidelity_start")
+    _, *_, stats_moe, _ = client.predict(message="Hi", max_new=1, k=2, **GREEDY, api_name="/chat")
+    assert "chat fidelity at K=2 (3 shipped prompts, greedy): top-1 agreement" in stats_moe
+    plot, table, *_ = client.predict(task=lab.CHAT_TASK, k=2, seq_len=256, api_name="/tradeoffs_task")
+    assert [r[0] for r in table["value"]["data"]] == ["dense", "K=1", "K=2", "K=3", "K=4"]
+    assert table["value"]["data"][4][5] == "100%"  # K = N is the dense model: identical for 8 tokens
+    figure = json.loads(plot["plot"])
+    assert "chat: top-1 agreement" in json.dumps(figure["layout"]["yaxis"])
 
 
 def test_the_dense_side_answers_from_the_first_second_without_a_run(served):

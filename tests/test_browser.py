@@ -188,6 +188,20 @@ def test_factorize_train_route_chat(page):
     assert page.locator("#heatmap .legendtext").count() == 4  # one legend entry per expert
     page.screenshot(path=str(SHOTS / "3-routing.png"), full_page=True)
 
+    page.locator("#open-expert").click()  # Routing -> Experts (the layer and expert chosen on Routing)
+    page.wait_for_selector("#atlas-summary:has-text('no atlas for this run yet')")
+    from factorlab.atlas import AtlasSettings
+    from factorlab.workflows import atlas_run
+
+    atlas_run("browser-run", settings=AtlasSettings(seq_len=32, stats_tokens=64, ablation_rows=1, ablation_len=16,
+                                                    bootstrap=20), domains={"code/docs": "local", "numbers": "numbers"})
+    fill(page, "atlas-expert", 1)  # a small atlas stored as its job would; the tab redraws from the file
+    page.wait_for_selector("#atlas-summary:has-text('Atlas of browser-run')")
+    page.wait_for_selector("#expert-summary:has-text('expert 1')")
+    page.wait_for_selector("#atlas-overview .js-plotly-plot .scatterlayer")
+    assert page.locator("#atlas-vocab tbody tr").count() >= 1
+    page.screenshot(path=str(SHOTS / "3b-experts.png"), full_page=True)
+
     page.get_by_role("tab", name="Trade-offs").click()
     current = "k => document.querySelector('#trade-table').innerText.replace(/\\s+/g, ' ').includes(`K=${k} ◀ current`)"
     page.wait_for_function(current, arg=2)

@@ -2,7 +2,7 @@
 
 Usage: FACTORLAB_RUNS=runs PYTHONPATH=. .venv/bin/python experiments/atlas/experts_shot.py OUTDIR [RUN] [LAYER] [EXPERT]
 
-Serves app.py (warm start off), loads RUN (default: default) from the runs list, goes Routing -> "Open this
+Serves app.py (warm start off) on a runs folder whose newest run is RUN (default: default), goes Routing -> "Open this
 expert in Experts" with LAYER and EXPERT, then saves OUTDIR/6-experts-*.png: the whole tab, the atlas summary
 with the layer overview, one expert (summary, domains, vocabulary, logit lens, contexts), the layer
 (ablation, co-activation and weight similarity), and the model (ranking, PAR vs untrained, share vs cost).
@@ -58,15 +58,13 @@ def main() -> None:
             page.goto(url)
             page.wait_for_selector("#current-run:has-text('Current run:')")
             if f"Current run: {run}" not in page.inner_text("#current-run"):
-                page.get_by_role("tab", name="Factorize & train").click()
-                page.get_by_label("Run", exact=True).fill(run)
-                page.get_by_role("button", name="Load (make current)").click()
-                page.wait_for_selector(f"#current-run:has-text('Current run: {run}')")
+                raise SystemExit(f"the page opened {page.inner_text('#current-run')[:80]!r}: serve a runs folder "
+                                 f"whose newest run is {run}")
             page.get_by_role("tab", name="Routing").click()
-            page.locator("#routing-atlas-layer input").fill(layer)
-            page.locator("#routing-atlas-layer input").press("Enter")
-            page.get_by_label("Expert (for the probability view)").fill(expert)
-            page.get_by_label("Expert (for the probability view)").press("Tab")
+            page.locator("#routing-atlas-layer input").click()
+            page.get_by_role("option", name=layer, exact=True).click()
+            page.locator("#routing-expert input[type=number]").fill(expert)
+            page.locator("#routing-expert input[type=number]").press("Tab")
             page.locator("#open-expert").click()
             page.wait_for_selector(f"#expert-summary:has-text('Layer {layer}, expert {expert}')")
             page.wait_for_selector("#atlas-overview .js-plotly-plot .scatterlayer")
