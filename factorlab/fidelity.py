@@ -84,31 +84,38 @@ def _batches(prompts: Sequence[list[int]], replies: Sequence[list[int]], batch_s
         yield ids, mask, spans
 
 
-def _reply_log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, spans) -> list[torch.Tensor]:
-    """Per row, the log-probabilities (n, V) the model gives each reply token's position."""
+def reply_hidden(model: nn.Module, prompts: Sequence[list[int]], replies: Sequence[list[int]],
+                 batch_size: int = 16) -> list[torch.Tensor]:
+    """Per prompt, the final hidden states (n, H) at the positions that predict the reply's n tokens."""
     device = next(model.parameters()).device
-    hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
-    # position t predicts token t+1: the reply's n tokens are predicted at positions start-1 .. start+n-2
-    return [head(hidden[i, start - 1:start + n - 1]).float().log_softmax(-1).cpu() for i, start, n in spans]
+    out = []
+    for ids, mask, spans in _batches(prompts, replies, batch_size):
+        hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             use_cache=False).last_hidden_state  # (B, T, H)
+        # position t predicts token t+1: the reply's n tokens are predicted at positions start-1 .. start+n-2
+        out += [hidden[i, start - 1:start + n - 1] for i, start, n in spans]
+    return out
 
 
 @torch.inference_mode()
 def teacher_forced(dense: nn.Module, moe: nn.Module | None, prompts: Sequence[list[int]],
-                   replies: Sequence[list[int]], batch_size: int = 16) -> dict[str, list[float]]:
+                   replies: Sequence[list[int]], batch_size: int = 16,
+                   dense_hidden: list[torch.Tensor] | None = None) -> dict[str, list[float]]:
     """Per prompt on the given replies: the dense model's NLL sum, token count and, with a factorized model,
-    its top-1 agreements with the dense model and its KL(dense || factorized) sum."""
+    its top-1 agreements with the dense model and its KL(dense || factorized) sum. dense_hidden: the dense
+    model's reply_hidden on these replies, when already computed (it is the same for every K)."""
     out: dict[str, list[float]] = {"nll": [], "count": [], "agree": [], "kl": []}
-    for ids, mask, spans in _batches(prompts, replies, batch_size):
-        dense_lp = _reply_log_probs(dense, ids, mask, spans)
-        moe_lp = _reply_log_probs(moe, ids, mask, spans) if moe is not None else [None] * len(spans)
-        for (i, start, n), ld, lf in zip(spans, dense_lp, moe_lp):
-            target = ids[i, start:start + n].unsqueeze(1)  # (n, 1)
-            out["nll"].append(-float(ld.gather(1, target).sum()))
-            out["count"].append(float(n))
-            if lf is not None:
-                out["agree"].append(float((ld.argmax(-1) == lf.argmax(-1)).sum()))
-                out["kl"].append(float((ld.exp() * (ld - lf)).sum()))
+    dense_hidden = dense_hidden or reply_hidden(dense, prompts, replies, batch_size)
+    moe_hidden = reply_hidden(moe, prompts, replies, batch_size) if moe is not None else [None] * len(replies)
+    for reply, hd, hf in zip(replies, dense_hidden, moe_hidden):
+        ld = dense.get_output_embeddings()(hd).float().log_softmax(-1)  # (n, V)
+        target = torch.tensor(reply, device=ld.device).unsqueeze(1)  # (n, 1)
+        out["nll"].append(-float(ld.gather(1, target).sum()))
+        out["count"].append(float(len(reply)))
+        if hf is not None:
+            lf = moe.get_output_embeddings()(hf).float().log_softmax(-1)  # (n, V)
+            out["agree"].append(float((ld.argmax(-1) == lf.argmax(-1)).sum()))
+            out["kl"].append(float((ld.exp() * (ld - lf)).sum()))
     return out
 
 
@@ -166,18 +173,21 @@ def _dense_replies(dense: nn.Module, tokenizer, prompts: list[list[int]], texts:
 
 
 def chat_fidelity(dense: nn.Module, moe: nn.Module, tokenizer, ks: Sequence[int], *,
-                  prompts: list[dict] | None = None, max_new_tokens: int = REPLY_TOKENS, batch_size: int = 16,
+                  prompts: list[dict] | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                   progress: ProgressFn | None = None) -> dict:
     """Chat fidelity of the factorized model at each K (see the module docstring). The model's K is restored."""
     records = prompts or load_chat_prompts()
+    max_new_tokens = max_new_tokens or REPLY_TOKENS
     texts = [r["prompt"] for r in records]
     ids = _encode(tokenizer, texts)
     say = progress or (lambda _what, _frac: None)
     steps = 1 + 2 * len(ks)
     say("dense greedy replies", 0.0)
     dense_replies = _dense_replies(dense, tokenizer, ids, texts, max_new_tokens, batch_size)
-    base = teacher_forced(dense, None, ids, dense_replies, batch_size)
+    with torch.inference_mode():
+        dense_hidden = reply_hidden(dense, ids, dense_replies, batch_size)  # (n, H) per prompt, reused at every K
+    base = teacher_forced(dense, None, ids, dense_replies, batch_size, dense_hidden)
     dense_stats = {"nll": base["nll"], "count": base["count"]}
     before = {i: m.top_k for i, m in factorized_layers(moe).items()}
     by_k, per_k, replies_k = {}, {}, {}
@@ -185,7 +195,7 @@ def chat_fidelity(dense: nn.Module, moe: nn.Module, tokenizer, ks: Sequence[int]
         for j, k in enumerate(ks):
             set_top_k(moe, int(k))
             say(f"K={k}: teacher forcing on the dense replies", (1 + 2 * j) / steps)
-            forced = teacher_forced(dense, moe, ids, dense_replies, batch_size)
+            forced = teacher_forced(dense, moe, ids, dense_replies, batch_size, dense_hidden)
             say(f"K={k}: greedy replies", (2 + 2 * j) / steps)
             own = greedy_replies(moe, tokenizer, ids, max_new_tokens, batch_size)
             judged = teacher_forced(dense, None, ids, own, batch_size)  # the dense model reads them

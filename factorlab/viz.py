@@ -156,11 +156,19 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+def _error(point: dict, side: int) -> float:
+    """Error bar length below (side 0) or above (side 1) a point's score: its interval, else its stderr."""
+    if point.get("interval"):
+        return abs(point["interval"][side] - point["score"])
+    return point.get("stderr") or 0
+
+
 def tradeoff_figure(points: Sequence[dict], current_k: int | None, metric: str, title: str = "",
                     x_title: str = "GFLOPs per token (analytic)") -> go.Figure:
     """Score vs cost per token: dense, every measured K, the Pareto line, the current K highlighted.
 
-    points: {"label", "k" (None for dense), "x" (the cost; default "gflops"), "score", "stderr" (or None),
+    points: {"label", "k" (None for dense), "x" (the cost; default "gflops"), "score", "stderr" (or None) or
+    "interval" ([low, high], drawn instead),
     optionally "limit" (the lowest cost that K could reach: drawn as an open marker joined to it)}.
     """
     if not points:
@@ -191,7 +199,8 @@ def tradeoff_figure(points: Sequence[dict], current_k: int | None, metric: str, 
         fig.add_trace(go.Scatter(
             x=[c for _, c in chosen], y=[p["score"] for p, _ in chosen], mode="markers+text", marker=style,
             text=[p["label"] for p, _ in chosen], textposition="top center",
-            error_y=dict(type="data", array=[p.get("stderr") or 0 for p, _ in chosen], visible=True, thickness=1),
+            error_y=dict(type="data", array=[_error(p, 1) for p, _ in chosen],
+                         arrayminus=[_error(p, 0) for p, _ in chosen], visible=True, thickness=1),
             cliponaxis=False,
             name={"dense": "dense", "K": "factorized (K experts)", "current": f"current K={current_k}"}[group],
             hovertemplate="%{text}<br>%{x:.3f} " + x_title + "<br>" + metric + ": %{y:.3f}<extra></extra>"))
