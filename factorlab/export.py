@@ -112,7 +112,7 @@ def plan_export(model: nn.Module, fmt: str = "qwen2_moe", top_k: int | None = No
         e, k_out, d_out = math.comb(n, top_k), 1, top_k * d
         routing = (f"scaled top-{top_k}: top-1 over {e} set experts (one per {top_k}-subset of the {n} experts, width "
                    f"{d_out}, router row = the members' rows summed, N/K = {n / top_k:g} folded into the down projections)")
-        if top_k > 1:
+        if 1 < top_k < n:
             notes.append(f"set experts hold {e * d_out} routed neurons per layer instead of {n * d} "
                          f"({e * d_out / (n * d):.1f}x the routed weights); a token still computes {d_out} of them")
     num_layers = len(decoder_layers(model))
@@ -121,10 +121,10 @@ def plan_export(model: nn.Module, fmt: str = "qwen2_moe", top_k: int | None = No
     shared = s
     if fmt == "granitemoeshared" and dense_layers:
         shared = max(s, inter - d_out)
-        notes.append(f"granitemoeshared has no dense layer: layers {layers_text(dense_layers)} are held by a {shared}-neuron "
-                     f"shared MLP and identical expert copies under a zero router, and the other layers' shared blocks "
-                     f"are padded from {s} to {shared} zero neurons (exact, but transformers computes them: qwen2_moe "
-                     "has real dense layers)")
+        notes.append(f"granitemoeshared has no dense layer: the dense layers ({layers_text(dense_layers)}) are held by a "
+                     f"{shared}-neuron shared MLP and identical expert copies under a zero router, and the other layers' "
+                     f"shared blocks are padded from {s} to {shared} zero neurons (exact, but transformers computes "
+                     "them: qwen2_moe has real dense layers)")
     return ExportPlan(fmt, top_k, routing, exact, e, k_out, d_out, shared, moe_layers, dense_layers, notes)
 
 

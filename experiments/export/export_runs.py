@@ -1,8 +1,9 @@
 """Issue 32 evidence: export runs with `python -m factorlab export`, then load each export in a fresh process that
 imports only transformers (never factorlab, no trust_remote_code) and compare its logits and greedy reply with the
-factorlab model it was made from.
+factorlab model it was made from (fp32, and again in float64).
 
     PYTHONPATH=. python experiments/export/export_runs.py RUN [RUN ...] [--out /tmp/factorlab-export] [--format F] [--k K]
+        [--check-only]
 
 Writes experiments/export/results/export_<RUN>[_<format>][_k<K>].json (the CLI's summary, with --no-store: the run is
 not changed) and plain_<same>.json (the fresh-process check), and prints one markdown row per run.
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "factorlab-export"))
     parser.add_argument("--format", default="qwen2_moe", dest="fmt")
     parser.add_argument("--k", type=int, default=None)
+    parser.add_argument("--check-only", action="store_true", help="reuse the export folder and summary already there")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from factorlab.export import fix_k, greedy_ids
@@ -61,7 +63,8 @@ def main() -> None:
         summary_path = RESULTS / f"export_{tag}.json"
         command = [sys.executable, "-m", "factorlab", "export", run, str(folder), "--format", args.fmt, "--no-store",
                    "--overwrite", "--json", str(summary_path)] + (["--k", str(args.k)] if args.k else [])
-        subprocess.run(command, check=True)
+        if not args.check_only:
+            subprocess.run(command, check=True)
         summary = json.loads(summary_path.read_text())
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "plain.safetensors"
@@ -75,6 +78,13 @@ def main() -> None:
         chat = loaded.tokenizer.apply_chat_template([{"role": "user", "content": CHAT_CHECK}], add_generation_prompt=True,
                                                     return_tensors="pt", return_dict=True)["input_ids"]
         ours = greedy_ids(moe, chat)
+        # the same comparison in float64: what is left in fp32 is summation-order noise, not a different function
+        from transformers import AutoModelForCausalLM
+
+        back64 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
+        with torch.no_grad():
+            diff64 = (moe.double()(plain["ids"]).logits - back64(plain["ids"]).logits).abs().max().item()
+        del back64
         dense_file = cache_dir() / "smollm2-135m-instruct" / "model.safetensors"
         result = {
             "run": run, "format": args.fmt, "k": summary["plan"]["top_k"], "exact": summary["plan"]["exact"],
@@ -83,7 +93,7 @@ def main() -> None:
             "fresh_process_class": loaded_as[0], "fresh_process_parameters": int(loaded_as[1]),
             "tokens": int(plain["ids"].shape[1]),
             "max_abs_logit_diff": (logits - plain["logits"]).abs().max().item(),
-            "max_abs_logit": logits.abs().max().item(),
+            "max_abs_logit": logits.abs().max().item(), "max_abs_logit_diff_fp64": diff64,
             "greedy_same": ours == plain["greedy"].tolist(),
             "factorlab_text": loaded.tokenizer.decode(ours), "export_text": loaded.tokenizer.decode(plain["greedy"]),
             "files": sorted(p.name for p in folder.iterdir()),
@@ -98,7 +108,7 @@ def main() -> None:
                   f"{a['run']['agreement']:.3f} -> {a['export']['agreement']:.3f}, same top-1 as the run "
                   f"{a['vs_run']['agreement']:.3f}" if a else "")
         print(f"| {run} | {summary['class']} K={result['k']} | {'exact' if result['exact'] else 'approximate'} | "
-              f"{result['max_abs_logit_diff']:.2e} | {result['greedy_same']} | {result['export_parameters']:,} / "
+              f"{result['max_abs_logit_diff']:.2e} | {result['max_abs_logit_diff_fp64']:.1e} | {result['greedy_same']} | {result['export_parameters']:,} / "
               f"{result['dense_parameters']:,} | {result['export_safetensors_bytes'] / 2**20:.0f} / "
               f"{(result['dense_safetensors_bytes'] or 0) / 2**20:.0f} MiB | {approx} |")
 
