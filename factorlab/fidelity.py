@@ -48,13 +48,16 @@ def _encode(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 @torch.inference_mode()
 def greedy_replies(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = REPLY_TOKENS,
-                   batch_size: int = 16) -> list[list[int]]:
-    """Greedy reply token ids per prompt (ids of the templated prompt); a reply keeps its stop token."""
+                   batch_size: int = 16, tick: Callable[[], None] | None = None) -> list[list[int]]:
+    """Greedy reply token ids per prompt (ids of the templated prompt); a reply keeps its stop token.
+    tick() is called before each batch (a job's progress and cancel check)."""
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies = []
     for s in range(0, len(prompts), batch_size):
+        if tick:
+            tick()
         chunk = prompts[s:s + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -157,7 +160,7 @@ def summarize(per_prompt: dict, dense: dict, resamples: int = BOOTSTRAP_RESAMPLE
 
 # ---------------------------------------------------------------- the measure
 def _dense_replies(dense: nn.Module, tokenizer, prompts: list[list[int]], texts: list[str], max_new_tokens: int,
-                   batch_size: int) -> list[list[int]]:
+                   batch_size: int, tick: Callable[[], None]) -> list[list[int]]:
     """The dense model's greedy replies, cached under cache_dir()/chat_fidelity (they depend on the model only)."""
     key = digest({"model": model_fingerprint(dense), "vocab": len(tokenizer), "prompts": texts,
                   "template": getattr(tokenizer, "chat_template", None) or "", "tokens": max_new_tokens,
@@ -167,7 +170,7 @@ def _dense_replies(dense: nn.Module, tokenizer, prompts: list[list[int]], texts:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        replies = greedy_replies(dense, tokenizer, prompts, max_new_tokens, batch_size)
+        replies = greedy_replies(dense, tokenizer, prompts, max_new_tokens, batch_size, tick)
         atomic_write_text(path, json.dumps(replies))
         return replies
 
@@ -184,7 +187,8 @@ def chat_fidelity(dense: nn.Module, moe: nn.Module, tokenizer, ks: Sequence[int]
     say = progress or (lambda _what, _frac: None)
     steps = 1 + 2 * len(ks)
     say("dense greedy replies", 0.0)
-    dense_replies = _dense_replies(dense, tokenizer, ids, texts, max_new_tokens, batch_size)
+    dense_replies = _dense_replies(dense, tokenizer, ids, texts, max_new_tokens, batch_size,
+                                   lambda: say("dense greedy replies", 0.0))
     with torch.inference_mode():
         dense_hidden = reply_hidden(dense, ids, dense_replies, batch_size)  # (n, H) per prompt, reused at every K
     base = teacher_forced(dense, None, ids, dense_replies, batch_size, dense_hidden)
@@ -197,7 +201,8 @@ def chat_fidelity(dense: nn.Module, moe: nn.Module, tokenizer, ks: Sequence[int]
             say(f"K={k}: teacher forcing on the dense replies", (1 + 2 * j) / steps)
             forced = teacher_forced(dense, moe, ids, dense_replies, batch_size, dense_hidden)
             say(f"K={k}: greedy replies", (2 + 2 * j) / steps)
-            own = greedy_replies(moe, tokenizer, ids, max_new_tokens, batch_size)
+            own = greedy_replies(moe, tokenizer, ids, max_new_tokens, batch_size,
+                                 lambda j=j, k=k: say(f"K={k}: greedy replies", (2 + 2 * j) / steps))
             judged = teacher_forced(dense, None, ids, own, batch_size)  # the dense model reads them
             per_prompt = {"agree": forced["agree"], "kl": forced["kl"], "own_nll": judged["nll"],
                           "own_count": judged["count"],

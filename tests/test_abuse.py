@@ -261,6 +261,7 @@ def test_routing_trade_offs_and_jobs(setup, table, client):
     for name in bench:
         probe(setup, table, client, "/bench_start", bench, name, NUMBERS)
     probe(setup, table, client, "/job_cancel", {}, None, [None])  # nothing of this visitor's is running
+    probe(setup, table, client, "/fidelity_start", {}, None, [None])  # started, then cancelled before it stores
     promises_kept()
 
 
