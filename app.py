@@ -334,7 +334,7 @@ def experts_view(run, layer, expert):
     atlas = lab.stored_atlas(run) if run else None
     if atlas is None:
         note = ("load a run first" if not run else "no atlas for this run yet: press Compute the atlas (a background "
-                "job of about 3 minutes on 2 CPU cores)")
+                "job: about 3 minutes on 2 idle CPU cores, several times that on a busy machine)")
         empty, table = viz.empty_figure(note), gr.Dataframe(value=[])
         return (f"**{note}**", empty, "", empty, table, table, "", empty, empty, table, empty, empty, "")
     layers = atlas["layers"]

@@ -70,7 +70,7 @@ def overview_figure(atlas: dict) -> go.Figure:
             cells.append((layer, n, None, _delta(data["shared"]["ablation"]),
                           f"layer {layer}, shared block ({data['shared']['size']} neurons, every token)<br>"
                           f"Δ loss when removed: {_delta(data['shared']['ablation']):+.4f} nats/token"))
-    top = max([abs(c[3]) for c in cells if c[1] < n] or [1e-9]) or 1e-9
+    top = {shared: max([c[3] for c in cells if (c[1] == n) == shared] + [1e-9]) for shared in (False, True)}
     traces = []
     for name in [*colors, None]:
         group = [c for c in cells if c[2] == name]
@@ -80,14 +80,15 @@ def overview_figure(atlas: dict) -> go.Figure:
                 "name": name or "shared block", "text": [c[4] for c in group],
                 "hovertemplate": "%{text}<extra></extra>",
                 "marker": {"color": colors.get(name, "#999"), "symbol": "circle" if name else "square",
-                           "size": [6 + 30 * min(1.0, max(c[3], 0) / top) for c in group],
+                           "size": [5 + 13 * max(c[3], 0) / top[c[1] == n] for c in group],
                            "line": {"color": "#333", "width": 0.5}}})
-    return _figure(traces, "layer overview: colour = most over-represented domain, size = Δ loss when removed "
-                           "(experts scaled to the costliest expert; shared blocks capped at that size)",
+    return _figure(traces, "layer overview: colour = most over-represented domain, size = Δ loss without it "
+                           f"(experts: max {top[False]:+.3f}; shared blocks, own scale: max {top[True]:+.3f} nats/token)",
                    max(420, 120 + 17 * len(atlas["layers"])),
                    xaxis={"tickmode": "array", "tickvals": list(range(n + 1)), "range": [-0.6, n + 0.6],
                           "ticktext": [*map(str, range(n)), "shared"], "title": {"text": "expert"}},
-                   yaxis={"autorange": "reversed", "title": {"text": "layer"}, "dtick": 1},
+                   yaxis={"range": [max(atlas["layers"]) + 0.7, min(atlas["layers"]) - 0.7], "title": {"text": "layer"},
+                          "dtick": 1},
                    legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
 
 
@@ -140,6 +141,7 @@ def pair_figure(atlas: dict, layer: int) -> go.Figure:
     note = (f"{data['mean_active']:.2f} experts per token on average, {data['none_share']:.1%} of tokens run none; "
             "random 16-dim subspaces overlap ~16/hidden")
     titles = [{"text": t, "x": x, "y": 1.0, "xref": "paper", "yref": "paper", "showarrow": False, "yanchor": "bottom",
+               "xanchor": "center",
                "font": {"size": 12}} for t, x in (("P(column runs | row runs)", 0.2), ("output-subspace overlap", 0.8))]
     return _figure(traces, f"layer {layer}: which experts run together, and how alike their weights are", 380,
                    xaxis={"domain": [0, 0.42]}, xaxis2={"domain": [0.58, 1], "anchor": "y2"},
@@ -213,7 +215,9 @@ def contexts_html(atlas: dict, layer: int, expert: int) -> str:
              f"{_text(c['domain'])}</span> …{_text(c['left'])}<mark style='background:"
              f"{expert_colors(atlas['num_experts'])[expert]}55;font-weight:600'>{_text(c['token'])}</mark>"
              f"{_text(c['right'])}… <small>(p = {c['p']:.2f})</small></li>" for c in e["contexts"]]
-    return f"<ul class='fl-contexts' style='font-family:monospace'>{''.join(items)}</ul>"
+    return (f"<div><b>Contexts</b> — tokens routed to layer {layer}'s expert {expert}, best router probability first, "
+            f"one per token and text row, round-robin over the domains</div>"
+            f"<ul class='fl-contexts' style='font-family:monospace'>{''.join(items)}</ul>")
 
 
 def _text(piece: str) -> str:

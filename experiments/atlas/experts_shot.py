@@ -2,7 +2,7 @@
 
 Usage: FACTORLAB_RUNS=runs PYTHONPATH=. .venv/bin/python experiments/atlas/experts_shot.py OUTDIR [RUN] [LAYER] [EXPERT]
 
-Serves app.py (warm start off) on a runs folder whose newest run is RUN (default: default), goes Routing -> "Open this
+Serves app.py in this process (warm start off), loads RUN (default: default) from the runs list, goes Routing -> "Open this
 expert in Experts" with LAYER and EXPERT, then saves OUTDIR/6-experts-*.png: the whole tab, the atlas summary
 with the layer overview, one expert (summary, domains, vocabulary, logit lens, contexts), the layer
 (ablation, co-activation and weight similarity), and the model (ranking, PAR vs untrained, share vs cost).
@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 CHROMIUM = os.environ.get("FACTORLAB_CHROMIUM", "/usr/bin/chromium")
@@ -38,28 +35,27 @@ def main() -> None:
     out = Path(sys.argv[1])
     run, layer, expert = (sys.argv[2:] + ["default", "15", "1"][len(sys.argv) - 2:])[:3]
     out.mkdir(parents=True, exist_ok=True)
-    port = "7863"
-    env = {**os.environ, "FACTORLAB_WARM_START": "off", "GRADIO_SERVER_PORT": port, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "app.py"], env=env)
-    url = f"http://127.0.0.1:{port}"
+    os.environ.setdefault("FACTORLAB_WARM_START", "off")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import app  # served in this process, on the runs folder of FACTORLAB_RUNS
+
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=7863, quiet=True)
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(600_000)
+            page.set_default_timeout(240_000)
             page.goto(url)
             page.wait_for_selector("#current-run:has-text('Current run:')")
-            if f"Current run: {run}" not in page.inner_text("#current-run"):
-                raise SystemExit(f"the page opened {page.inner_text('#current-run')[:80]!r}: serve a runs folder "
-                                 f"whose newest run is {run}")
+            if f"Current run: {run}" not in page.inner_text("#current-run"):  # load it from the runs list
+                page.get_by_role("tab", name="Factorize & train").click()
+                page.get_by_label("Run", exact=True).click()
+                page.get_by_role("option", name=run, exact=True).click()
+                page.get_by_role("button", name="Load (make current)").click()
+                page.wait_for_selector(f"#current-run:has-text('Current run: {run}')")
             page.get_by_role("tab", name="Routing").click()
             page.locator("#routing-atlas-layer input").click()
             page.get_by_role("option", name=layer, exact=True).click()
@@ -85,8 +81,7 @@ def main() -> None:
                   f"max {max(ms):.0f} ms over {len(ms)} expert changes")
             browser.close()
     finally:
-        server.terminate()
-        server.wait(30)
+        app.demo.close()
 
 
 if __name__ == "__main__":
