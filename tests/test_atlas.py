@@ -164,7 +164,7 @@ class _Tokenizer:
 
 
 @pytest.mark.slow
-def test_the_embedded_model_numbers_domain_and_an_atlas_of_two_layers(embedded):
+def test_the_embedded_model_numbers_domain_and_an_atlas_of_two_layers(embedded, tmp_path):
     from factorlab.atlas import arithmetic_docs, domain_rows
 
     docs = arithmetic_docs()
@@ -172,6 +172,12 @@ def test_the_embedded_model_numbers_domain_and_an_atlas_of_two_layers(embedded):
     settings = AtlasSettings(seq_len=32, stats_tokens=64, ablation_rows=1, ablation_len=16, bootstrap=10)
     rows = domain_rows("numbers", embedded, settings)
     assert rows.shape == (2, 32)
+    upload = tmp_path / "mine.txt"  # an uploaded text becomes one more domain
+    upload.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(20)))
+    from factorlab.atlas import build_corpus
+
+    mine = build_corpus(embedded, settings, upload=str(upload), domains={})
+    assert [d.name for d in mine] == ["uploaded"] and mine[0].ids.shape == (2, 32)
     moe = build_moe(embedded.model, make_partition(embedded.model, 4, "contiguous", [3, 20]), 2)
     corpus = [Domain("numbers", "numbers", rows), Domain("local", "local", domain_rows("local", embedded, settings))]
     atlas = compute_atlas(moe, embedded.model, embedded.tokenizer,
