@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -217,6 +218,8 @@ class _Recorder:
                                                                          "top1_untrained")} for i in self.layers}
         self.sum_out = {i: torch.zeros(m.num_experts, m.hidden_size) for i, m in self.layers.items()}
         self.dense: dict[int, list] = {i: [] for i in self.layers}
+        # the dense model is the process's shared one (the app's chat runs it meanwhile): record this thread only
+        self.thread = threading.get_ident()
 
     def moe_hook(self, i: int):
         def hook(mlp: FactorizedMLP, args) -> None:
@@ -238,7 +241,8 @@ class _Recorder:
 
     def dense_hook(self, i: int):
         def hook(_module, _args, output) -> None:
-            self.dense[i].append(output.reshape(-1, output.shape[-1]).float().norm(dim=-1))
+            if threading.get_ident() == self.thread:
+                self.dense[i].append(output.reshape(-1, output.shape[-1]).float().norm(dim=-1))
         return hook
 
     def stacked(self) -> dict[int, dict[str, torch.Tensor]]:

@@ -185,3 +185,24 @@ def test_the_embedded_model_numbers_domain_and_an_atlas_of_two_layers(embedded, 
     assert atlas["layers"] == [3, 20] and atlas["layers_data"]["3"]["dense_ffn_all"] > 0
     digits = [v["token"] for e in atlas["layers_data"]["20"]["experts"] for v in e["vocab"]]
     assert digits  # the vocabulary tables hold decoded tokens
+
+
+def test_forwards_of_the_shared_dense_model_in_other_threads_are_not_recorded():
+    """The app's chat runs the process's dense model while an atlas job records it."""
+    import threading
+
+    from factorlab.atlas import _Recorder
+
+    dense, moe = tiny_moe()
+    rec = _Recorder(moe, {i: torch.randn(4, 64) for i in factorized_layers(moe)})
+    handles = [dense.model.layers[i].mlp.register_forward_hook(rec.dense_hook(i)) for i in (0, 1)]
+    try:
+        worker = threading.Thread(target=lambda: logits(dense, ids()))
+        worker.start()
+        worker.join()
+        assert rec.dense[0] == []
+        logits(dense, ids(1, 8))
+        assert [t.shape for t in rec.dense[0]] == [torch.Size([8])]
+    finally:
+        for h in handles:
+            h.remove()
