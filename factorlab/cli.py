@@ -726,7 +726,7 @@ def cmd_atlas(args) -> int:
           f"{t['seconds'] + t.get('setup_seconds', 0):.0f} s ({t['ablation_forwards']} ablations, {t['threads']} threads)")
     print("corpus: " + ", ".join(f"{d['name']} {d['tokens']} tokens ({d['ablation_tokens']} for ablations)"
                                  for d in atlas["domains"]))
-    for name, v in spec.items():
+    for name, v in sorted(spec.items(), key=lambda kv: kv[0] == "difference"):  # the routers, then their difference
         if isinstance(v, dict) and "mi_bits" in v:
             print(f"I(domain; top-1 expert) {name:>16}: {v['mi_bits']:+.4f} bits (95% CI {v['mi_ci95'][0]:+.4f} "
                   f"to {v['mi_ci95'][1]:+.4f})")
