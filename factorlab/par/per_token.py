@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .. import parallel
 from ..moe import FactorizedMLP
 from ..recipe import Recipe
 from .labels import routed_target, router_bce_loss
@@ -58,10 +59,10 @@ def best_sets(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, me
                         + torch.einsum("sn,tnm,sm->ts", masks, g, masks))
     err = torch.cat(errs)  # (T, S)
     size = masks.sum(1)
-    lo, hi = 0.0, float(err.max().clamp_min(0)) + 1.0
-    for _ in range(60):
+    lo, hi = 0.0, parallel.all_max(float(err.max().clamp_min(0))) + 1.0
+    for _ in range(60):  # data-parallel: the mean set size over every process's tokens
         lam = (lo + hi) / 2
-        if size[(err + lam * size).argmin(1)].mean() > mean_k:
+        if parallel.mean(size[(err + lam * size).argmin(1)]) > mean_k:
             lo = lam
         else:
             hi = lam
@@ -80,8 +81,11 @@ def tune_thresholds(scores: torch.Tensor, least: int = 1) -> tuple[torch.Tensor,
             tau = 0.0  # every expert
         elif k == least:
             tau = float(rest.max()) + 1e-6  # the best one only
-        else:  # the (k - least) * T largest of the other scores
-            tau = float(rest.flatten().topk((k - least) * scores.shape[0]).values[-1])
+        else:  # midway between the (k - least) * T-th largest of the other scores and the next one: no token
+            # sits on the threshold, where one rounding step (another kernel, thread count or process count)
+            # would decide whether it runs
+            top = rest.flatten().topk((k - least) * scores.shape[0] + 1).values
+            tau = float((top[-2].double() + top[-1].double()) / 2)
         thresholds[k - 1] = tau
         means[k - 1] = least + (rest >= tau).float().sum(1).mean()
     return thresholds, means
@@ -99,6 +103,7 @@ def per_token_rounds(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Ten
                              loss_fn=router_bce_loss, check=check, deadline=deadline)
         with torch.no_grad():
             scores = torch.cat([mlp.router.linear(x).float().sigmoid() for x in inputs.split(chunk)])
+        scores = parallel.gather_rows(scores)  # data-parallel: thresholds tuned on every process's tokens
         mlp.set_thresholds(*tune_thresholds(scores, least), min_experts=least)
         refit_down(mlp, inputs, target, recipe.ridge, chunk)
     return stats

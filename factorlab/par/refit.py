@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import parallel
 from ..moe import FactorizedMLP
 
 
@@ -24,6 +25,8 @@ def refit_down(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, r
     with torch.no_grad():
         for x, t in zip(inputs.split(chunk), target.split(chunk)):
             normal_equations(mlp, x, t, gram, cross)
+        parallel.all_sum_(gram)  # data-parallel: sums over every process's tokens (no-op in one process)
+        parallel.all_sum_(cross)
         w0 = torch.cat([mlp.shared_down.reshape(-1, mlp.hidden_size),
                         mlp.down.reshape(-1, mlp.hidden_size)]).double()  # (cols, H)
         lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
@@ -60,16 +63,17 @@ def normal_equations(mlp: FactorizedMLP, x: torch.Tensor, t: torch.Tensor, gram:
     it, the (e, f) block over the tokens that run both, the shared block over every token.
     """
     n, d, s = mlp.num_experts, mlp.expert_size, mlp.shared_size
+    t = t.float()  # products in fp32 at least (bf16 weights), summed in fp64; no copy for an fp32 model
     routing = mlp.routing_weights(x)  # (T, N), 0 where an expert does not run
     runs = routing != 0
     rows, acts = [], []
     for e in range(n):
         r = runs[:, e].nonzero().squeeze(1)
         rows.append(r)
-        acts.append(mlp.expert_activation(x[r], e) * routing[r, e].unsqueeze(1))  # (|r|, D)
+        acts.append((mlp.expert_activation(x[r], e) * routing[r, e].unsqueeze(1)).float())  # (|r|, D)
     col = [slice(s + e * d, s + (e + 1) * d) for e in range(n)]
     if s:
-        shared = mlp.shared_activations(x)  # (T, S)
+        shared = mlp.shared_activations(x).float()  # (T, S)
         gram[:s, :s] += (shared.t() @ shared).double()
         cross[:s] += (shared.t() @ t).double()
     position = [runs[:, f].long().cumsum(0) - 1 for f in range(n)]  # token -> its row among f's tokens
