@@ -101,14 +101,15 @@ def test_train_builds_its_recipe_from_preset_set_and_flags(monkeypatch, capsys):
 
 
 def test_train_help_is_short_and_research_knobs_are_set_only(capsys):
-    """`train --help` lists at most 20 options; fields that are not everyday have no flag (--set only)."""
+    """`train --help` lists at most 21 options (20 + --processes); fields that are not everyday have no flag
+    (--set only)."""
     from factorlab.recipe import recipe_fields
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
     options = [line for line in text.splitlines() if line.startswith("  -")]
-    assert len(options) <= 20, options
+    assert len(options) <= 21, options
     for f in recipe_fields(everyday=False):
         assert f"--{f.name.replace('_', '-')}" not in text
     for f in recipe_fields(everyday=True):
