@@ -361,7 +361,7 @@ def _bundled() -> list[str]:
 def cmd_memory(args) -> int:
     import torch
 
-    from .memory import GIB, describe, estimate, model_shapes, plan
+    from .memory import describe, estimate, model_shapes, plan
 
     recipe = preset(args.preset, **{**parse_assignments(args.assignments), "model": args.model})
     info, source = model_shapes(args.model)
