@@ -250,7 +250,7 @@ def atlas_markdown(atlas: dict) -> str:
                      for d in atlas["domains"])
     spec = atlas["specialisation"]
     diff = spec.get("difference")
-    spec_text = (f" Domain specialisation I(domain; top-1 expert), mean over layers: "
+    spec_text = (" Domain specialisation I(domain; top-1 expert), mean over layers: "
                  + "; ".join(f"{k} {v['mi_bits']:.3f} bits (95% CI {v['mi_ci95'][0]:.3f}–{v['mi_ci95'][1]:.3f}; "
                              f"{v.get('mi_null_bits', float('nan')):.3f} with domains shuffled between rows)"
                              for k, v in spec.items() if isinstance(v, dict) and "mi_bits" in v and k != "difference")

@@ -18,6 +18,7 @@ ROWS = {
     "every_k": "every K a real model",
     "compute": "compute per token",
     "speed": "measured speed of the default recipe",
+    "chat": "chat fidelity of the default recipe",
     "par": "PAR vs the untrained router at K=2",
     "exactness": "exactness: max",
 }

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from factorlab.export import (FORMATS, ExportError, build_export, check_repo_id, export_state_dict, fix_k,
+from factorlab.export import (FORMATS, ExportError, build_export, check_repo_id, export_state_dict,
                               greedy_ids, max_logit_diff, plan_export, push_to_hub, routed_tensors)
 from factorlab.factorize import build_moe, make_partition
 from factorlab.moe import factorized_layers
