@@ -28,6 +28,25 @@ def tiny_llama(layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab
     return model
 
 
+class CharTokenizer:
+    """A byte-level toy tokenizer for the 128-token tiny model (no chat template; 0 = end of turn and padding)."""
+    chat_template = None
+    eos_token_id = pad_token_id = 0
+
+    def __len__(self):
+        return 128
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [1 + ord(c) % 127 for c in text]
+
+        class Out:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+        return Out()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 1) if 32 <= i - 1 < 127 else "?" for i in ids if not (skip_special_tokens and i == 0))
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

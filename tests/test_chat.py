@@ -4,26 +4,10 @@ import threading
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import CharTokenizer, tiny_llama
 from factorlab.chat import (ModelHandle, Sampling, Step, flatten_content, prompt_ids, sample_next, side_by_side,
                             stream_reply, to_messages)
 from factorlab.factorize import build_moe, make_partition
-
-
-class CharTokenizer:
-    """A byte-level toy tokenizer for the 128-token tiny model (no chat template)."""
-    chat_template = None
-    eos_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        ids = [1 + ord(c) % 127 for c in text]
-
-        class Out:
-            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
-        return Out()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i - 1) if 32 <= i - 1 < 127 else "?" for i in ids if not (skip_special_tokens and i == 0))
 
 
 @pytest.fixture

@@ -4,30 +4,11 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import CharTokenizer, tiny_llama
 from factorlab.factorize import build_moe, make_partition
 from factorlab.fidelity import (CHAT_PROMPTS, PREFIXES, chat_fidelity, common_prefix, greedy_replies,
                                 load_chat_prompts, paired_difference, teacher_forced)
 from factorlab.moe import set_top_k
-
-
-class CharTokenizer:
-    """A byte-level toy tokenizer for the 128-token tiny model (no chat template; 0 = end of turn and padding)."""
-    chat_template = None
-    eos_token_id = pad_token_id = 0
-
-    def __len__(self):
-        return 128
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        ids = [1 + ord(c) % 127 for c in text]
-
-        class Out:
-            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
-        return Out()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i - 1) if 32 <= i - 1 < 127 else "?" for i in ids if not (skip_special_tokens and i == 0))
 
 
 PROMPTS = [{"category": "question", "prompt": p} for p in ("Hi!", "What is two and two?", "A poem, please",
