@@ -64,10 +64,12 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.set_default_timeout(600_000)
-            for i, prompt in enumerate(PROMPTS, 1):  # a fresh page per prompt: an empty conversation
-                page.goto(url)
-                page.wait_for_selector(f"#current-run:has-text('Current run: {run}')")
-                page.get_by_role("tab", name="Chat").click()
+            page.goto(url)
+            page.wait_for_selector(f"#current-run:has-text('Current run: {run}')")
+            page.get_by_role("tab", name="Chat").click()
+            for i, prompt in enumerate(PROMPTS, 1):
+                page.locator("button.lg:has-text('Clear')").click()  # an empty conversation for each prompt
+                page.wait_for_timeout(1500)
                 page.fill("#message textarea", prompt)
                 page.press("#message textarea", "Enter")
                 page.wait_for_selector("#stats-moe:has-text('tokens/s')")
