@@ -364,7 +364,6 @@ def fidelity_run(name: str, ks: list[int] | None = None, *, runs_dir=None, store
     return result
 
 
-
 # ---------------------------------------------------------------- export a run
 CHAT_CHECK = "What is the capital of France? Answer in one sentence."  # the greedy-generation check's prompt
 
