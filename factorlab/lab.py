@@ -1087,7 +1087,7 @@ def _chat_points(stored: dict, point) -> tuple[list[dict], list[str], list[list]
     headers = ["model", "agreement [95% CI]", "KL (nats/token)", "NLL gap (nats/token)",
                *[f"identical {p} tokens" for p in prefixes], "prompts"]
     points = [point("dense", None, 1.0)]
-    rows = [["dense", "100%", 0.0, 0.0, *["100%"] * len(prefixes), stored["settings"]["prompts"]]]
+    rows = [["dense", _pct(1.0), 0.0, 0.0, *[_pct(1.0)] * len(prefixes), stored["settings"]["prompts"]]]
     for k, f in sorted((stored.get("by_k") or {}).items(), key=lambda kv: int(kv[0])):
         points.append({**point(f"K={k}", int(k), f["agreement"]), "interval": f["agreement_ci"]})
         rows.append([f"K={k}", f"{_pct(f['agreement'])}{_ci(f['agreement_ci'])}", round(f["kl"], 4),

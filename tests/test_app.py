@@ -400,7 +400,7 @@ def test_chat_fidelity_job_fills_the_chat_and_the_tradeoffs(client, trained, tmp
     assert "chat fidelity at K=2 (3 shipped prompts, greedy): top-1 agreement" in stats_moe
     plot, table, *_ = client.predict(task=lab.CHAT_TASK, k=2, seq_len=256, api_name="/tradeoffs_task")
     assert [r[0] for r in table["value"]["data"]] == ["dense", "K=1", "K=2", "K=3", "K=4"]
-    assert table["value"]["data"][4][5] == "100%"  # K = N is the dense model: identical for 8 tokens
+    assert table["value"]["data"][4][5] == "100.0%"  # K = N is the dense model: identical for 8 tokens
     figure = json.loads(plot["plot"])
     assert "chat: top-1 agreement" in json.dumps(figure["layout"]["yaxis"])
 
