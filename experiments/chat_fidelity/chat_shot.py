@@ -20,23 +20,11 @@ import urllib.request
 from pathlib import Path
 
 from factorlab.runs import runs_root
+from scripts.screenshots import settle
 
 CHROMIUM = os.environ.get("FACTORLAB_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
 PROMPTS = ["What is the capital of France?", "Give me three tips for a good night's sleep."]
-
-
-def settled(page, selector: str, quiet_s: float = 6.0, timeout_s: float = 900.0) -> str:
-    """The element's text once it has not changed for quiet_s seconds."""
-    last, since, deadline = None, time.monotonic(), time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = page.inner_text(selector)
-        if text != last:
-            last, since = text, time.monotonic()
-        elif time.monotonic() - since > quiet_s:
-            return text
-        time.sleep(1)
-    raise TimeoutError(f"{selector} kept changing for {timeout_s} s")
 
 
 def main() -> None:
@@ -73,7 +61,8 @@ def main() -> None:
                 page.fill("#message textarea", prompt)
                 page.press("#message textarea", "Enter")
                 page.wait_for_selector("#stats-moe:has-text('tokens/s')")
-                moe = settled(page, "#chat-moe")
+                settle(page, "#chat-moe", quiet_s=6.0, timeout_s=900)
+                moe = page.inner_text("#chat-moe")
                 stats = page.inner_text("#stats-moe")
                 page.screenshot(path=f"{prefix}-{i}.png", full_page=True)
                 replies.append({"prompt": prompt, "factorized_pane": moe, "factorized_stats": stats})
