@@ -93,6 +93,12 @@ def test_thresholds_give_the_mean_k_they_are_tuned_for():
     thresholds, means = tune_thresholds(scores)
     assert torch.allclose(means, torch.tensor([1.0, 2.0, 3.0, 4.0]), atol=0.01)
     assert torch.all(thresholds[:-1] >= thresholds[1:]) and thresholds[-1] == 0
+    # each threshold sits in the widest gap near its quantile, away from every score: a rounding-level change
+    # of the scores (another thread or process count) moves no token across it
+    rest = scores.sort(1, descending=True).values[:, 1:].flatten().sort().values
+    typical_gap = (rest[1:] - rest[:-1]).median()
+    for tau in thresholds[1:-1]:
+        assert (rest - tau).abs().min() > typical_gap
 
 
 def test_per_token_rounds_beat_top_k_at_the_same_mean(tiny_model):
@@ -286,3 +292,27 @@ def test_per_token_rounds_train_the_router_for_their_own_step_count(tiny_model, 
     assert seen == [(router_kl_loss, 20), (router_bce_loss, 7), (router_bce_loss, 7)] * 2
     with pytest.raises(ValueError, match="per_token_router_steps must be at least 1"):
         _recipe(per_token_router_steps=0)
+
+
+def test_the_set_size_multiplier_lies_midway_between_two_token_decisions():
+    """best_sets' multiplier: bisection ends where one token is indifferent between two sets; the multiplier used
+    is midway across the interval in which no token changes its set, so each token's choice has a margin and a
+    rounding-level change of the errors (another thread or process count) decides nothing."""
+    from factorlab.par.per_token import _midway
+
+    torch.manual_seed(0)
+    size = subset_masks(4).sum(1).double()
+    err = torch.rand(500, 1, dtype=torch.float64) * 5 + torch.rand(500, len(size), dtype=torch.float64) / size
+    lo, hi = 0.0, 10.0
+    for _ in range(60):
+        lam = (lo + hi) / 2
+        lo, hi = (lam, hi) if size[(err + lam * size).argmin(1)].mean() > 2.0 else (lo, lam)
+    cost = err + hi * size
+    edge = cost.sort(1).values
+    assert (edge[:, 1] - edge[:, 0]).min() < 1e-12  # at the bisection's end one token sits on a tie
+    mid = _midway(err, size, hi)
+    assert mid > hi
+    cost_mid = err + mid * size
+    assert torch.equal(cost_mid.argmin(1), cost.argmin(1))  # the same sets
+    margin = cost_mid.sort(1).values
+    assert (margin[:, 1] - margin[:, 0]).min() > 1e-6  # and every choice has a margin

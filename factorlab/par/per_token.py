@@ -57,8 +57,8 @@ def best_sets(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, me
             g = torch.einsum("tnh,tmh->tnm", o, o)
             errs.append(r.pow(2).sum(1, keepdim=True) - 2 * b @ masks.t()
                         + torch.einsum("sn,tnm,sm->ts", masks, g, masks))
-    err = torch.cat(errs)  # (T, S)
-    size = masks.sum(1)
+    err = torch.cat(errs).double()  # (T, S); float64 so that the multiplier below resolves every decision
+    size = masks.sum(1).double()
     lo, hi = 0.0, parallel.all_max(float(err.max().clamp_min(0))) + 1.0
     for _ in range(60):  # data-parallel: the mean set size over every process's tokens
         lam = (lo + hi) / 2
@@ -66,7 +66,31 @@ def best_sets(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, me
             lo = lam
         else:
             hi = lam
-    return masks[(err + hi * size).argmin(1)].to(inputs.dtype)
+    choice = (err + _midway(err, size, hi) * size).argmin(1)
+    return masks[choice].to(inputs.dtype)
+
+
+def _midway(err: torch.Tensor, size: torch.Tensor, lam: float) -> float:
+    """The multiplier midway across the interval around lam in which no token changes its set.
+
+    Bisection leaves lam on the edge of that interval, where one token is indifferent between two sets and the
+    last bit of its errors (another kernel, thread count or process count) decides; midway, every token's
+    choice is the same as at lam and has a margin. err (T, S), size (S,), both float64.
+    """
+    choice = (err + lam * size).argmin(1)
+    d_err = err - err.gather(1, choice[:, None])  # (T, S): a set beats the choice where d_err + lam * d_size < 0
+    d_size = size[None, :] - size[choice][:, None]
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    above = torch.where(d_size < 0, d_err / -d_size.clamp(max=-1), inf).min()  # a smaller set would win above
+    below = torch.where(d_size > 0, -d_err / d_size.clamp(min=1), -inf).max()  # a larger set would win below
+    upper = max(-parallel.all_max(-float(above)), lam)  # over every process's tokens; max/min: the edge token's
+    lower = min(parallel.all_max(float(below)), lam)  # own breakpoint may round to either side of lam
+    if lower == float("-inf") or upper == float("inf"):
+        return lam  # an open-ended interval (every token at its smallest or largest set): lam has a margin
+    return (lower + upper) / 2
+
+
+WINDOW = 5e-4  # how far (a share of the tokens) a per-token-K threshold may move to sit in a wide gap
 
 
 def tune_thresholds(scores: torch.Tensor, least: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +105,16 @@ def tune_thresholds(scores: torch.Tensor, least: int = 1) -> tuple[torch.Tensor,
             tau = 0.0  # every expert
         elif k == least:
             tau = float(rest.max()) + 1e-6  # the best one only
-        else:  # midway between the (k - least) * T-th largest of the other scores and the next one: no token
-            # sits on the threshold, where one rounding step (another kernel, thread count or process count)
-            # would decide whether it runs
-            top = rest.flatten().topk((k - least) * scores.shape[0] + 1).values
-            tau = float((top[-2].double() + top[-1].double()) / 2)
+        else:  # midway across the widest gap between neighbouring scores within WINDOW of the (k - least) * T-th
+            # largest: no token sits near the threshold, where one rounding step (another kernel, thread count or
+            # process count) would decide whether it runs; the mean moves by at most WINDOW of K
+            count = (k - least) * scores.shape[0]
+            reach = max(1, int(count * WINDOW))
+            top = rest.flatten().topk(min(count + reach + 1, rest.numel())).values.double()
+            gaps = top[:-1] - top[1:]  # gaps[j]: between the (j+1)-th and (j+2)-th largest
+            lo = max(count - reach - 1, 0)
+            j = lo + int(gaps[lo:].argmax())
+            tau = float((top[j] + top[j + 1]) / 2)
         thresholds[k - 1] = tau
         means[k - 1] = least + (rest >= tau).float().sum(1).mean()
     return thresholds, means
