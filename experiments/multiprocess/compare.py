@@ -2,10 +2,12 @@
 
     .venv/bin/python experiments/multiprocess/compare.py [--preset quick] [--json experiments/multiprocess/results.json]
 
-Trains the preset twice on the embedded model through the CLI (runs in a temporary folder), records the wall
-time of each command with the machine's load (`uptime`) before and after, and compares the two stored runs:
-partitions (identical?), routers, thresholds and refitted down projections (largest difference), and
-held-out perplexity, agreement and KL at every K.
+Trains the preset on the embedded model through the CLI (runs in a temporary folder), records the wall time of
+each command with the machine's load (`uptime`) before and after, and compares the stored runs: partitions
+(identical?), routers, thresholds and refitted down projections (largest difference), and held-out perplexity,
+agreement and KL at every K. The two-process run is compared with the one-process run, and so, as yardsticks,
+are the same one-process command at 1 thread instead of 2 (the same sums in another order: what rounding alone
+does) and at seed 1 (another split, router init and data order: the recipe's own spread).
 """
 from __future__ import annotations
 
@@ -27,13 +29,13 @@ def load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def train(name: str, preset: str, runs: Path, processes: int) -> dict:
-    cmd = [sys.executable, "-m", "factorlab", "train", name, "--preset", preset, "--runs-dir", str(runs)]
+def train(name: str, preset: str, runs: Path, processes: int, *flags: str, env: dict | None = None) -> dict:
+    cmd = [sys.executable, "-m", "factorlab", "train", name, "--preset", preset, "--runs-dir", str(runs), *flags]
     if processes > 1:
         cmd += ["--processes", str(processes)]
     before = load()
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - start
     return {"command": " ".join(["python", "-m", "factorlab", *cmd[3:]]), "wall_s": round(seconds, 1),
             "uptime_before": before, "uptime_after": load()}
@@ -84,10 +86,15 @@ def main() -> None:
         runs = Path(tmp)
         one = train("one-process", args.preset, runs, 1)
         two = train("two-processes", args.preset, runs, 2)
+        threads = train("one-process-1-thread", args.preset, runs, 1, env={"OMP_NUM_THREADS": "1"})
+        seed = train("one-process-seed-1", args.preset, runs, 1, "--seed", "1")
         result = {"preset": args.preset, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                      "torch": torch.__version__, "accelerate": accelerate.__version__},
-                  "note": "wall times on a machine shared with other work: contended (see the uptime loads)",
-                  "one_process": one, "two_processes": two, "comparison": compare(runs, "one-process", "two-processes")}
+                  "note": "wall times with the machine's load before and after each command (uptime)",
+                  "one_process": one, "two_processes": two, "comparison": compare(runs, "one-process", "two-processes"),
+                  "yardsticks": {"one_process_1_thread": {**threads, "comparison": compare(
+                      runs, "one-process", "one-process-1-thread")}, "one_process_seed_1": {**seed, "comparison": compare(
+                          runs, "one-process", "one-process-seed-1")}}}
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
