@@ -39,7 +39,9 @@ from .runs import load_run as load_run_or_folder
 
 MODEL_CHOICES = ("default", *HUB_MODELS)
 _BUILTIN_TEXT = {"everyday": "everyday English (non-evaluated datasets)", "local": "local prose (Python docs, fast)",
-                 "selfgen": "text the model writes itself (slow)"}
+                 "selfgen": "text the model writes itself (slow)",
+                 "everyday+selfgen": "everyday English + the model's own chat, half each (the chat preset; slow the "
+                                     "first time)"}
 _BUILTINS = {"builtin": f"built-in: {_BUILTIN_TEXT[BUILTIN_DEFAULT]} — default",
              **{kind: f"built-in: {text}" for kind, text in _BUILTIN_TEXT.items() if kind != BUILTIN_DEFAULT}}
 # The page's training-text choices: value (what Recipe.data becomes) -> label; the recipe's default first.
@@ -208,13 +210,15 @@ def chat_fidelity_at(name: str, k: int) -> dict | None:
 def chat_fidelity_text(name: str, k: int) -> str:
     """One line for under the factorized chat: the run's measured chat fidelity at K, or how to measure it."""
     f = chat_fidelity_at(name, k)
+    # runs trained without the model's own chat are pointed at the preset that trains on it (docs/research.md Q)
+    hint = "" if "selfgen" in load_run(name).recipe.data else " · the <i>chat</i> preset trains closer chat"
     if f is None:
         return (f"chat fidelity at K={k} not measured yet: Trade-offs → Measure chat fidelity, or "
-                f"`python -m factorlab fidelity {name}`")
+                f"`python -m factorlab fidelity {name}`{hint}")
     lo, hi = f["agreement_ci"]
     return (f"chat fidelity at K={k} ({f['prompts']} shipped prompts, greedy): top-1 agreement with dense on its "
             f"replies <b>{f['agreement']:.0%}</b> [{lo:.0%}, {hi:.0%}], replies identical for 16 tokens "
-            f"<b>{f['identical']['16']:.0%}</b> of prompts")
+            f"<b>{f['identical']['16']:.0%}</b> of prompts{hint}")
 
 
 def dense_ffn_gflops(spec: str, seq_len: int = 512) -> float:

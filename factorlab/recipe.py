@@ -207,6 +207,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
               "less text and fewer steps",
               {"train_tokens": 8192, "heldout_tokens": 2048, "calibration_tokens": 2048, "router_steps": 150,
                "per_token_rounds": 1, "per_token_router_steps": 100}),
+    "chat": ("the default trained to chat like the dense model: half its text the dense model's own chat replies "
+             "(selfgen, sampled once and cached) and 40 end-to-end distillation steps (issue 30, docs/research.md Q)",
+             {"data": "everyday+selfgen", "e2e_steps": 40}),
     "paper": ("FactorLLM's setting, 1R4E1K: contiguous split of every layer, no shared neurons, plain top-1, "
               "scaled output, PAR router + expert refit",
               {"split": "contiguous", "layers": "all", "shared_size": 0, "top_k": 1, "per_token_rounds": 0}),

@@ -398,6 +398,7 @@ def test_chat_fidelity_job_fills_the_chat_and_the_tradeoffs(client, trained, tmp
     assert "already measured at every K" in user_error(client, "/fidelity_start")
     _, *_, stats_moe, _ = client.predict(message="Hi", max_new=1, k=2, **GREEDY, api_name="/chat")
     assert "chat fidelity at K=2 (3 shipped prompts, greedy): top-1 agreement" in stats_moe
+    assert "the <i>chat</i> preset trains closer chat" in stats_moe  # this run was not trained on its own chat
     plot, table, *_ = client.predict(task=lab.CHAT_TASK, k=2, seq_len=256, api_name="/tradeoffs_task")
     assert [r[0] for r in table["value"]["data"]] == ["dense", "K=1", "K=2", "K=3", "K=4"]
     assert table["value"]["data"][4][5] == "100.0%"  # K = N is the dense model: identical for 8 tokens

@@ -36,8 +36,9 @@ def test_the_page_shows_every_recipe_and_reads_it_back():
     hub = Recipe(data="hub:someone/texts", minutes=2.5)
     assert lab.control_values(hub)["hub_id"] == "someone/texts" and lab.control_values(hub)["minutes"] == 2.5
     assert lab.recipe_from_controls({}) == Recipe()  # a setting left out keeps its default
+    assert lab.control_values(preset("chat"))["data_kind"] == "everyday+selfgen"  # the chat preset's mix
     with pytest.raises(lab.LabError, match="cannot show"):
-        lab.control_values(Recipe(data="everyday+selfgen"))
+        lab.control_values(Recipe(data="everyday+local"))
 
 
 def test_controls_are_converted_and_errors_name_the_setting():
