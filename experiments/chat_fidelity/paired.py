@@ -1,9 +1,9 @@
-"""Two stored chat-fidelity results at K=2 on the same prompts: A minus B, with paired bootstrap intervals.
+"""Two stored chat-fidelity results on the same prompts, at each K both hold: A minus B, with paired bootstrap intervals.
 
-    PYTHONPATH=. python experiments/chat_fidelity/paired.py fidelity_chat-s1_k2.json fidelity_default-s1_k2.json
+    PYTHONPATH=. python experiments/chat_fidelity/paired.py fidelity_chat-s1_k13.json fidelity_default-s1_k13.json
 
 File names are taken from experiments/chat_fidelity/results/ (or give paths). Prints the difference and its 95%
-interval for agreement, KL and the shares of replies identical for 8 and 16 tokens (fidelity.paired_difference).
+interval, at every K both files hold, for agreement, KL and the shares of replies identical for 8 and 16 tokens (fidelity.paired_difference).
 """
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ def load(name: str) -> dict:
 
 def main() -> None:
     a, b = load(sys.argv[1]), load(sys.argv[2])
-    for measure in ("agreement", "kl", "identical_8", "identical_16"):
-        d = paired_difference(a, b, "2", measure)
-        print(f"{measure:>13}: {d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+    for k in sorted(set(a["by_k"]) & set(b["by_k"])):
+        print(f"K={k}")
+        for measure in ("agreement", "kl", "identical_8", "identical_16"):
+            d = paired_difference(a, b, k, measure)
+            print(f"  {measure:>13}: {d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
 
 
 if __name__ == "__main__":
