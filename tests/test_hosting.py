@@ -13,7 +13,7 @@ import torch
 from factorlab import lab
 from factorlab.jobs import JobManager
 from factorlab.limits import QUOTAS, Limits, QuotaError, check_recipe, limits
-from factorlab.recipe import MAX_SEED, Recipe, preset
+from factorlab.recipe import MAX_SEED, PRESETS, Recipe, preset
 from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_quotas_have_safe_defaults_that_every_preset_fits_and_are_documented(mon
         monkeypatch.delenv(var, raising=False)
     q = limits()
     assert q == Limits(**{f.removeprefix("FACTORLAB_MAX_").lower(): d for f, (d, _) in QUOTAS.items()})
-    for name in ("default", "quick", "paper", "no-par"):
+    for name in PRESETS:
         check_recipe(preset(name))  # none is refused
     readme = (ROOT / "README.md").read_text()
     for var, (default, _) in QUOTAS.items():
