@@ -202,16 +202,21 @@ def heldout_at(name: str, k: int) -> dict | None:
 
 def chat_fidelity_at(name: str, k: int) -> dict | None:
     """The run's chat fidelity at K (fidelity.chat_fidelity: agreement, KL, NLL gap, identical replies), if measured."""
-    stored = load_run(name).metrics.get("chat_fidelity") or {}
+    return _chat_fidelity(load_run(name), k)
+
+
+def _chat_fidelity(run: Run, k: int) -> dict | None:
+    stored = run.metrics.get("chat_fidelity") or {}
     value = (stored.get("by_k") or {}).get(str(k))
     return {**value, "prompts": stored["settings"]["prompts"]} if value else None
 
 
 def chat_fidelity_text(name: str, k: int) -> str:
     """One line for under the factorized chat: the run's measured chat fidelity at K, or how to measure it."""
-    f = chat_fidelity_at(name, k)
+    run = load_run(name)
+    f = _chat_fidelity(run, k)
     # runs trained without the model's own chat are pointed at the preset that trains on it (docs/research.md Q)
-    hint = "" if "selfgen" in load_run(name).recipe.data else " · the <i>chat</i> preset trains closer chat"
+    hint = "" if "selfgen" in run.recipe.data else " · the <i>chat</i> preset trains closer chat"
     if f is None:
         return (f"chat fidelity at K={k} not measured yet: Trade-offs → Measure chat fidelity, or "
                 f"`python -m factorlab fidelity {name}`{hint}")

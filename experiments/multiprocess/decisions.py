@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from compare import train  # this folder's: one CLI training command, timed
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -47,10 +46,9 @@ def main() -> None:
     runs = Path(args.runs)
     for name, flags in VARIANTS.items():
         if not (runs / name).exists():
-            env = {**os.environ, "FACTORLAB_RECORD": str(runs / f"{name}.decisions"),
-                   "PYTHONPATH": os.pathsep.join([str(HERE / "record"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-            subprocess.run([sys.executable, "-m", "factorlab", "train", name, "--preset", args.preset, "--runs-dir",
-                            str(runs), *flags], check=True, env=env, cwd=ROOT)
+            train(name, args.preset, runs, 1, *flags, env={
+                "FACTORLAB_RECORD": str(runs / f"{name}.decisions"),
+                "PYTHONPATH": os.pathsep.join([str(HERE / "record"), str(ROOT), os.environ.get("PYTHONPATH", "")])})
     one, two = (runs / f"{n}.decisions" for n in VARIANTS)
     sets = list(zip(recorded(one, "sets"), recorded(two, "sets")))
     refits = list(zip(recorded(one, "refit"), recorded(two, "refit")))

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from compare import train  # noqa: E402  this folder's: one CLI training command, timed
 VARIANTS = {"one-process-2-threads": ([], {}), "one-process-1-thread": ([], {"OMP_NUM_THREADS": "1"}),
             "two-processes": (["--processes", "2"], {})}
 KINDS = ("router", "thresholds", "down", "shared_down", "down.k1")
@@ -35,9 +34,7 @@ def main() -> None:
     runs = Path(args.runs)
     for name, (flags, env) in VARIANTS.items():
         if not (runs / name).exists():
-            subprocess.run([sys.executable, "-m", "factorlab", "train", name, "--preset", "quick", "--layers",
-                            args.layers, "--runs-dir", str(runs), *flags], check=True, env={**os.environ, **env},
-                           cwd=ROOT)
+            train(name, "quick", runs, 1, "--layers", args.layers, *flags, env=env)
     loaded = {n: load_run(n, runs) for n in VARIANTS}
     tensors = {n: r.tensors() for n, r in loaded.items()}
     ref = "one-process-2-threads"
