@@ -37,15 +37,11 @@ def min_experts(mlp: FactorizedMLP) -> int:
     return 0 if mlp.shared_size else 1
 
 
-def best_sets(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, mean_k: float, chunk: int,
-              least: int = 1) -> torch.Tensor:
-    """Per-token sets of experts with mean size mean_k that minimise the total error: (T, N) 0/1.
-    least 0 lets a token's set be empty (the shared block alone).
-
-    Each token's error for every set of experts (with the current weights and the scaled rule's
-    N/K, K = the layer's K) is computed exactly; a Lagrange multiplier on the set size, found by
-    bisection, picks each token's set (argmin error + lam * size) so that the mean size is mean_k.
-    """
+def set_errors(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, chunk: int,
+               least: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's squared output error under every set of experts (with the current weights and the scaled
+    rule's N/K, K = the layer's K), computed exactly: err (T, S) in float64, and the sets' masks (S, N).
+    least 0 includes the empty set (the shared block alone)."""
     masks = subset_masks(mlp.num_experts, empty=least == 0).to(inputs.device)  # (S, N)
     weight = mlp.num_experts / mlp.top_k if mlp.output_mode == "scaled" else 1.0 / mlp.top_k
     errs = []
@@ -57,8 +53,28 @@ def best_sets(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, me
             g = torch.einsum("tnh,tmh->tnm", o, o)
             errs.append(r.pow(2).sum(1, keepdim=True) - 2 * b @ masks.t()
                         + torch.einsum("sn,tnm,sm->ts", masks, g, masks))
-    err = torch.cat(errs).double()  # (T, S); float64 so that the multiplier below resolves every decision
+    return torch.cat(errs).double(), masks  # float64: so that a multiplier resolves every decision
+
+
+def best_sets(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, mean_k: float, chunk: int,
+              least: int = 1) -> torch.Tensor:
+    """Per-token sets of experts with mean size mean_k that minimise the total error: (T, N) 0/1.
+    least 0 lets a token's set be empty (the shared block alone).
+
+    Each token's error for every set of experts is computed exactly (set_errors); a Lagrange multiplier on
+    the set size, found by bisection, picks each token's set (argmin error + lam * size) so that the mean
+    size is mean_k.
+    """
+    err, masks = set_errors(mlp, inputs, target, chunk, least)  # (T, S), (S, N)
     size = masks.sum(1).double()
+    lam = size_multiplier(err, size, mean_k)
+    choice = (err + lam * size).argmin(1)
+    return masks[choice].to(inputs.dtype)
+
+
+def size_multiplier(err: torch.Tensor, size: torch.Tensor, mean_k: float) -> float:
+    """The multiplier lam on the set size at which argmin(err + lam * size) has mean size mean_k over every
+    process's tokens (bisection), moved midway across the interval in which no token changes its set."""
     lo, hi = 0.0, parallel.all_max(float(err.max().clamp_min(0))) + 1.0
     for _ in range(60):  # data-parallel: the mean set size over every process's tokens
         lam = (lo + hi) / 2
@@ -66,8 +82,7 @@ def best_sets(mlp: FactorizedMLP, inputs: torch.Tensor, target: torch.Tensor, me
             lo = lam
         else:
             hi = lam
-    choice = (err + _midway(err, size, hi) * size).argmin(1)
-    return masks[choice].to(inputs.dtype)
+    return _midway(err, size, hi)
 
 
 def _midway(err: torch.Tensor, size: torch.Tensor, lam: float) -> float:
