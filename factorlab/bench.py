@@ -8,6 +8,7 @@ hit all of them alike. Speedup = median dense time / median factorized time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -20,7 +21,7 @@ from torch import nn
 
 from .flops import flops_per_token
 from .models import decoder_layers, model_info
-from .moe import factorized_layers, record_routing, set_top_k
+from .moe import count_active_experts, factorized_layers, record_routing, set_top_k
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +46,39 @@ def _prefill(model: nn.Module, ids: torch.Tensor) -> None:
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
-def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int, device: torch.device) -> float:
-    """Greedy decode of exactly `steps` tokens (no EOS stop) with a KV cache; times the steps only."""
+def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int, device: torch.device,
+                    counted: dict | None = None) -> float:
+    """Greedy decode of exactly `steps` tokens (no EOS stop) with a KV cache; times the steps only.
+    counted: filled with {layer: experts per token} that the steps ran (per-token-K layers; not timed then)."""
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
     _sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    with count_active_experts(model) if counted is not None else contextlib.nullcontext() as measured:
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if counted is not None:
+        counted.update(measured)
+    return elapsed
+
+
+def measured_mean_k(moe: nn.Module, ids: torch.Tensor, batch_ids: torch.Tensor | None, prompt: torch.Tensor,
+                    decode: int, device: torch.device) -> dict[str, dict[int, float]]:
+    """Experts per token that each per-token-K layer ran on the benchmark's own tokens, per measurement
+    (prefill: also the FFN layer's and the forward's tokens; an untimed pass). Empty for top-K layers."""
+    out: dict[str, dict[int, float]] = {}
+    with count_active_experts(moe) as out["prefill"]:
+        _prefill(moe, ids)
+    if batch_ids is not None:
+        with count_active_experts(moe) as out["batched_prefill"]:
+            _prefill(moe, batch_ids)
+    if decode:
+        out["decode"] = {}
+        _decode_seconds(moe, prompt, decode, device, counted=out["decode"])
+    return out
 
 
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
@@ -111,22 +134,32 @@ def expert_load(moe: nn.Module, ids: torch.Tensor) -> dict:
 
 
 def speed_limits(info: dict, num_experts: int, top_k: int, layers: list[int], shared_size: int,
-                 prefill: int, decode_context: int, ffn_layer: int) -> dict:
-    """Upper bound on each speedup if only the FFN multiply-adds shrank (factorlab.flops, matmuls only)."""
-    dense = flops_per_token(info, prefill)
-    moe = flops_per_token(info, prefill, num_experts, top_k, layers, shared_size)
-    one = flops_per_token(info, prefill, num_experts, top_k, [ffn_layer], shared_size)
+                 prefill: int, decode_context: int, ffn_layer: int,
+                 mean_k: dict[str, dict[int, float]] | None = None) -> dict:
+    """Upper bound on each speedup if only the FFN multiply-adds shrank (factorlab.flops, matmuls only).
+
+    mean_k: the experts per token each layer actually ran, per measurement (measured_mean_k); the bound is then
+    at that active share (per-token K runs its nominal K on average over training text, not on every input)."""
+    mean_k = mean_k or {}
+
+    def flops(seq: int, phase: str | None) -> dict:
+        if phase is None:
+            return flops_per_token(info, seq)
+        return flops_per_token(info, seq, num_experts, top_k, layers, shared_size, mean_k.get(phase))
+
+    dense, moe = flops(prefill, None), flops(prefill, "prefill")
+    one = flops_per_token(info, prefill, num_experts, top_k, [ffn_layer], shared_size, mean_k.get("prefill"))
     layer_dense = dense["ffn"] / info["num_layers"]
     layer_moe = one["ffn"] - dense["ffn"] + layer_dense + one["router"]
 
     def last_logits_only(f: dict) -> float:  # prefill: every position through the layers, lm_head once
         return prefill * (f["total"] - f["lm_head"]) + f["lm_head"]
 
-    dense_dec = flops_per_token(info, decode_context)
-    moe_dec = flops_per_token(info, decode_context, num_experts, top_k, layers, shared_size)
-    prefill_limit = last_logits_only(dense) / last_logits_only(moe)
-    return {"ffn": layer_dense / layer_moe, "prefill": prefill_limit, "forward": dense["total"] / moe["total"],
-            "decode": dense_dec["total"] / moe_dec["total"], "batched_prefill": prefill_limit,
+    dense_dec, moe_dec = flops(decode_context, None), flops(decode_context, "decode")
+    batched = flops(prefill, "batched_prefill") if "batched_prefill" in mean_k else moe
+    return {"ffn": layer_dense / layer_moe, "prefill": last_logits_only(dense) / last_logits_only(moe),
+            "forward": dense["total"] / moe["total"], "decode": dense_dec["total"] / moe_dec["total"],
+            "batched_prefill": last_logits_only(dense) / last_logits_only(batched),
             "ffn_share_dense": dense["ffn"] / dense["total"]}
 
 
@@ -215,6 +248,8 @@ def run_benchmark(dense: nn.Module, moe: nn.Module, ks: list[int] | None = None,
                 variants.update({str(k): with_k(k, measure(phase, moe, moe_mlp)) for k in ks})
                 log.info("bench %s: %d repeats x %d variants", phase, repeats, len(variants))
                 raw[phase] = _alternate(variants, repeats * per_repeat, warmup, _tick_every(per_repeat, tick(phase)))
+            mean_ks = {str(k): with_k(k, lambda: measured_mean_k(moe, ids, batch_ids, prompt, decode, device))()
+                       for k in ks}
     finally:
         for i, m in layers.items():
             m.set_top_k(saved_k[i])
@@ -223,17 +258,21 @@ def run_benchmark(dense: nn.Module, moe: nn.Module, ks: list[int] | None = None,
             entry["tokens_per_s"] = decode / entry["median_s"]
     info = model_info(dense)
     decode_context = DECODE_PROMPT_TOKENS + decode // 2
-    result_k, limits = {}, {}
+    result_k, limits, measured_limits, mean_k = {}, {}, {}, {}
     for k in ks:
         speed = {f"{p}_speedup": (raw[p]["dense"]["median_s"] / raw[p][str(k)]["median_s"] if p in raw else None)
                  for p in MEASUREMENTS}
         result_k[str(k)] = speed
-        limits[str(k)] = speed_limits(info, n, k, sorted(layers), first.shared_size, prefill, decode_context,
-                                      ffn_layer)
+        shape = (info, n, k, sorted(layers), first.shared_size, prefill, decode_context, ffn_layer)
+        limits[str(k)] = speed_limits(*shape)
+        if mean_ks[str(k)].get("prefill"):  # per-token K: the bound at the experts it actually ran here
+            measured_limits[str(k)] = speed_limits(*shape, mean_k=mean_ks[str(k)])
+            mean_k[str(k)] = {p: sum(v.values()) / len(v) for p, v in mean_ks[str(k)].items() if v}
     machine = {**machine_info(device), "load_average_before": load_before,
                "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     of_min = {k: {p: raw[p]["dense"]["min_s"] / raw[p][k]["min_s"] for p in raw} for k in result_k}
-    return {"k": result_k, "raw": raw, "limits": limits, "load": loads, "speedup_of_min": of_min,
+    extra = {"limits_measured": measured_limits, "mean_k": mean_k} if measured_limits else {}
+    return {"k": result_k, "raw": raw, "limits": limits, **extra, "load": loads, "speedup_of_min": of_min,
             "settings": {"prefill": prefill, "decode": decode, "decode_prompt": DECODE_PROMPT_TOKENS,
                          "batch": batch, "repeats": repeats, "ffn_samples": repeats * FFN_REPEATS_PER_REPEAT,
                          "warmup": warmup, "seed": seed, "ks": ks, "num_experts": n,
@@ -265,9 +304,15 @@ def format_report(result: dict) -> str:
              f"{result['machine']['device']}, {result['machine']['threads']} threads, median of "
              f"{s['repeats']} alternating repeats; speedup (limit from FFN multiply-adds)",
              "  K" + "".join(f"{titles[p]:>22s}" for p in phases)]
+    measured = result.get("limits_measured") or {}
     for k, speed in result["k"].items():
-        cells = [f"{speed[p + '_speedup']:.2f}x ({result['limits'][k][p]:.2f})" for p in phases]
+        cells = [f"{speed[p + '_speedup']:.2f}x ({result['limits'][k][p]:.2f}"
+                 + (f"|{measured[k][p]:.2f})" if k in measured else ")") for p in phases]
         lines.append(f"{k:>3}" + "".join(f"{c:>22s}" for c in cells))
+    for k, means in (result.get("mean_k") or {}).items():
+        ran = ", ".join(f"{p} {v:.2f}" for p, v in means.items())
+        lines.append(f"K={k} is per-token: experts per token it ran on these tokens (mean over layers): {ran}; "
+                     "the limit after | is at that active share")
     lines.append("speedup of the fastest samples (min/min), less sensitive to other processes:")
     for k, of_min in result["speedup_of_min"].items():
         lines.append(f"{k:>3}" + "".join(f"{of_min[p]:21.2f}x" for p in phases))

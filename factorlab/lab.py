@@ -1027,7 +1027,7 @@ def measured_ms(m: dict, phase: str) -> dict | None:
     if not raw or "dense" not in raw or not tokens:
         return None
     ms = {None if k == "dense" else int(k): 1000 * v["median_s"] / tokens for k, v in raw.items()}
-    limits = bench.get("limits") or {}
+    limits = {**(bench.get("limits") or {}), **(bench.get("limits_measured") or {})}  # per-token K: as it ran
     limit = {int(k): ms[None] / lim[phase] for k, lim in limits.items() if lim.get(phase) and int(k) in ms}
     machine = bench.get("machine") or {}
     what = (f"{tokens}-token prefill, last position's logits" if phase == "prefill"
@@ -1035,7 +1035,8 @@ def measured_ms(m: dict, phase: str) -> dict | None:
     note = (f"x = median wall-clock ms per token of the run's stored benchmark ({what}; {settings.get('repeats')} "
             f"alternating repeats, {machine.get('threads')} threads, {settings.get('dtype', 'float32')}, on "
             f"{machine.get('cpu') or machine.get('device')}); open markers = each K's limit, dense time / the "
-            "FLOPs bound on its speed-up")
+            "FLOPs bound on its speed-up" + (" (per-token K: at the experts it ran on the benchmark's tokens)"
+                                             if bench.get("limits_measured") else ""))
     return {"ms": ms, "limit": limit, "note": note}
 
 
@@ -1117,7 +1118,7 @@ def bench_rows(m: dict, top_k: int) -> list[list] | None:
     raw = bench.get("raw", {})
     rows = []
     for k, speed in sorted(bench["k"].items(), key=lambda kv: int(kv[0])):
-        limits = bench.get("limits", {}).get(k, {})
+        limits = (bench.get("limits_measured") or {}).get(k) or bench.get("limits", {}).get(k, {})
         decode = raw.get("decode", {})
         rows.append([f"K={k}{' ◀' if int(k) == top_k else ''}", _ratio(speed.get("prefill_speedup")),
                      _ratio(limits.get("prefill")), _ratio(speed.get("decode_speedup")), _ratio(limits.get("decode")),
@@ -1136,7 +1137,9 @@ def bench_note(m: dict) -> str | None:
     load = machine.get("load_average_before")
     return (f"prefill {s.get('prefill')} tokens, decode {s.get('decode')} tokens, median of {s.get('repeats')} "
             f"alternating repeats, {machine.get('threads')} threads on {machine.get('cpu') or machine.get('device')}"
-            f"{f', load average {load[0]:.1f} before' if load else ''}")
+            f"{f', load average {load[0]:.1f} before' if load else ''}"
+            + "".join(f"; K={k} ran {v.get('prefill', 0):.2f} (prefill) / {v.get('decode', 0):.2f} (decode) experts per "
+                      "token on these tokens, and its limits are at that share" for k, v in bench.get("mean_k", {}).items()))
 
 
 BENCH_COLUMNS = ["K", "prefill speedup", "prefill limit (FLOPs)", "decode speedup", "decode limit (FLOPs)",

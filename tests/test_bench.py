@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from factorlab.bench import format_report, run_benchmark, speed_limits
+from factorlab.bench import DECODE_PROMPT_TOKENS, format_report, run_benchmark, speed_limits
 from factorlab.factorize import build_moe, make_partition
 from factorlab.models import model_info
 from factorlab.moe import factorized_layers
@@ -55,6 +55,24 @@ def test_speed_limits_follow_the_ffn_share(tiny_model):
     assert all(v < 1.0 for k, v in full.items() if k != "ffn_share_dense")  # K=N only adds the router
     share = lim["ffn_share_dense"]
     assert lim["forward"] == pytest.approx(1 / (1 - share * 0.75), rel=0.02)
+
+
+def test_per_token_k_limits_are_at_the_active_share_measured_on_the_benchmark_tokens(tiny_model):
+    moe = build_moe(tiny_model, make_partition(tiny_model, 4, "random", layers=[1]), top_k=2)
+    factorized_layers(moe)[1].set_thresholds(torch.tensor([0.99, 0.5, 0.3, 0.0]))
+    result = run_benchmark(tiny_model, moe, [2], prefill=12, decode=3, batch=2, repeats=1)
+    means = result["mean_k"]["2"]
+    assert set(means) == {"prefill", "batched_prefill", "decode"} and all(1 <= v <= 4 for v in means.values())
+    shape = (model_info(tiny_model), 4, 2, [1], 0, 12, DECODE_PROMPT_TOKENS + 1, 1)
+    one_layer = {phase: {1: k} for phase, k in means.items()}  # one factorized layer: its mean is the mean
+    assert result["limits_measured"]["2"] == pytest.approx(speed_limits(*shape, mean_k=one_layer))
+    assert result["limits"]["2"] == pytest.approx(speed_limits(*shape))  # the nominal K stays beside it
+    at_4 = speed_limits(*shape, mean_k={p: {1: 4.0} for p in ("prefill", "decode", "batched_prefill")})
+    assert at_4 == pytest.approx(speed_limits(*shape[:2], 4, *shape[3:]))  # a measured K is used as K
+    assert "|" in format_report(result) and "per-token" in format_report(result)
+    top_k = run_benchmark(tiny_model, build_moe(tiny_model, make_partition(tiny_model, 4), top_k=2), [2],
+                          prefill=8, decode=2, batch=0, repeats=1)
+    assert "limits_measured" not in top_k and "mean_k" not in top_k  # top-K runs its K on every token
 
 
 @pytest.mark.slow

@@ -272,6 +272,11 @@ def test_tradeoff_view_on_measured_time(runs_dir, monkeypatch):
     assert bare["points"] == [] and "run the benchmark" in bare["axis_note"]
     with pytest.raises(lab.LabError, match="compute axis"):
         lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128, axis="seconds")
+    bench["limits_measured"] = {"2": {"prefill": 1.6, "decode": 1.0}}  # K=2 ran more experts than its nominal 2
+    fake_run(runs_dir, {"heldout": HELDOUT, "bench": bench}, name="measured")
+    view = lab.tradeoff_view("measured", lab.HELDOUT_TASK, 2, 128, axis="decode")
+    assert [p.get("limit") for p in view["points"]] == pytest.approx([None, 31.25, 50.0])
+    assert "experts it ran" in view["axis_note"]
 
 
 def test_bench_rows_from_stored_benchmark():
@@ -284,3 +289,10 @@ def test_bench_rows_from_stored_benchmark():
     assert rows[0] == ["K=1", "1.50×", "1.80×", "1.20×", "1.60×", "2.50×", "24.0 vs 20.0"]
     assert rows[1][0] == "K=2 ◀"
     assert lab.bench_rows({}, 2) is None
+    # per-token K: the limits at the experts it ran on the benchmark's tokens replace the nominal K's
+    measured = {**bench, "limits_measured": {"2": {"prefill": 1.35, "decode": 1.26}},
+                "mean_k": {"2": {"prefill": 1.97, "decode": 2.26}},
+                "settings": {"prefill": 512, "decode": 64, "repeats": 5}, "machine": {"threads": 1, "cpu": "c"}}
+    rows = lab.bench_rows({"bench": measured}, 2)
+    assert rows[1][2:5] == ["1.35×", "1.10×", "1.26×"] and rows[0][2] == "1.80×"
+    assert "K=2 ran 1.97 (prefill) / 2.26 (decode) experts per token" in lab.bench_note({"bench": measured})
