@@ -1138,8 +1138,9 @@ def bench_note(m: dict) -> str | None:
     return (f"prefill {s.get('prefill')} tokens, decode {s.get('decode')} tokens, median of {s.get('repeats')} "
             f"alternating repeats, {machine.get('threads')} threads on {machine.get('cpu') or machine.get('device')}"
             f"{f', load average {load[0]:.1f} before' if load else ''}"
-            + "".join(f"; K={k} ran {v.get('prefill', 0):.2f} (prefill) / {v.get('decode', 0):.2f} (decode) experts per "
-                      "token on these tokens, and its limits are at that share" for k, v in bench.get("mean_k", {}).items()))
+            + (("; experts per token that per-token K ran on these tokens (prefill / decode): "
+                + ", ".join(f"K={k} {v.get('prefill', 0):.2f} / {v.get('decode', 0):.2f}" for k, v in bench["mean_k"].items())
+                + "; its limits are at that share") if bench.get("mean_k") else ""))
 
 
 BENCH_COLUMNS = ["K", "prefill speedup", "prefill limit (FLOPs)", "decode speedup", "decode limit (FLOPs)",

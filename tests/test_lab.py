@@ -295,4 +295,4 @@ def test_bench_rows_from_stored_benchmark():
                 "settings": {"prefill": 512, "decode": 64, "repeats": 5}, "machine": {"threads": 1, "cpu": "c"}}
     rows = lab.bench_rows({"bench": measured}, 2)
     assert rows[1][2:5] == ["1.35×", "1.10×", "1.26×"] and rows[0][2] == "1.80×"
-    assert "K=2 ran 1.97 (prefill) / 2.26 (decode) experts per token" in lab.bench_note({"bench": measured})
+    assert "(prefill / decode): K=2 1.97 / 2.26; its limits" in lab.bench_note({"bench": measured})
