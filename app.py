@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from factorlab import atlas_views, lab, viz, warmstart
+from factorlab import atlas_views, lab, tradeoff_views, viz, warmstart
 from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
 from factorlab.export import FORMATS as EXPORT_FORMATS
 from factorlab.headline import headline_markdown
@@ -121,7 +121,7 @@ def run_changed(run):
                 gr.Dropdown(choices=[], value=None), k_slider(2, 1), gr.Dropdown(choices=[], value=None), loss)
     shape = lab.run_shape(run)
     n, k, layers = shape["num_experts"], shape["top_k"], shape["layers"]
-    tasks = lab.tradeoff_tasks(run)
+    tasks = tradeoff_views.tradeoff_tasks(run)
     return (lab.describe_run(run), k_slider(n, k), gr.Slider(minimum=0, maximum=max(1, n - 1), value=0, step=1),
             k_slider(n, k), gr.Dropdown(choices=layers, value=layers[len(layers) // 2]), k_slider(n, k),
             gr.Dropdown(choices=tasks, value=tasks[0] if tasks else None), loss)
@@ -284,7 +284,7 @@ def tradeoffs(run, task, k, seq_len, axis):
     if not run:
         empty = viz.empty_figure("load a run first")
         return empty, gr.Dataframe(value=[]), empty, "", gr.Dataframe(value=[]), ""
-    view = lab.tradeoff_view(run, task, int(k), int(seq_len), axis or "flops")
+    view = tradeoff_views.tradeoff_view(run, task, int(k), int(seq_len), axis or "flops")
     plot = viz.tradeoff_figure(view["points"], int(k), view["metric"], f"{task or 'no results yet'}",
                                view["x_title"])
     flops = viz.flops_figure(view["flops"], int(seq_len))
@@ -294,7 +294,7 @@ def tradeoffs(run, task, k, seq_len, axis):
     else:
         bench_md = ("**Measured speed**: wall-clock ratios dense / factorized on this machine (limit = the FLOPs "
                     f"bound); {view['bench_note']}. Few repeats on a busy machine are noisy.")
-        bench = gr.Dataframe(value=view["bench"], headers=lab.BENCH_COLUMNS)
+        bench = gr.Dataframe(value=view["bench"], headers=tradeoff_views.BENCH_COLUMNS)
     ms = 1000 * (time.perf_counter() - start)
     axis_note = f"Plot: {view['axis_note']}. " if view["axis_note"] else ""
     return (plot, gr.Dataframe(value=view["rows"], headers=view["headers"]), flops, bench_md, bench,
@@ -303,7 +303,7 @@ def tradeoffs(run, task, k, seq_len, axis):
 
 def tradeoff_choices(run):
     """The tasks with stored results for the current run."""
-    tasks = lab.tradeoff_tasks(run)
+    tasks = tradeoff_views.tradeoff_tasks(run)
     return gr.Dropdown(choices=tasks, value=tasks[0] if tasks else None)
 
 
@@ -316,7 +316,7 @@ def start_eval(run, tasks, limit, request: gr.Request = None):
 def start_fidelity(run, request: gr.Request = None):
     """Queue the chat-fidelity measurement of the current run as a background job."""
     job_id = lab.start_fidelity(run, owner=_session(request))
-    return f"Queued chat-fidelity job `{job_id}`; pick the task '{lab.CHAT_TASK}' when it finishes."
+    return f"Queued chat-fidelity job `{job_id}`; pick the task '{tradeoff_views.CHAT_TASK}' when it finishes."
 
 
 def start_bench(run, prefill, decode, repeats, request: gr.Request = None):
@@ -788,7 +788,7 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
                 trade_k = gr.Slider(1, 8, value=2, step=1, label="K (highlighted)", elem_id="trade-k")
                 task = gr.Dropdown([], label="Task", allow_custom_value=True)
                 trade_seq = gr.Slider(16, 4096, value=512, step=16, label="Sequence length (FLOPs)")
-                trade_axis = gr.Radio([(label, key) for key, label in lab.COMPUTE_AXES.items()], value="flops",
+                trade_axis = gr.Radio([(label, key) for key, label in tradeoff_views.COMPUTE_AXES.items()], value="flops",
                                       label="Compute axis", elem_id="trade-axis")
             with gr.Row():
                 trade_plot = gr.Plot(label="Accuracy vs compute", elem_id="trade-plot")

@@ -381,7 +381,7 @@ def test_eval_and_benchmark_jobs_fill_the_tradeoffs(client, trained):
 
 def test_chat_fidelity_job_fills_the_chat_and_the_tradeoffs(client, trained, tmp_path, monkeypatch):
     """Issue 30: the chat-fidelity job measures every K; the chat shows it at the current K, Trade-offs plots it."""
-    from factorlab import fidelity, lab
+    from factorlab import fidelity, tradeoff_views
     from factorlab.jobs import get_manager
 
     prompts = tmp_path / "prompts.jsonl"  # a small prompt set and short replies keep the job to seconds
@@ -399,7 +399,7 @@ def test_chat_fidelity_job_fills_the_chat_and_the_tradeoffs(client, trained, tmp
     _, *_, stats_moe, _ = client.predict(message="Hi", max_new=1, k=2, **GREEDY, api_name="/chat")
     assert "chat fidelity at K=2 (3 shipped prompts, greedy): top-1 agreement" in stats_moe
     assert "the <i>chat</i> preset trains closer chat" in stats_moe  # this run was not trained on its own chat
-    plot, table, *_ = client.predict(task=lab.CHAT_TASK, k=2, seq_len=256, api_name="/tradeoffs_task")
+    plot, table, *_ = client.predict(task=tradeoff_views.CHAT_TASK, k=2, seq_len=256, api_name="/tradeoffs_task")
     assert [r[0] for r in table["value"]["data"]] == ["dense", "K=1", "K=2", "K=3", "K=4"]
     assert table["value"]["data"][4][5] == "100.0%"  # K = N is the dense model: identical for 8 tokens
     figure = json.loads(plot["plot"])

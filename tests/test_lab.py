@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from factorlab import lab
+from factorlab import lab, tradeoff_views
 from factorlab.recipe import PRESETS, Recipe, layers_text, preset
 from factorlab.runs import save_run
 
@@ -228,8 +228,8 @@ def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
 
     fake_run(runs_dir, {"heldout": HELDOUT, "eval": {"tasks": {"arc_easy": entry},
                                                      "summary": summarize({"arc_easy": entry})}})
-    assert lab.tradeoff_tasks("fake") == [lab.HELDOUT_TASK, lab.MEAN_TASK, "arc_easy"]
-    view = lab.tradeoff_view("fake", "arc_easy", 2, 128)
+    assert tradeoff_views.tradeoff_tasks("fake") == [tradeoff_views.HELDOUT_TASK, tradeoff_views.MEAN_TASK, "arc_easy"]
+    view = tradeoff_views.tradeoff_view("fake", "arc_easy", 2, 128)
     assert [p["k"] for p in view["points"]] == [None, 1, 2, 4]
     assert [p["score"] for p in view["points"]] == pytest.approx([0.62, 0.47, 0.52, 0.62])
     gflops = [p["gflops"] for p in view["points"]]
@@ -238,9 +238,9 @@ def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
     assert view["bench"] is None and set(view["flops"]) == {"dense", "K=2"}
     assert lab.missing_evals("fake", ["arc_easy", "piqa"], 40) == {"arc_easy": [3], "piqa": [1, 2, 3, 4]}
     assert lab.missing_evals("fake", ["arc_easy"], 100) == {"arc_easy": [1, 2, 3, 4]}  # other items: all again
-    held = lab.tradeoff_view("fake", lab.HELDOUT_TASK, 1, 128)
+    held = tradeoff_views.tradeoff_view("fake", tradeoff_views.HELDOUT_TASK, 1, 128)
     assert [p["score"] for p in held["points"]] == pytest.approx([1.0, 0.6, 0.7, 0.8])
-    mean = lab.tradeoff_view("fake", lab.MEAN_TASK, 1, 128)
+    mean = tradeoff_views.tradeoff_view("fake", tradeoff_views.MEAN_TASK, 1, 128)
     assert mean["points"][0]["score"] == 1.0 and len(mean["points"]) == 4
     assert all("95% CI" in row[2] and "95% CI" in row[4] for row in mean["rows"][1:])  # paired bootstrap intervals
     json.dumps(view["rows"])  # plain values, ready for a Dataframe
@@ -258,23 +258,23 @@ def test_tradeoff_view_on_measured_time(runs_dir, monkeypatch):
              "limits": {"1": {"prefill": 2.0, "decode": 1.6}, "2": {"prefill": 1.6, "decode": 1.25}},
              "machine": {"threads": 2, "cpu": "test cpu"}}
     fake_run(runs_dir, {"heldout": HELDOUT, "bench": bench})
-    view = lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128, axis="decode")
+    view = tradeoff_views.tradeoff_view("fake", tradeoff_views.HELDOUT_TASK, 2, 128, axis="decode")
     assert [p["k"] for p in view["points"]] == [None, 1, 2]  # K=4 was not benchmarked: left out
     assert [p["x"] for p in view["points"]] == pytest.approx([50.0, 31.25, 37.5])  # ms per generated token
     assert [p.get("limit") for p in view["points"]] == pytest.approx([None, 31.25, 40.0])
     assert "measured" in view["x_title"] and "2 threads" in view["axis_note"]
-    prefill = lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128, axis="prefill")
+    prefill = tradeoff_views.tradeoff_view("fake", tradeoff_views.HELDOUT_TASK, 2, 128, axis="prefill")
     assert [p["x"] for p in prefill["points"]] == pytest.approx([1.0, 0.5, 0.75])
-    flops = lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128)
+    flops = tradeoff_views.tradeoff_view("fake", tradeoff_views.HELDOUT_TASK, 2, 128)
     assert [p["x"] for p in flops["points"]] == [p["gflops"] for p in flops["points"]] and flops["axis_note"] is None
     fake_run(runs_dir, {"heldout": HELDOUT}, name="bare")
-    bare = lab.tradeoff_view("bare", lab.HELDOUT_TASK, 2, 128, axis="decode")
+    bare = tradeoff_views.tradeoff_view("bare", tradeoff_views.HELDOUT_TASK, 2, 128, axis="decode")
     assert bare["points"] == [] and "run the benchmark" in bare["axis_note"]
     with pytest.raises(lab.LabError, match="compute axis"):
-        lab.tradeoff_view("fake", lab.HELDOUT_TASK, 2, 128, axis="seconds")
+        tradeoff_views.tradeoff_view("fake", tradeoff_views.HELDOUT_TASK, 2, 128, axis="seconds")
     bench["limits_measured"] = {"2": {"prefill": 1.6, "decode": 1.0}}  # K=2 ran more experts than its nominal 2
     fake_run(runs_dir, {"heldout": HELDOUT, "bench": bench}, name="measured")
-    view = lab.tradeoff_view("measured", lab.HELDOUT_TASK, 2, 128, axis="decode")
+    view = tradeoff_views.tradeoff_view("measured", tradeoff_views.HELDOUT_TASK, 2, 128, axis="decode")
     assert [p.get("limit") for p in view["points"]] == pytest.approx([None, 31.25, 50.0])
     assert "experts it ran" in view["axis_note"]
 
@@ -285,14 +285,14 @@ def test_bench_rows_from_stored_benchmark():
              "limits": {"1": {"prefill": 1.8, "decode": 1.6}, "2": {"prefill": 1.4, "decode": 1.3}},
              "raw": {"decode": {"dense": {"tokens_per_s": 20.0}, "1": {"tokens_per_s": 24.0},
                                 "2": {"tokens_per_s": 22.0}}}}
-    rows = lab.bench_rows({"bench": bench}, 2)
+    rows = tradeoff_views.bench_rows({"bench": bench}, 2)
     assert rows[0] == ["K=1", "1.50×", "1.80×", "1.20×", "1.60×", "2.50×", "24.0 vs 20.0"]
     assert rows[1][0] == "K=2 ◀"
-    assert lab.bench_rows({}, 2) is None
+    assert tradeoff_views.bench_rows({}, 2) is None
     # per-token K: the limits at the experts it ran on the benchmark's tokens replace the nominal K's
     measured = {**bench, "limits_measured": {"2": {"prefill": 1.35, "decode": 1.26}},
                 "mean_k": {"2": {"prefill": 1.97, "decode": 2.26}},
                 "settings": {"prefill": 512, "decode": 64, "repeats": 5}, "machine": {"threads": 1, "cpu": "c"}}
-    rows = lab.bench_rows({"bench": measured}, 2)
+    rows = tradeoff_views.bench_rows({"bench": measured}, 2)
     assert rows[1][2:5] == ["1.35×", "1.10×", "1.26×"] and rows[0][2] == "1.80×"
-    assert "(prefill / decode): K=2 1.97 / 2.26; its limits" in lab.bench_note({"bench": measured})
+    assert "(prefill / decode): K=2 1.97 / 2.26; its limits" in tradeoff_views.bench_note({"bench": measured})
