@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from factorlab import atlas_views, lab, tradeoff_views, viz, warmstart
+from factorlab import atlas_views, lab, lab_jobs, tradeoff_views, viz, warmstart
 from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
 from factorlab.export import FORMATS as EXPORT_FORMATS
 from factorlab.headline import headline_markdown
@@ -114,7 +114,7 @@ def switch_run(run):
 
 def run_changed(run):
     """Point every tab at the current run: sliders sized to its N and layers, task list, summary."""
-    title, records = lab.loss_records(run)
+    title, records = lab_jobs.loss_records(run)
     loss = viz.loss_figure(records, title)
     if not run:
         return (lab.describe_run(None), k_slider(2, 1), gr.Slider(minimum=0, maximum=1, value=0), k_slider(2, 1),
@@ -151,13 +151,13 @@ def delete_run(name, run):
 
 def start_export(name, fmt, request: gr.Request = None):
     """Queue an export of the chosen run as a standard transformers MoE checkpoint (a background job)."""
-    job_id = lab.start_export(name, fmt, owner=_session(request))
+    job_id = lab_jobs.start_export(name, fmt, owner=_session(request))
     return f"Queued export job `{job_id}` of `{name}`: press *Get the export* when the jobs table says done."
 
 
 def get_export(name):
     """The chosen run's finished export as a zip to download, and what it is."""
-    return lab.export_file(name)
+    return lab_jobs.export_file(name)
 
 
 def refresh_runs():
@@ -196,16 +196,16 @@ def _session(request: gr.Request | None) -> str:
 
 def start_training(poll, name, request: gr.Request = None, **settings):
     """Queue a training job of the recipe the controls show."""
-    job_id = lab.start_training(lab.recipe_from_controls(settings), name=name, owner=_session(request))
+    job_id = lab_jobs.start_training(lab.recipe_from_controls(settings), name=name, owner=_session(request))
     _STARTED.setdefault(_session(request), set()).add(job_id)
     poll = {**(poll or {}), "started": [*(poll or {}).get("started", []), job_id], "key": None}
-    view = lab.job_view(get_manager().get(job_id))
+    view = lab_jobs.job_view(get_manager().get(job_id))
     return poll, viz.progress_html(view), f"Queued training job `{job_id}` → run `{view['name']}`."
 
 
 def cancel_job(request: gr.Request = None):
     """Cancel this page's running (else newest queued) job; other visitors' jobs are theirs."""
-    job = lab.cancel_job(_session(request))
+    job = lab_jobs.cancel_job(_session(request))
     return f"Cancel requested for {job.kind} job `{job.id}`: it stops within one step; no run is half-written."
 
 
@@ -231,12 +231,12 @@ def poll_jobs(poll, run, version, request: gr.Request = None):
     if runs_changed:  # a page without a run adopts the warm start's first model when it is ready
         run = warmstart.page_run(run)
     poll.update(key=key, finished=finished)
-    title, records = lab.loss_records(run)
+    title, records = lab_jobs.loss_records(run)
     loss = viz.loss_figure(records, title)
-    jobs_df = gr.Dataframe(value=lab.job_rows(), headers=JOB_COLUMNS)
+    jobs_df = gr.Dataframe(value=lab_jobs.job_rows(), headers=JOB_COLUMNS)
     if not runs_changed:
-        return poll, run, viz.progress_html(lab.job_view(active)), loss, jobs_df, gr.skip(), gr.skip(), gr.skip()
-    return (poll, run, viz.progress_html(lab.job_view(active)), loss, jobs_df,
+        return poll, run, viz.progress_html(lab_jobs.job_view(active)), loss, jobs_df, gr.skip(), gr.skip(), gr.skip()
+    return (poll, run, viz.progress_html(lab_jobs.job_view(active)), loss, jobs_df,
             gr.Dataframe(value=lab.run_rows(), headers=lab.RUN_COLUMNS), gr.Dropdown(choices=lab.run_names()),
             (version or 0) + 1)
 
@@ -309,19 +309,19 @@ def tradeoff_choices(run):
 
 def start_eval(run, tasks, limit, request: gr.Request = None):
     """Queue the current run's missing evaluations as a background job."""
-    job_id = lab.start_eval(run, tasks, limit, owner=_session(request))
+    job_id = lab_jobs.start_eval(run, tasks, limit, owner=_session(request))
     return f"Queued evaluation job `{job_id}`; the plot updates when it finishes."
 
 
 def start_fidelity(run, request: gr.Request = None):
     """Queue the chat-fidelity measurement of the current run as a background job."""
-    job_id = lab.start_fidelity(run, owner=_session(request))
+    job_id = lab_jobs.start_fidelity(run, owner=_session(request))
     return f"Queued chat-fidelity job `{job_id}`; pick the task '{tradeoff_views.CHAT_TASK}' when it finishes."
 
 
 def start_bench(run, prefill, decode, repeats, request: gr.Request = None):
     """Queue a speed benchmark of the current run as a background job."""
-    job_id = lab.start_bench(run, prefill, decode, repeats, owner=_session(request))
+    job_id = lab_jobs.start_bench(run, prefill, decode, repeats, owner=_session(request))
     return f"Queued benchmark job `{job_id}`; the speed table updates when it finishes."
 
 
@@ -331,7 +331,7 @@ def experts_view(run, layer, expert):
     start = time.perf_counter()
     layer = None if layer in (None, "") else lab._int(layer, "layer")
     expert = 0 if expert in (None, "") else lab._int(expert, "expert")
-    atlas = lab.stored_atlas(run) if run else None
+    atlas = lab_jobs.stored_atlas(run) if run else None
     if atlas is None:
         note = ("load a run first" if not run else "no atlas for this run yet: press Compute the atlas (a background "
                 "job: about 3 minutes on 2 idle CPU cores, several times that on a busy machine)")
@@ -374,7 +374,7 @@ def open_in_experts(run, layer, expert):
 
 def start_atlas(run, upload, request: gr.Request = None):
     """Queue the atlas of the current run as a background job."""
-    job_id = lab.start_atlas(run, upload, owner=_session(request))
+    job_id = lab_jobs.start_atlas(run, upload, owner=_session(request))
     return f"Queued atlas job `{job_id}`; this tab redraws when it finishes (progress in the bar above)."
 
 

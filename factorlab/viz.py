@@ -235,7 +235,7 @@ def flops_figure(rows: dict[str, dict[str, float]], seq_len: int, title: str = "
 # ---------------------------------------------------------------- HTML views
 
 def progress_html(view: dict | None) -> str:
-    """The active job as a progress bar with its numbers; view is factorlab.lab.job_view()."""
+    """The active job as a progress bar with its numbers; view is factorlab.lab_jobs.job_view()."""
     if not view:
         return ("<div class='fl-job fl-idle'>No job yet. Start one in “Factorize &amp; train” "
                 "or “Trade-offs”.</div>")

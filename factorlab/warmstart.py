@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import lab
+from . import lab, lab_jobs
 from .jobs import DONE, get_manager
 from .limits import WARM_START_MODES, QuotaError, warm_start
 from .recipe import PRESETS, Recipe, preset
@@ -60,7 +60,7 @@ class WarmStart:
 
     def __init__(self, stages: list[Stage], job: Callable | None = None):
         self.stages = list(stages)
-        self.job = job or lab._train_job  # the job function (tests substitute a fast one)
+        self.job = job or lab_jobs._train_job  # the job function (tests substitute a fast one)
         self.job_ids: dict[str, str] = {}  # run -> job id, in the order queued
         self.state = "starting"
         self._stop = threading.Event()
@@ -117,7 +117,7 @@ class WarmStart:
             try:
                 lab.check_writable()
                 with lab._start_lock:
-                    job_id = lab._submit("train", stage.run, self.job, params, lab.WARM_START_OWNER)
+                    job_id = lab_jobs._submit("train", stage.run, self.job, params, lab.WARM_START_OWNER)
                 self.job_ids[stage.run] = job_id
                 return job_id
             except QuotaError as exc:

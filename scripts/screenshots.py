@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def prepare_run(name: str, layers: str, train_tokens: int, tasks: list[str], limit: int) -> None:
     """Train, evaluate and benchmark one run through factorlab.lab's job functions (as the buttons do)."""
-    from factorlab import lab
+    from factorlab import lab, lab_jobs
     from factorlab.jobs import get_manager
 
     if name in lab.run_names():
@@ -38,9 +38,9 @@ def prepare_run(name: str, layers: str, train_tokens: int, tasks: list[str], lim
     from factorlab.recipe import preset
 
     recipe = preset("quick", layers=layers, data="local", train_tokens=train_tokens)
-    jobs = [lab.start_training(recipe, name=name)]
+    jobs = [lab_jobs.start_training(recipe, name=name)]
     get_manager().wait(jobs[0])
-    jobs += [lab.start_eval(name, tasks, limit), lab.start_bench(name, 128, 16, 2)]
+    jobs += [lab_jobs.start_eval(name, tasks, limit), lab_jobs.start_bench(name, 128, 16, 2)]
     for job_id in jobs:
         info = get_manager().wait(job_id)
         if info.state != "done":

@@ -219,7 +219,7 @@ def test_the_lab_exports_a_run_as_a_zip(embedded, tmp_path, runs_dir, monkeypatc
     and its card, offered by export_file with what it is; before it, a clear refusal."""
     import zipfile
 
-    from factorlab import lab
+    from factorlab import lab, lab_jobs
     from factorlab.jobs import get_manager
     from factorlab.models import load_model
     from factorlab.recipe import Recipe
@@ -233,12 +233,12 @@ def test_the_lab_exports_a_run_as_a_zip(embedded, tmp_path, runs_dir, monkeypatc
                     per_token_rounds=0)
     loaded, partition, moe = factorize(recipe, load_model(str(folder)))
     save_run("tiny", run_config(recipe, partition, loaded, moe), moe_tensors(moe, partition), {}, root=runs_dir)
-    monkeypatch.setattr(lab, "exports_root", lambda: tmp_path / "exports")
+    monkeypatch.setattr(lab_jobs, "exports_root", lambda: tmp_path / "exports")
     with pytest.raises(lab.LabError, match="no export of 'tiny' yet: press Export first"):
-        lab.export_file("tiny")
-    job = get_manager().wait(lab.start_export("tiny", "qwen2_moe"), 120)
+        lab_jobs.export_file("tiny")
+    job = get_manager().wait(lab_jobs.start_export("tiny", "qwen2_moe"), 120)
     assert job.state == "done", job.error
-    path, text = lab.export_file("tiny")
+    path, text = lab_jobs.export_file("tiny")
     assert "Qwen2MoeForCausalLM at K=2, exact" in text
     with zipfile.ZipFile(path) as archive:
         assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(archive.namelist())

@@ -475,12 +475,12 @@ def test_full_disk_on_a_metrics_or_log_write_keeps_the_old_files(store, base, mo
 
 
 def test_full_disk_through_the_lab_names_the_runs_folder(store, base, monkeypatch):
-    from factorlab import lab
+    from factorlab import lab, lab_jobs
 
     earlier = runs.load_run(TINY, store)
     monkeypatch.setattr(runs, "save_file", _disk_full)
     with pytest.raises(lab.LabError) as caught:
-        with lab._storing():
+        with lab_jobs._storing():
             runs.save_run("new-run", dict(earlier.config, created=None), earlier.tensors())
     message = str(caught.value)
     assert "No space left" in message and str(store.resolve()) in message
@@ -491,12 +491,12 @@ def test_full_disk_through_the_lab_names_the_runs_folder(store, base, monkeypatc
 @pytest.mark.slow
 def test_full_disk_fails_a_training_job_with_the_message(store, base, monkeypatch):
     """A training job of the page whose save hits a full disk fails with the lab's message, saving nothing."""
-    from factorlab import lab
+    from factorlab import lab_jobs
     from factorlab.jobs import get_manager
 
     monkeypatch.setattr(runs, "save_file", _disk_full)
     recipe = Recipe(**{**TINY_RECIPE, "layers": "1", "router_steps": 5, "per_token_rounds": 0, "heldout_tokens": 0})
-    job_id = lab.start_training(recipe, name="full-disk")
+    job_id = lab_jobs.start_training(recipe, name="full-disk")
     job = get_manager().wait(job_id, timeout=120)
     assert job.state == "failed", (job.state, job.error)
     assert "No space left" in job.error and str(store.resolve()) in job.error
@@ -524,10 +524,10 @@ def blocking_job():
 
 @pytest.mark.slow  # the start checks the recipe on the embedded model
 def test_two_starts_of_the_same_name_queue_one_job(store, base, monkeypatch, embedded, blocking_job):
-    from factorlab import lab
+    from factorlab import lab, lab_jobs
     from factorlab.jobs import get_manager
 
-    monkeypatch.setattr(lab, "_train_job", blocking_job.fn)
+    monkeypatch.setattr(lab_jobs, "_train_job", blocking_job.fn)
     real_keep = lab.keep_upload
 
     def slow_keep_upload(recipe):  # widens the window between the name check and the queueing
@@ -540,7 +540,7 @@ def test_two_starts_of_the_same_name_queue_one_job(store, base, monkeypatch, emb
     def start():
         barrier.wait()
         try:
-            outcomes.append(("queued", lab.start_training(recipe, name="same")))
+            outcomes.append(("queued", lab_jobs.start_training(recipe, name="same")))
         except lab.LabError as exc:
             outcomes.append(("refused", str(exc)))
 
@@ -631,10 +631,10 @@ def test_the_lab_refuses_to_delete_a_run_a_job_uses(store, base, blocking_job):
 def test_a_run_deleted_while_a_job_is_being_started_gets_no_job(store, base, monkeypatch, blocking_job):
     """start_bench checks the run, then (after the write check) queues its job: a delete in between wins, and
     the start is refused under the lock instead of queueing a job for a run that is gone."""
-    from factorlab import lab
+    from factorlab import lab, lab_jobs
     from factorlab.jobs import get_manager
 
-    monkeypatch.setattr(lab, "_bench_job", blocking_job.fn)
+    monkeypatch.setattr(lab_jobs, "_bench_job", blocking_job.fn)
     real_check, in_check, deleted = lab.check_writable, threading.Event(), threading.Event()
 
     def slow_check():
@@ -648,7 +648,7 @@ def test_a_run_deleted_while_a_job_is_being_started_gets_no_job(store, base, mon
 
     def start():
         try:
-            outcome.append(lab.start_bench(TINY, 8, 0, 1))
+            outcome.append(lab_jobs.start_bench(TINY, 8, 0, 1))
         except (lab.LabError, runs.RunError) as exc:
             outcome.append(exc)
 

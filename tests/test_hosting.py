@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from factorlab import lab
+from factorlab import lab, lab_jobs
 from factorlab.jobs import JobManager
 from factorlab.limits import QUOTAS, Limits, QuotaError, check_recipe, limits
 from factorlab.recipe import MAX_SEED, PRESETS, Recipe, preset
@@ -24,6 +24,7 @@ def manager(monkeypatch):
     """A private job manager in place of the process-wide one."""
     m = JobManager()
     monkeypatch.setattr(lab, "get_manager", lambda: m)
+    monkeypatch.setattr(lab_jobs, "get_manager", lambda: m)
     return m
 
 
@@ -61,37 +62,37 @@ def test_jobs_are_bounded_per_visitor_and_in_total_and_only_their_owner_cancels_
             ctx.check_cancel()
         return {}
 
-    first = lab._submit("eval", "a", job, {"run": "a"}, "alice")
-    lab._submit("eval", "b", job, {"run": "b"}, "alice")
+    first = lab_jobs._submit("eval", "a", job, {"run": "a"}, "alice")
+    lab_jobs._submit("eval", "b", job, {"run": "b"}, "alice")
     with pytest.raises(QuotaError, match="you already have 2 job"):
-        lab._submit("eval", "c", job, {"run": "c"}, "alice")
-    lab._submit("eval", "c", job, {"run": "c"}, "bob")
+        lab_jobs._submit("eval", "c", job, {"run": "c"}, "alice")
+    lab_jobs._submit("eval", "c", job, {"run": "c"}, "bob")
     with pytest.raises(QuotaError, match="3 jobs are queued or running.*FACTORLAB_MAX_QUEUE"):
-        lab._submit("eval", "d", job, {"run": "d"}, "carol")
+        lab_jobs._submit("eval", "d", job, {"run": "d"}, "carol")
     with pytest.raises(lab.LabError, match="started by another visitor: only they can cancel it"):
-        lab.cancel_job("carol")
-    assert lab.cancel_job("bob").name == "c"  # bob's queued job, not alice's running one
-    assert lab.cancel_job("alice").id == first  # the running one first
+        lab_jobs.cancel_job("carol")
+    assert lab_jobs.cancel_job("bob").name == "c"  # bob's queued job, not alice's running one
+    assert lab_jobs.cancel_job("alice").id == first  # the running one first
     assert manager.wait(first, 5).state == "cancelled"
     gate.set()
     for j in manager.jobs():
         manager.wait(j.id, 10)
     assert [j.state for j in manager.jobs()] == ["cancelled", "done", "cancelled"]
     with pytest.raises(lab.LabError, match="no job is queued or running"):
-        lab.cancel_job("alice")
+        lab_jobs.cancel_job("alice")
 
 
 def test_two_visitors_starting_the_same_run_name_at_once_get_one_job(manager, runs_dir, monkeypatch):
     monkeypatch.setattr(lab, "dense_info", lambda spec: {"intermediate_size": 1536, "num_layers": 30})
     gate = threading.Event()
-    monkeypatch.setattr(lab, "_train_job", lambda ctx: gate.wait(10) and {})
+    monkeypatch.setattr(lab_jobs, "_train_job", lambda ctx: gate.wait(10) and {})
     barrier = threading.Barrier(2)
     outcomes = []
 
     def start(owner):
         barrier.wait()
         try:
-            outcomes.append(lab.start_training(Recipe(), name="same", owner=owner))
+            outcomes.append(lab_jobs.start_training(Recipe(), name="same", owner=owner))
         except lab.LabError as exc:
             outcomes.append(str(exc))
 
@@ -238,10 +239,10 @@ def test_huge_numbers_and_bad_text_are_one_line_messages(manager, runs_dir, monk
     monkeypatch.setenv("FACTORLAB_MAX_BENCH_TOKENS", "2048")
     monkeypatch.setattr(lab, "load_run", lambda name: type("R", (), {"name": name})())
     with pytest.raises(QuotaError, match="prefill \\+ decode tokens is 1,000,064"):
-        lab.start_bench("r", 10**6, 64, 1)
+        lab_jobs.start_bench("r", 10**6, 64, 1)
     with pytest.raises(QuotaError, match="repeats is 1,000"):
-        lab.start_bench("r", 16, 16, 1000)
+        lab_jobs.start_bench("r", 16, 16, 1000)
     with pytest.raises(QuotaError, match="hellaswag: all items is 10,042"):
-        lab.start_eval("r", ["hellaswag"], 0)
+        lab_jobs.start_eval("r", ["hellaswag"], 0)
     with pytest.raises(lab.LabError, match="at least 1"):
-        lab.start_eval("r", ["arc_easy"], -5)
+        lab_jobs.start_eval("r", ["arc_easy"], -5)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from factorlab import lab, tradeoff_views
+from factorlab import lab, lab_jobs, tradeoff_views
 from factorlab.recipe import PRESETS, Recipe, layers_text, preset
 from factorlab.runs import save_run
 
@@ -174,8 +174,8 @@ def test_the_page_reaches_runs_by_name_only(runs_dir, tmp_path):
     outside = tmp_path / "elsewhere" / "fake"
     shutil.copytree(runs_dir / "fake", outside)
     for typed in (str(outside), str(runs_dir / "fake"), "../runs/fake", "fake/", "", None, 7):
-        for action in (lab.describe_run, lab.run_shape, lambda n: lab.start_bench(n, 8, 0, 1),
-                       lambda n: lab.start_eval(n, ["piqa"], 5), lab.delete):
+        for action in (lab.describe_run, lab.run_shape, lambda n: lab_jobs.start_bench(n, 8, 0, 1),
+                       lambda n: lab_jobs.start_eval(n, ["piqa"], 5), lab.delete):
             if typed in ("", None) and action in (lab.describe_run, lab.delete):
                 continue  # an empty field has its own message
             with pytest.raises(lab.LabError, match="no run named .* in the runs folder|load a run first"):
@@ -211,7 +211,7 @@ def test_an_old_run_shows_its_recipe_and_the_settings_that_were_removed(runs_dir
     save_run("old", old, {"permutation.1": torch.arange(8)}, {}, root=runs_dir)
     text = lab.describe_run("old")
     assert "no longer has" in text and "`shared_choice=frequency`" in text and "`gate_up_steps=30`" in text
-    assert lab.run_shape("old")["layers"] == [1, 2] and lab.missing_evals("old", ["piqa"], 10) == {"piqa": [1, 2, 3, 4]}
+    assert lab.run_shape("old")["layers"] == [1, 2] and lab_jobs.missing_evals("old", ["piqa"], 10) == {"piqa": [1, 2, 3, 4]}
 
 
 def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
@@ -236,8 +236,8 @@ def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
     assert gflops[1] < gflops[2] < gflops[3] and gflops[3] > gflops[0]  # K=N pays the router on top of dense
     assert [r[1] for r in view["rows"]] == ["", "", "◀ current", ""]
     assert view["bench"] is None and set(view["flops"]) == {"dense", "K=2"}
-    assert lab.missing_evals("fake", ["arc_easy", "piqa"], 40) == {"arc_easy": [3], "piqa": [1, 2, 3, 4]}
-    assert lab.missing_evals("fake", ["arc_easy"], 100) == {"arc_easy": [1, 2, 3, 4]}  # other items: all again
+    assert lab_jobs.missing_evals("fake", ["arc_easy", "piqa"], 40) == {"arc_easy": [3], "piqa": [1, 2, 3, 4]}
+    assert lab_jobs.missing_evals("fake", ["arc_easy"], 100) == {"arc_easy": [1, 2, 3, 4]}  # other items: all again
     held = tradeoff_views.tradeoff_view("fake", tradeoff_views.HELDOUT_TASK, 1, 128)
     assert [p["score"] for p in held["points"]] == pytest.approx([1.0, 0.6, 0.7, 0.8])
     mean = tradeoff_views.tradeoff_view("fake", tradeoff_views.MEAN_TASK, 1, 128)

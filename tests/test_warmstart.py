@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from factorlab import lab, runs, warmstart
+from factorlab import lab, lab_jobs, runs, warmstart
 from factorlab.jobs import JobManager
 from factorlab.limits import WARM_START_MODES, WARM_START_VAR, warm_start
 from factorlab.recipe import preset
@@ -22,6 +22,7 @@ def manager(monkeypatch):
     """A private job manager in place of the process-wide one."""
     m = JobManager()
     monkeypatch.setattr(lab, "get_manager", lambda: m)
+    monkeypatch.setattr(lab_jobs, "get_manager", lambda: m)
     monkeypatch.setattr(warmstart, "get_manager", lambda: m)
     return m
 
@@ -35,7 +36,7 @@ def save_fake_run(name: str, recipe_dict: dict, perplexity: float) -> None:
 
 
 class FakeTraining:
-    """A job function standing in for lab._train_job: reports, waits for the test's go, saves a run."""
+    """A job function standing in for lab_jobs._train_job: reports, waits for the test's go, saves a run."""
 
     def __init__(self, fail: str | None = None):
         self.go = {warmstart.QUICK_RUN: threading.Event(), warmstart.DEFAULT_RUN: threading.Event()}
@@ -100,13 +101,13 @@ def test_quick_then_default_pages_adopt_the_first_and_are_offered_the_second(run
     assert quick_job.owner == lab.WARM_START_OWNER and quick_job.params["warm_start"] == "quick"
     assert quick_job.params["recipe"] == preset("quick").to_dict()
     # the banner says what trains and what to do meanwhile; the header says a first model is coming
-    note = lab.job_view(quick_job)["note"]
+    note = lab_jobs.job_view(quick_job)["note"]
     assert "training its first model by itself: the quick recipe (a model to look at in 1.5 minutes" in note
     assert "dense side of Chat answers at once" in note
     assert "the lab is training its first model" in lab.describe_run(None)
     assert warmstart.start("quick", job=fake) is None  # one warm start per process
     with pytest.raises(lab.LabError, match="is the lab's warm start .*only the host can stop it"):
-        lab.cancel_job("a-visitor")  # one visitor cannot take the first model away from everyone
+        lab_jobs.cancel_job("a-visitor")  # one visitor cannot take the first model away from everyone
     assert warmstart.page_run(None) is None  # nothing to show yet
 
     fake.go[warmstart.QUICK_RUN].set()
@@ -117,8 +118,8 @@ def test_quick_then_default_pages_adopt_the_first_and_are_offered_the_second(run
     assert warmstart.offer(warmstart.QUICK_RUN) is None and warmstart.offer_text(warmstart.QUICK_RUN) == ""
     default_job = manager.get(ws.job_ids[warmstart.DEFAULT_RUN])
     assert default_job.params["recipe"] == preset("default").to_dict()
-    assert "now training the default recipe" in lab.job_view(default_job)["note"]
-    assert "offers to switch" in lab.job_view(default_job)["note"]
+    assert "now training the default recipe" in lab_jobs.job_view(default_job)["note"]
+    assert "offers to switch" in lab_jobs.job_view(default_job)["note"]
 
     fake.go[warmstart.DEFAULT_RUN].set()
     assert ws.join(10) and ws.state == "done"
@@ -129,7 +130,7 @@ def test_quick_then_default_pages_adopt_the_first_and_are_offered_the_second(run
     assert warmstart.offer("mine") is None and warmstart.offer(warmstart.DEFAULT_RUN) is None
     text = warmstart.offer_text(warmstart.QUICK_RUN)
     assert "default recipe is trained" in text and "perplexity is 39.5 against 40.0 for the quick run" in text
-    assert lab.job_view(manager.get(ws.job_ids[warmstart.DEFAULT_RUN]))["note"] is None  # finished: no note
+    assert lab_jobs.job_view(manager.get(ws.job_ids[warmstart.DEFAULT_RUN]))["note"] is None  # finished: no note
 
 
 def test_mode_default_trains_only_the_default_recipe(runs_dir, manager):
