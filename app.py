@@ -788,8 +788,8 @@ with LabBlocks(title="factorlab — FactorLLM lab", delete_cache=(900, 3600)) as
                 trade_k = gr.Slider(1, 8, value=2, step=1, label="K (highlighted)", elem_id="trade-k")
                 task = gr.Dropdown([], label="Task", allow_custom_value=True)
                 trade_seq = gr.Slider(16, 4096, value=512, step=16, label="Sequence length (FLOPs)")
-                trade_axis = gr.Radio([(label, key) for key, label in tradeoff_views.COMPUTE_AXES.items()], value="flops",
-                                      label="Compute axis", elem_id="trade-axis")
+                trade_axis = gr.Radio([(label, key) for key, label in tradeoff_views.COMPUTE_AXES.items()],
+                                      value="flops", label="Compute axis", elem_id="trade-axis")
             with gr.Row():
                 trade_plot = gr.Plot(label="Accuracy vs compute", elem_id="trade-plot")
                 flops_plot = gr.Plot(label="FLOPs by component")

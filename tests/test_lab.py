@@ -211,7 +211,8 @@ def test_an_old_run_shows_its_recipe_and_the_settings_that_were_removed(runs_dir
     save_run("old", old, {"permutation.1": torch.arange(8)}, {}, root=runs_dir)
     text = lab.describe_run("old")
     assert "no longer has" in text and "`shared_choice=frequency`" in text and "`gate_up_steps=30`" in text
-    assert lab.run_shape("old")["layers"] == [1, 2] and lab_jobs.missing_evals("old", ["piqa"], 10) == {"piqa": [1, 2, 3, 4]}
+    assert lab.run_shape("old")["layers"] == [1, 2]
+    assert lab_jobs.missing_evals("old", ["piqa"], 10) == {"piqa": [1, 2, 3, 4]}
 
 
 def test_tradeoff_view_reads_stored_results(runs_dir, monkeypatch):
