@@ -6,6 +6,7 @@ T=tokens H=hidden I=dense FFN width N=experts K=top_k D=expert width ((I-S)/N) S
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -53,6 +54,43 @@ def gated_weights(top_k_probs: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 COMBINE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "scaled": scaled_weights, "gated": gated_weights}
+
+
+class _DecodeCache(dict):
+    """Thread id -> _DecodeViews of one layer. Built on demand: a copy or a pickle starts empty."""
+
+    def __deepcopy__(self, memo: dict) -> _DecodeCache:
+        return _DecodeCache()
+
+    def __reduce__(self):
+        return _DecodeCache, ()
+
+
+class _DecodeViews:
+    """One thread's decode state for one layer, so that a token's step runs no slicing op: a (1, 2I)
+    buffer laid out as the packed gate/up columns, each block's (gate, up) views of it and its down
+    weights (act), and per run of adjacent blocks the packed columns and the buffer range its product
+    fills (products, built on first use). Views of detached weights: no copy, no autograd."""
+
+    def __init__(self, mlp: FactorizedMLP, key: tuple[int, ...]):
+        self.key, self.products = key, {}
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in and out of inference mode
+            self.packed = mlp._check_packed()
+            self.h = self.packed.new_empty(1, self.packed.shape[1])
+            s, d = mlp.shared_size, mlp.expert_size
+            self.starts = {-1: 0, **{e: 2 * s + 2 * d * e for e in range(mlp.num_experts)}}
+            self.act = {e: (self.h[:, c:c + d], self.h[:, c + d:c + 2 * d], mlp.down.detach()[e])
+                        for e, c in self.starts.items() if e >= 0}
+            if s:
+                self.act[-1] = (self.h[:, :s], self.h[:, s:2 * s], mlp.shared_down.detach())
+            self.ends = {e: c + 2 * (s if e < 0 else d) for e, c in self.starts.items()}
+
+    def product(self, run: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed columns of blocks first..last and the buffer range that x @ them fills."""
+        c0, c1 = self.starts[run[0]], self.ends[run[1]]
+        with torch.inference_mode(False), torch.no_grad():
+            self.products[run] = (self.packed[:, c0:c1], self.h[:, c0:c1])
+        return self.products[run]
 
 
 class FactorizedMLP(nn.Module):
@@ -112,6 +150,7 @@ class FactorizedMLP(nn.Module):
         # record_routing's callback, given (this layer, router logits (T, N)) at every forward; None = off
         self.on_route: Callable[[FactorizedMLP, torch.Tensor], None] | None = None
         self._act = getattr(self.act_fn, "forward", self.act_fn)  # skip nn.Module.__call__ in the hot path
+        self._decode_cache = _DecodeCache()  # thread id -> _DecodeViews (decode's buffer and weight views)
         self._inplace_act = isinstance(self.act_fn, nn.SiLU) or getattr(self.act_fn, "__name__", "") == "silu"
         self.set_output_mode(output_mode)
         self.set_top_k(top_k)
@@ -160,6 +199,7 @@ class FactorizedMLP(nn.Module):
         """.to() / .half() / .cuda() convert every K's own weights too (they are not parameters), and
         pack the converted gate/up weights again."""
         super()._apply(fn, recurse)
+        self._decode_cache.clear()  # views of the weights before the conversion
         self._check_packed()  # converted one by one: views of the packed matrix no more
         current = self.weights_by_k.get(self.top_k)
         self.weights_by_k = {k: (fn(d), fn(s)) for k, (d, s) in self.weights_by_k.items()}
@@ -206,15 +246,19 @@ class FactorizedMLP(nn.Module):
     # ---- forward ----
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)  # (T, H)
-        if self.dense_at_n and self.on_route is None:  # every expert with the original weights: the dense FFN
+        tracing = self.on_route is not None
+        if self.dense_at_n and not tracing:  # every expert with the original weights: the dense FFN
             return self._dense_ffn(x).view(hidden_states.shape)
+        one = x.shape[0] == 1 and x.device.type == "cpu" and not self._needs_grad(x)  # decode: Python-side routing
+        if one and not tracing:  # the router's product as logits() computes it, without its transposes: (N, 1)
+            return self._decode_one(x, self.router.linear.weight @ x.t()).view(hidden_states.shape)
         logits = self.router.logits(x)  # (T, N)
-        if self.on_route is not None:  # a routing trace: every token, also when K = N runs the dense FFN
+        if tracing:  # a routing trace: every token, also when K = N runs the dense FFN
             self.on_route(self, logits)
         if self.dense_at_n:
             return self._dense_ffn(x).view(hidden_states.shape)
-        if x.shape[0] == 1 and x.device.type == "cpu" and not self._needs_grad(x):
-            return self._decode_one(x, logits).view(hidden_states.shape)  # decode: Python-side routing
+        if one:
+            return self._decode_one(x, logits).view(hidden_states.shape)
         top_k_index, weights = self.selection(logits)
         weights = weights.to(x.dtype)
         if self.shared_size and not self._needs_grad(x):  # the experts' rows are added into the shared output
@@ -238,13 +282,17 @@ class FactorizedMLP(nn.Module):
 
     def _decode_one(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """One token on the CPU: the routing decided in Python on N floats (no sort, mask or index kernels),
-        then a matrix-vector pair per running block on views of its weights, accumulated in one buffer."""
+        then one x @ W product per run of adjacent blocks into this thread's buffer, and per block its
+        activation in place and its down product, accumulated in one output. No slicing op per token: the
+        buffer and every view of it and of the weights are made once (_DecodeViews)."""
         n, k = self.num_experts, self.top_k
+        logits = logits.view(-1) if logits.dtype == torch.float32 else logits.float().view(-1)  # (N,)
         if self.thresholds is not None:  # per-token K, as adaptive_selection
-            scores = logits.float().sigmoid().view(-1).tolist()
-            order = sorted(range(n), key=scores.__getitem__, reverse=True)
+            scores = logits.sigmoid().tolist()
             threshold = self._threshold
-            chosen = [e for rank, e in enumerate(order) if scores[e] >= threshold or (rank == 0 and self.min_experts)]
+            chosen = [e for e in range(n) if scores[e] >= threshold]  # by index, as the packed blocks
+            if not chosen and self.min_experts:  # the best expert runs anyway (the first of equal scores)
+                chosen = [scores.index(max(scores))]
             if self.output_mode == "scaled":
                 weights = [n / k] * len(chosen)
             else:
@@ -254,43 +302,46 @@ class FactorizedMLP(nn.Module):
                 self.active_count[0] += 1
                 self.active_count[1] += len(chosen)
         else:  # top-K, as TopKRouter + the combine rule
-            probs = logits.float().softmax(dim=-1).view(-1).tolist()
-            chosen = sorted(range(n), key=probs.__getitem__, reverse=True)[:k]
-            if self.output_mode == "scaled":
-                weights = [n / k] * k
-            else:
-                total = sum(probs[e] for e in chosen)
-                weights = [probs[e] / total for e in chosen]
+            probs = logits.softmax(dim=-1).tolist()
+            best = sorted(range(n), key=probs.__getitem__, reverse=True)[:k]
+            total = 1.0 if self.output_mode == "scaled" else sum(probs[e] for e in best)
+            chosen = sorted(best)  # by index, as the packed blocks
+            weights = [n / k] * k if self.output_mode == "scaled" else [probs[e] / total for e in chosen]
         # Blocks in packed column order: the shared block (-1) first, then the chosen experts by index.
-        blocks = ([(-1, 1.0)] if self.shared_size else []) + sorted(zip(chosen, weights))
+        blocks = ([(-1, 1.0)] if self.shared_size else []) + list(zip(chosen, weights))
         if not blocks:  # per-token K may run nothing at all
             return x.new_zeros(x.shape)
-        s2, d2 = 2 * self.shared_size, 2 * self.expert_size
-        packed, out = self._check_packed(), None
+        views = self._decode_views()
+        products, act, out = views.products, views.act, None
         start = 0
-        while start < len(blocks):  # one product per run of adjacent blocks
+        while start < len(blocks):  # one product per run of adjacent blocks, into the views' buffer
             end = start + 1
             while end < len(blocks) and blocks[end][0] == blocks[end - 1][0] + 1:
                 end += 1
-            first, last = blocks[start][0], blocks[end - 1][0]
-            c0 = 0 if first < 0 else s2 + d2 * first
-            h = torch.mm(x, packed[:, c0:s2 + d2 * (last + 1)])  # (1, columns of the run)
-            col = 0
-            for e, w in blocks[start:end]:
-                width, down = (self.shared_size, self.shared_down) if e < 0 else (self.expert_size, self.down[e])
-                a = self._activation(h[:, col:col + 2 * width], width)  # (1, width)
-                if out is None:
-                    out = torch.mm(a, down) if w == 1.0 else torch.mm(a, down).mul_(w)
-                else:
-                    out.addmm_(a, down, alpha=w)
-                col += 2 * width
+            run = (blocks[start][0], blocks[end - 1][0])
+            product = products.get(run) or views.product(run)
+            torch.mm(x, product[0], out=product[1])
             start = end
+        for e, w in blocks:
+            gate, up, down = act[e]
+            a = (F.silu(gate, inplace=True) if self._inplace_act else self._act(gate)).mul_(up)  # (1, width)
+            if out is None:
+                out = torch.mm(a, down) if w == 1.0 else torch.mm(a, down).mul_(w)
+            else:
+                out.addmm_(a, down, alpha=w)
         return out  # (1, H)
 
-    def _activation(self, h: torch.Tensor, width: int) -> torch.Tensor:
-        """act(gate) * up from the fused (rows, 2 * width) product, in place (inference only)."""
-        gate, up = h.split(width, dim=1)
-        return (F.silu(gate, inplace=True) if self._inplace_act else self._act(gate)).mul_(up)
+    def _decode_views(self) -> _DecodeViews:
+        """This thread's decode buffer and its views, built again when the weights moved (a K with its own
+        weights, a dtype or device conversion, a copy)."""
+        p = self._parameters
+        key = (p["gate_up"].data_ptr(), p["shared_gate_up"].data_ptr(), p["down"].data_ptr(),
+               p["shared_down"].data_ptr())
+        views = self._decode_cache.get(threading.get_ident())
+        if views is None or views.key != key:
+            views = _DecodeViews(self, key)
+            self._decode_cache[threading.get_ident()] = views
+        return views
 
     def adaptive_selection(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token K: every expert, best first (T, N), and its weight (T, N), 0 where it does not run.

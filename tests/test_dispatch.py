@@ -245,3 +245,58 @@ def test_grouped_gemm_path_equals_reference(shared_size, mode, per_token):
             top_k_index, weights = mlp.selection(mlp.router.logits(x))
             out = mlp._dispatch_grouped(x, top_k_index, weights, into=mlp.shared_output(x).expand_as(x).clone())
             torch.testing.assert_close(out, mlp.forward_reference(x), rtol=1e-5, atol=1e-5, msg=f"K={top_k}")
+
+
+@pytest.mark.parametrize("shared_size", [0, 32])
+def test_decode_buffers_follow_weight_swaps_grad_modes_and_threads(shared_size):
+    """Decode keeps per-thread buffers and weight views between tokens: they must follow a K's own weights
+    (a pointer swap), in-place updates and dtype changes, work in and out of inference mode, and two threads
+    decoding the same layer at once must not share a buffer."""
+    import threading
+
+    mlp = make_mlp(shared_size, mode="scaled")
+    mlp.set_thresholds(torch.tensor([0.9, 0.6, 0.35, 0.1]))
+    gen = torch.Generator().manual_seed(3)
+    mlp.weights_by_k = {k: (torch.randn(mlp.down.shape, generator=gen), torch.randn(mlp.shared_down.shape, generator=gen))
+                        for k in (1, 2)}
+    xs = torch.randn(24, HIDDEN, generator=gen)
+
+    def check(k, grad_mode, tol=1e-5):
+        mlp.set_top_k(k)
+        with GRAD_MODES[grad_mode]():
+            out = torch.cat([mlp(x.view(1, 1, -1)).view(1, -1) for x in xs])
+        with torch.no_grad():
+            torch.testing.assert_close(out, mlp.forward_reference(xs), rtol=tol, atol=tol, msg=f"K={k} {grad_mode}")
+
+    for k, grad_mode in [(2, "inference_mode"), (1, "no_grad"), (2, "no_grad"), (3, "inference_mode"), (1, "grad")]:
+        check(k, grad_mode)
+    with torch.no_grad():
+        mlp.down.mul_(2.0)  # in place: K=1's own weights, seen through the views
+    check(1, "inference_mode")
+    mlp.double()
+    xs = xs.double()
+    check(2, "no_grad")
+    mlp.float()
+    xs = xs.float()
+
+    mlp.set_top_k(2)
+    with torch.no_grad():
+        expected = mlp.forward_reference(xs)
+    results, errors = {}, []
+
+    def decode(name):
+        try:
+            with torch.inference_mode():
+                for _ in range(20):
+                    results[name] = torch.cat([mlp(x.view(1, 1, -1)).view(1, -1) for x in xs])
+                    torch.testing.assert_close(results[name], expected, rtol=1e-5, atol=1e-5)
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3
+    assert len(mlp._decode_cache) >= 3  # one buffer per thread
