@@ -18,8 +18,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from factorlab import atlas_views, lab, lab_jobs, tradeoff_views, viz, warmstart
-from factorlab.chat import Sampling, shown_text, side_by_side, stream_reply, to_messages
+from factorlab import atlas_views, chat_views, lab, lab_jobs, tradeoff_views, viz, warmstart
+from factorlab.chat import to_messages
 from factorlab.export import FORMATS as EXPORT_FORMATS
 from factorlab.headline import headline_markdown
 from factorlab.jobs import get_manager
@@ -379,78 +379,26 @@ def start_atlas(run, upload, request: gr.Request = None):
 
 
 # ---------------------------------------------------------------- handlers: chat
-def _stats(label: str, step, ffn: float, dense_ffn: float, heldout: dict | None = None, chat_note: str = "") -> str:
-    rate = f"{step.tokens_per_s:.1f} tokens/s" if step.tokens_per_s else "… tokens/s"
-    share = f" ({ffn / dense_ffn:.0%} of dense)" if ffn != dense_ffn else ""
-    fidelity = (f" · held-out text: top-1 agreement with dense <b>{heldout['agreement']:.0%}</b>, perplexity "
-                f"{heldout['perplexity']:.1f} (dense {heldout['dense_perplexity']:.1f})" if heldout else "")
-    chat_note = f"<br>{chat_note}" if chat_note else ""
-    return (f"<div class='fl-stats'><b>{label}</b> · {step.new_tokens} tokens · {rate} · prefill "
-            f"{step.prefill_s:.2f} s · active FFN <b>{ffn:.3f}</b> GFLOPs/token{share}{fidelity}{chat_note}</div>")
-
-
-def _stream(dense_history, moe_history, message, settings: dict):
-    """Stream both replies; settings: the chat controls by name (CHAT_SETTINGS), seed already chosen."""
-    run, k, colour, layer = settings["run"], settings["k"], settings["colour"], settings["layer"]
-    max_new = lab._int(settings["max_new"], "max new tokens")
-    lab.check_chat(message, [to_messages(dense_history), to_messages(moe_history)], max_new)
-    sampling = Sampling(lab._float(settings["temperature"], "temperature"), lab._float(settings["top_p"], "top-p"),
-                        max_new, lab._int(settings["seed"], "seed"))
-    user = {"role": "user", "content": message}
-    dense_history = [*dense_history, user, {"role": "assistant", "content": ""}]
-    moe_history = [*moe_history, user, {"role": "assistant", "content": ""}]
-    shape = lab.run_shape(run) if run else None
-    model = shape["model"] if shape else "default"
-    dense_ffn = lab.dense_ffn_gflops(model)
-    left = stream_reply(lab.dense_handle(model), to_messages(dense_history[:-1]), sampling)
-    if shape:
-        k = max(1, min(int(k), shape["num_experts"]))
-        moe_ffn = lab.ffn_gflops(run, k)[1]
-        heldout = lab.heldout_at(run, k)  # measured when the run was saved, at this K
-        chat_note = lab.chat_fidelity_text(run, k)
-        right = stream_reply(lab.run_handle(run), to_messages(moe_history[:-1]), sampling, top_k=k,
-                             trace=bool(colour))
-    else:
-        right = iter(())
-        moe_history[-1]["content"] = lab.no_run_note()
-    for d, m in side_by_side(left, right):
-        dense_history[-1]["content"] = shown_text(d)
-        stats_moe, tokens = "", ""
-        if shape:
-            moe_history[-1]["content"] = shown_text(m)
-            stats_moe = _stats(f"factorized K={k} of {shape['num_experts']}", m, moe_ffn, dense_ffn, heldout,
-                               chat_note)
-            if colour and layer is not None:
-                tokens = viz.tokens_html(m.pieces, m.experts, int(layer), shape["num_experts"])
-        yield "", dense_history, moe_history, _stats("dense", d, dense_ffn, dense_ffn), stats_moe, tokens
-
-
-def _last_user(history: list) -> int | None:
-    """Index of the last user message in a chatbot history."""
-    users = [i for i, m in enumerate(history) if (m.get("role") if isinstance(m, dict) else None) == "user"]
-    return users[-1] if users else None
-
-
 @gpu
 def chat(message, dense_history, moe_history, **settings):
     """Send one message to both models and stream both replies."""
     message = (message or "").strip()
     if not message:
         raise lab.LabError("type a message first")
-    yield from _stream(dense_history or [], moe_history or [], message, settings)
+    yield from chat_views.stream_both(dense_history or [], moe_history or [], message, settings)
 
 
 @gpu
 def regenerate(dense_history, moe_history, **settings):
     """Answer the last message again with the next seed."""
     dense_history, moe_history = list(dense_history or []), list(moe_history or [])
-    i = _last_user(dense_history)
+    i = chat_views.last_user(dense_history)
     if i is None:
         raise lab.LabError("nothing to regenerate: send a message first")
     message = to_messages([dense_history[i]])[0]["content"]
-    j = _last_user(moe_history)
+    j = chat_views.last_user(moe_history)
     seed = lab._int(settings["seed"], "seed") + 1  # a new sample (greedy decoding gives the same reply again)
-    for outputs in _stream(dense_history[:i], moe_history[:j] if j is not None else [], message,
+    for outputs in chat_views.stream_both(dense_history[:i], moe_history[:j] if j is not None else [], message,
                            {**settings, "seed": seed}):
         yield *outputs, seed
 

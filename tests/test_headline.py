@@ -21,11 +21,13 @@ def test_about_shows_the_readmes_numbers_and_types_none_of_them(monkeypatch, tmp
     import app
 
     about = next(b.value for b in app.demo.blocks.values() if getattr(b, "elem_id", None) == "about-rest")
-    source = (ROOT / "app.py").read_text()
     for what, result in headline_rows().values():
         assert f"- {what}: {result}" in about  # the same text as the README's table row
-        for number in re.findall(r"\*\*([^*]+)\*\*", result):  # and no headline number typed into the app
-            assert number not in source, f"{number!r} is typed in app.py: read it from the README instead"
+    for page in ("app.py", "assets/about.md"):  # and no headline number typed into the app or its About text
+        source = (ROOT / page).read_text()
+        for _, result in headline_rows().values():
+            for number in re.findall(r"\*\*([^*]+)\*\*", result):
+                assert number not in source, f"{number!r} is typed in {page}: read it from the README instead"
     assert "**Current run" not in about
     missing = tmp_path / "README.md"
     missing.write_text("# no results here\n")
