@@ -20,7 +20,7 @@ def stats_html(label: str, step, ffn: float, dense_ffn: float, heldout: dict | N
 
 
 def stream_both(dense_history, moe_history, message, settings: dict):
-    """Stream both replies; settings: the chat controls by name (app.py's CHAT_SETTINGS), seed already chosen.
+    """Stream both replies; settings: the chat controls by name (app.py's chat_settings), seed already chosen.
     Yields (message box, dense history, factorized history, dense stats, factorized stats, coloured tokens)."""
     run, k, colour, layer = settings["run"], settings["k"], settings["colour"], settings["layer"]
     max_new = lab._int(settings["max_new"], "max new tokens")
